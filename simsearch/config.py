@@ -1,0 +1,208 @@
+"""Typed configuration: `configs/default.yaml` + one YAML per chosen group + `key=value` overrides.
+
+The schema below holds every key with its default and the reason for it; the YAML files only choose.
+A misspelt key or a value of the wrong type is a `SimsearchError` naming the key.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from simsearch.errors import SimsearchError
+
+GROUPS = ("data", "model", "logger")
+# Short spellings accepted on the command line, e.g. `simsearch search query=42`.
+ALIASES = {"query": "search.query"}
+
+
+@dataclass
+class RunConfig:
+    dir: str = "outputs/${data.name}-${data.split}"  # every output of a run lands here
+    seed: int = 0  # seeds random weights, samplers and index training: runs repeat exactly
+
+
+@dataclass
+class DataConfig:
+    name: str = "synthetic"  # cifar10 | fashion_mnist | folder | synthetic
+    root: str | None = None  # where the files are (or go, for downloads)
+    split: str = "test"  # train | test (datasets only)
+    limit: int | None = None  # keep the first N items only
+    download: bool = False  # cifar10: fetch the archive when it is not in `root`
+    labels: str = "folder"  # folder: top-level folder name is the label; none: no labels
+    batch_size: int = 64  # images per step and device
+    num_workers: int = 2  # DataLoader worker processes per device
+    # synthetic only: clustered random images, for tests
+    num_items: int = 64
+    num_classes: int = 4
+    native_size_px: int = 32
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet50"
+    weights: str = "imagenet"  # imagenet (IMAGENET1K_V2) | imagenet_v1 | random | path to a state dict
+    image_size: int = 224  # pixels per side fed to the network
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # ImageNet statistics
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    checkpoint: str | None = None  # a fine-tuned checkpoint (backbone + head), see `simsearch finetune`
+    channels_last: bool = True  # faster convolutions on GPU; ignored on CPU
+    compile: bool = False  # torch.compile the network (GPU, long runs)
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "auto"  # auto | cpu | gpu
+    devices: Any = 1  # an int, a list of ids or "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"  # auto picks DDP for several devices
+    precision: str | None = None  # None: bf16-mixed on GPU, 32-true on CPU
+    enable_progress_bar: bool = True
+
+
+@dataclass
+class StoreConfig:
+    dtype: str = "float32"  # float32 | float16 (half the disk, ~1e-3 cosine error)
+
+
+@dataclass
+class IndexConfig:
+    factory: str = "Flat"  # any FAISS index_factory string: Flat (exact), IVF1024,Flat, IVF1024,PQ64, HNSW32
+    search_params: str = ""  # FAISS ParameterSpace string, e.g. "nprobe=32" or "efSearch=128"
+    train_size: int = 100_000  # vectors sampled to train indexes that need training
+    device: str = "auto"  # auto: every visible GPU if faiss has GPU support, else CPU | cpu | gpu
+    gpu_sharded: bool = False  # several GPUs: shard the vectors (True) or replicate the index (False)
+    batch_size: int = 4096  # queries per search call
+
+
+@dataclass
+class EvalConfig:
+    k: list[int] = field(default_factory=lambda: [1, 5, 10, 20, 100])
+    backend: str = "exact"  # exact: chunked brute force in torch | index: the run's FAISS index
+    query_chunk: int = 1024  # queries per block: memory is chunk x store size, never N x N
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class SearchConfig:
+    query: str | None = None  # a row number, an item id, or a path to a new image
+    k: int = 10
+    grid: str = "recommendations.png"  # written in run.dir
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = True
+    mode: str = "offline"  # offline: no account needed, `wandb sync` uploads later | online | disabled
+    project: str = "simsearch"
+    entity: str | None = None
+    group: str | None = None  # runs of one group sit side by side in a W&B report
+    name: str | None = None  # default: <command>-<run dir name>
+    dir: str = "."  # W&B writes its `wandb/` folder here
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggerConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+def config_dir() -> Path:
+    """The `configs/` folder: $SIMSEARCH_CONFIGS, else the repository's own."""
+    env = os.environ.get("SIMSEARCH_CONFIGS")
+    path = Path(env) if env else Path(__file__).resolve().parent.parent / "configs"
+    if not (path / "default.yaml").is_file():
+        raise SimsearchError(
+            f"no configs/default.yaml in {path}: install simsearch from its repository with "
+            "`pip install -e .`, or set SIMSEARCH_CONFIGS to the configs folder"
+        )
+    return path
+
+
+def _explain(error: OmegaConfBaseException) -> str:
+    key = getattr(error, "full_key", None) or ""
+    message = str(error).splitlines()[0]
+    return f"config error at '{key}': {message}" if key else f"config error: {message}"
+
+
+def _split_arguments(arguments: list[str]) -> tuple[dict[str, str], list[str]]:
+    choices: dict[str, str] = {}
+    overrides: list[str] = []
+    for argument in arguments:
+        key, sep, value = argument.partition("=")
+        if not sep or not key:
+            raise SimsearchError(f"cannot read argument '{argument}': write key=value, e.g. data.root=DIR")
+        if key in GROUPS:
+            choices[key] = value
+        else:
+            overrides.append(f"{ALIASES.get(key, key)}={value}")
+    return choices, overrides
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as error:  # yaml syntax errors come in many types
+        raise SimsearchError(f"cannot read {path}: {error}") from None
+    if not isinstance(loaded, DictConfig):
+        raise SimsearchError(f"{path} must hold a mapping of keys to values")
+    return loaded
+
+
+def load_config(arguments: list[str] | None = None) -> DictConfig:
+    """Compose the schema, `default.yaml`, the chosen group files and `key=value` overrides."""
+    root = config_dir()
+    choices, overrides = _split_arguments(list(arguments or []))
+    defaults = _load_yaml(root / "default.yaml")
+    chosen = {**OmegaConf.to_container(defaults.pop("defaults", OmegaConf.create({}))), **choices}
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), defaults)
+        for group, choice in chosen.items():
+            if group not in GROUPS:
+                raise SimsearchError(f"unknown config group '{group}' in default.yaml (known: {GROUPS})")
+            group_file = root / group / f"{choice}.yaml"
+            if not group_file.is_file():
+                known = sorted(p.stem for p in (root / group).glob("*.yaml"))
+                raise SimsearchError(f"unknown choice {group}={choice} (known: {', '.join(known)})")
+            cfg = OmegaConf.merge(cfg, {group: _load_yaml(group_file)})
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+        missing = sorted(OmegaConf.missing_keys(cfg))
+        if missing:
+            raise SimsearchError(f"'{missing[0]}' must be given, e.g. {missing[0]}=VALUE")
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as error:
+        raise SimsearchError(_explain(error)) from None
+    OmegaConf.set_readonly(cfg, False)
+    return cfg
+
+
+def save_config(cfg: DictConfig, path: Path) -> None:
+    """Write the fully resolved config next to an output."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, path, resolve=True)
+
+
+def override(cfg: DictConfig, **values: Any) -> DictConfig:
+    """A copy of `cfg` with dotted keys replaced, checked against the schema."""
+    try:
+        return OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{k}={v}" for k, v in values.items()]))
+    except OmegaConfBaseException as error:
+        raise SimsearchError(_explain(error)) from None
