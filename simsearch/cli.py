@@ -54,6 +54,8 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*predict_dataloader.*num_workers.*")
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*treespec.*")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -173,6 +173,7 @@ def load_config(arguments: list[str] | None = None) -> DictConfig:
     choices, overrides = _split_arguments(list(arguments or []))
     defaults = _load_yaml(root / "default.yaml")
     chosen = {**OmegaConf.to_container(defaults.pop("defaults", OmegaConf.create({}))), **choices}
+    required: list[str] = []
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(Config), defaults)
         for group, choice in chosen.items():
@@ -182,9 +183,13 @@ def load_config(arguments: list[str] | None = None) -> DictConfig:
             if not group_file.is_file():
                 known = sorted(p.stem for p in (root / group).glob("*.yaml"))
                 raise SimsearchError(f"unknown choice {group}={choice} (known: {', '.join(known)})")
-            cfg = OmegaConf.merge(cfg, {group: _load_yaml(group_file)})
+            group_cfg = _load_yaml(group_file)
+            # `???` in a group file: the user must give it (a merge would keep the schema's default)
+            required += [f"{group}.{key}" for key in sorted(OmegaConf.missing_keys(group_cfg))]
+            cfg = OmegaConf.merge(cfg, {group: group_cfg})
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
-        missing = sorted(OmegaConf.missing_keys(cfg))
+        given = {item.partition("=")[0] for item in overrides}
+        missing = [key for key in required if key not in given] + sorted(OmegaConf.missing_keys(cfg))
         if missing:
             raise SimsearchError(f"'{missing[0]}' must be given, e.g. {missing[0]}=VALUE")
         OmegaConf.resolve(cfg)

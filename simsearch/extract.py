@@ -26,7 +26,7 @@ from simsearch.config import save_config
 from simsearch.data import ImageCollection, ImageDataModule
 from simsearch.errors import SimsearchError
 from simsearch.model import EmbeddingModule, build_embedder
-from simsearch.store import write_jsonl, write_manifest
+from simsearch.store import finish_store, write_jsonl
 
 log = logging.getLogger(__name__)
 STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -130,14 +130,18 @@ def build_trainer(cfg: DictConfig, callbacks: list, **extra: Any) -> L.Trainer:
     )
 
 
-def describe_store(cfg: DictConfig, collection: ImageCollection, count: int, skipped: int) -> dict[str, Any]:
+def describe_store(cfg: DictConfig, collection: ImageCollection, count: int, dim: int, skipped: int) -> dict[str, Any]:
     """What manifest.json records beyond the checksums: enough to rebuild the model and the data."""
     return {
         "count": count,
-        "dim": None,
+        "dim": dim,
         "dtype": cfg.store.dtype,
         "skipped": skipped,
-        "data": {**OmegaConf.to_container(cfg.data, resolve=True), "classes": list(collection.classes)},
+        "data": {
+            **OmegaConf.to_container(cfg.data, resolve=True),
+            "root": str(Path(cfg.data.root).expanduser().resolve()) if cfg.data.root else None,
+            "classes": list(collection.classes),
+        },
         "model": {**OmegaConf.to_container(cfg.model, resolve=True), "seed": cfg.run.seed},
         "dataset": cfg.data.name,
         "split": cfg.data.split,
@@ -150,24 +154,19 @@ def write_store(cfg: DictConfig, collection: ImageCollection, store_dir: Path, d
     """Merge the shards of `store_dir/shards` into a complete store and write its manifest."""
     kept, reasons = merge_shards(store_dir / "shards", len(collection), dim, cfg.store.dtype, store_dir / "embeddings.npy")
     skipped = [{**collection.item_record(i), "reason": reason} for i, reason in sorted(reasons.items())]
-    write_jsonl(store_dir / "skipped.jsonl", skipped)
     if len(kept) == 0:
+        write_jsonl(store_dir / "skipped.jsonl", skipped)
         raise SimsearchError(f"none of the {len(collection)} inputs could be read: see {store_dir / 'skipped.jsonl'}")
     if skipped:
         log.warning("%d of %d inputs could not be read and were skipped: listed in %s",
                     len(skipped), len(collection), store_dir / "skipped.jsonl")
     labels = collection.labels[kept].astype(np.int64)
-    np.save(store_dir / "labels.npy", labels)
     classes = collection.classes
-    write_jsonl(
-        store_dir / "items.jsonl",
-        [{**collection.item_record(int(i)), "label": classes[y] if 0 <= y < len(classes) else None}
-         for i, y in zip(kept, labels.tolist())],
-    )
+    items = [{**collection.item_record(int(i)), "label": classes[y] if 0 <= y < len(classes) else None}
+             for i, y in zip(kept, labels.tolist())]
     save_config(cfg, store_dir / "config.yaml")
-    description = describe_store(cfg, collection, len(kept), len(skipped))
-    description["dim"] = dim
-    manifest = write_manifest(store_dir, description)
+    description = describe_store(cfg, collection, len(kept), dim, len(skipped))
+    manifest = finish_store(store_dir, labels, items, skipped, description)
     shutil.rmtree(store_dir / "shards", ignore_errors=True)
     return manifest
 
@@ -178,6 +177,7 @@ def extract(cfg: DictConfig) -> dict[str, Any] | None:
         raise SimsearchError(f"store.dtype must be float32 or float16, not '{cfg.store.dtype}'")
     store_dir = Path(cfg.run.dir)
     store_dir.mkdir(parents=True, exist_ok=True)
+    (store_dir / "manifest.json").unlink(missing_ok=True)  # until the new store is complete
     embedder = build_embedder(cfg.model, cfg.run.seed)  # fails early, before any worker starts
     datamodule = ImageDataModule(cfg.data, cfg.model.image_size, cfg.run.seed, pin_memory=torch.cuda.is_available())
     datamodule.setup()

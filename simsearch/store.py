@@ -70,6 +70,27 @@ def write_manifest(store_dir: Path, description: dict[str, Any]) -> dict[str, An
     return manifest
 
 
+def finish_store(store_dir: Path, labels: np.ndarray, items: list[dict[str, Any]], skipped: list[dict[str, Any]],
+                 description: dict[str, Any]) -> dict[str, Any]:
+    """Write everything but embeddings.npy (already in place), then the manifest, which comes last:
+    a store without manifest.json is incomplete."""
+    np.save(store_dir / "labels.npy", np.asarray(labels, dtype=np.int64))
+    write_jsonl(store_dir / "items.jsonl", items)
+    write_jsonl(store_dir / "skipped.jsonl", skipped)
+    return write_manifest(store_dir, description)
+
+
+def create_store(store_dir: Path, embeddings: np.ndarray, labels: np.ndarray, items: list[dict[str, Any]],
+                 description: dict[str, Any]) -> Store:
+    """A store from arrays in memory (cached features, tests, imports from elsewhere)."""
+    store_dir.mkdir(parents=True, exist_ok=True)
+    (store_dir / "manifest.json").unlink(missing_ok=True)
+    np.save(store_dir / "embeddings.npy", embeddings)
+    finish_store(store_dir, labels, items, [], {"count": len(embeddings), "dim": int(embeddings.shape[1]),
+                                                "dtype": str(embeddings.dtype), **description})
+    return Store.open(store_dir)
+
+
 @dataclass
 class Store:
     """A store opened for reading; embeddings are memory-mapped, not loaded."""
@@ -120,7 +141,7 @@ class Store:
     def vectors(self, rows: slice | np.ndarray | None = None) -> np.ndarray:
         """Rows as contiguous float32 (the store may hold float16)."""
         selected = self.embeddings if rows is None else self.embeddings[rows]
-        return np.ascontiguousarray(selected, dtype=np.float32)
+        return np.array(selected, dtype=np.float32, order="C")  # a writable copy
 
     def row_of(self, query: str | int) -> int:
         """The row of an item given by id (preferred) or by row number."""

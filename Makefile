@@ -1,0 +1,49 @@
+# simsearch: `make setup` once, then `make test`; `make extract eval` reproduces the reference experiment.
+# Pass options to any command with ARGS, e.g. make extract ARGS="data=folder data.root=~/photos".
+VENV    ?= .venv
+PYTHON  ?= $(VENV)/bin/python
+RUN     := $(VENV)/bin/simsearch
+ARGS    ?=
+
+.PHONY: setup test test-all lint extract index eval search finetune compare serve bench results clean
+
+setup:  ## create .venv and install simsearch with its test and serve extras
+	python3 -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --upgrade pip
+	$(PYTHON) -m pip install --quiet -e '.[test,serve]'
+
+test:  ## the fast suite (what CI runs)
+	$(PYTHON) -m pytest -q -m "not slow" $(ARGS)
+
+test-all:  ## every test, the slow end-to-end ones included
+	$(PYTHON) -m pytest -q $(ARGS)
+
+lint:
+	$(VENV)/bin/ruff check simsearch tests scripts
+
+extract:  ## embed a collection into a store (default: CIFAR-10 test split, ImageNet ResNet-50)
+	$(RUN) extract $(ARGS)
+
+index:
+	$(RUN) index $(ARGS)
+
+eval:  ## Precision@K, Recall@K, mAP@K, MAP@R of the store
+	$(RUN) eval $(ARGS)
+
+search:  ## top-K of one query, e.g. make search ARGS="query=42"
+	$(RUN) search $(if $(findstring query=,$(ARGS)),,query=42) $(ARGS)
+
+finetune:
+	$(RUN) finetune $(ARGS)
+
+compare:
+	$(RUN) compare $(ARGS)
+
+serve:
+	$(RUN) serve $(ARGS)
+
+bench:  ## benchmarks against the plain reference pipeline; BENCH_ARGS="--quick" for a short run
+	$(PYTHON) scripts/bench.py $(BENCH_ARGS)
+
+clean:
+	rm -rf outputs wandb lightning_logs .pytest_cache

@@ -1,0 +1,221 @@
+"""Nearest-neighbour search over a store: FAISS indexes (exact or approximate, CPU or GPUs) and an
+exact torch search for GPUs without faiss-gpu. Inner product = cosine: the vectors are unit norm.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from simsearch.errors import SimsearchError
+from simsearch.store import Store
+
+log = logging.getLogger(__name__)
+FAISS_GPU_MAX_K = 2048  # FAISS GPU indexes cannot return more neighbours per query
+ADD_CHUNK = 65_536
+
+
+class Searcher(Protocol):
+    description: str
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(Q, D) float32 -> scores (Q, k) float32 and rows (Q, k) int64, best first; -1 where none."""
+        ...
+
+
+def import_faiss():
+    try:
+        import faiss
+    except ImportError as error:
+        raise SimsearchError(
+            f"faiss is not importable ({error}): `pip install faiss-cpu`, or the gpu extra `pip install -e .[gpu]`"
+        ) from None
+    return faiss
+
+
+def faiss_gpu_count() -> int:
+    faiss = import_faiss()
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise SimsearchError(f"device={device} was asked for, but torch sees no GPU")
+    return "cuda" if device in ("gpu", "cuda") else device
+
+
+class ExactTorchSearcher:
+    """Exact inner-product search by blocked float32 matrix products, on CPU or GPU.
+
+    Queries are taken in chunks and the store in blocks, top-k kept per block and merged, so memory
+    is chunk x block, never N x N (the DINO kNN evaluation's scheme).
+    """
+
+    def __init__(self, vectors: np.ndarray, device: str = "auto", block_rows: int = 65_536):
+        self.device = resolve_device(device)
+        self.block_rows = block_rows
+        self.blocks = [
+            torch.from_numpy(np.ascontiguousarray(vectors[start : start + block_rows], dtype=np.float32)).to(self.device)
+            for start in range(0, len(vectors), block_rows)
+        ]
+        self.count = len(vectors)
+        self.description = f"exact torch search on {self.device}"
+
+    def search(
+        self, queries: np.ndarray, k: int, exclude_rows: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        k = min(k, self.count)
+        query = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).to(self.device)
+        best_scores = torch.full((len(query), 0), float("-inf"), device=self.device)
+        best_rows = torch.zeros((len(query), 0), dtype=torch.long, device=self.device)
+        exclude = None if exclude_rows is None else torch.as_tensor(exclude_rows, device=self.device)
+        for number, block in enumerate(self.blocks):
+            offset = number * self.block_rows
+            scores = query @ block.T  # (queries, block rows)
+            if exclude is not None:  # a query's own row is removed by id, whatever it scores
+                inside = (exclude >= offset) & (exclude < offset + len(block))
+                scores[inside.nonzero(as_tuple=True)[0], exclude[inside] - offset] = float("-inf")
+            top_scores, top_rows = scores.topk(min(k, len(block)), dim=1)
+            best_scores = torch.cat([best_scores, top_scores], dim=1)
+            best_rows = torch.cat([best_rows, top_rows + offset], dim=1)
+            if best_scores.shape[1] > k:
+                best_scores, order = best_scores.topk(k, dim=1)
+                best_rows = best_rows.gather(1, order)
+        best_rows[best_scores == float("-inf")] = -1
+        return best_scores.cpu().numpy(), best_rows.cpu().numpy()
+
+
+class FaissSearcher:
+    """A FAISS index, on every visible GPU when faiss has GPU support; batched search."""
+
+    def __init__(self, cpu_index: Any, device: str = "auto", sharded: bool = False, batch_size: int = 4096):
+        faiss = import_faiss()
+        self.cpu_index = cpu_index
+        self.batch_size = batch_size
+        self.gpu_index = None
+        gpus = faiss_gpu_count()
+        if device in ("gpu", "cuda") and gpus == 0:
+            log.warning("index.device=%s but this faiss has no GPU support: searching on the CPU", device)
+        if device in ("auto", "gpu", "cuda") and gpus > 0:
+            options = faiss.GpuMultipleClonerOptions()
+            options.shard = sharded
+            self.gpu_index = faiss.index_cpu_to_all_gpus(cpu_index, co=options)
+            self.description = f"FAISS on {gpus} GPU(s), {'sharded' if sharded else 'replicated'}"
+        else:
+            self.description = f"FAISS on CPU ({faiss.omp_get_max_threads()} threads)"
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        index = self.gpu_index
+        if index is None or k > FAISS_GPU_MAX_K:
+            if index is not None:
+                log.info("k=%d exceeds FAISS GPU's limit of %d: searching on the CPU copy", k, FAISS_GPU_MAX_K)
+            index = self.cpu_index
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        results = [index.search(queries[s : s + self.batch_size], k) for s in range(0, len(queries), self.batch_size)]
+        if not results:
+            return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
+        return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results]).astype(np.int64)
+
+
+def _apply_search_params(index: Any, search_params: str) -> None:
+    if search_params:
+        faiss = import_faiss()
+        try:
+            faiss.ParameterSpace().set_index_parameters(index, search_params)
+        except RuntimeError as error:
+            raise SimsearchError(f"index.search_params='{search_params}' does not fit this index: {error}") from None
+
+
+def build_index(store: Store, index_cfg: DictConfig, seed: int = 0) -> tuple[Any, dict[str, Any]]:
+    """Build a CPU FAISS index over the store (training on a seeded sample where needed)."""
+    faiss = import_faiss()
+    started = time.perf_counter()
+    try:
+        index = faiss.index_factory(store.dim, index_cfg.factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as error:
+        raise SimsearchError(f"index.factory='{index_cfg.factory}' is not a FAISS factory string: {error}") from None
+    trained_on = 0
+    if not index.is_trained:
+        rows = np.random.default_rng(seed).permutation(len(store))[: index_cfg.train_size]
+        sample = store.vectors(np.sort(rows))
+        try:
+            index.train(sample)
+        except RuntimeError as error:
+            raise SimsearchError(
+                f"cannot train index '{index_cfg.factory}' on {len(sample)} vectors: {error} "
+                "(use fewer lists/centroids or a larger index.train_size)"
+            ) from None
+        trained_on = len(sample)
+    for start in range(0, len(store), ADD_CHUNK):
+        index.add(store.vectors(slice(start, start + ADD_CHUNK)))
+    _apply_search_params(index, index_cfg.search_params)
+    info = {
+        "factory": index_cfg.factory,
+        "search_params": index_cfg.search_params,
+        "metric": "inner_product",
+        "ntotal": int(index.ntotal),
+        "dim": store.dim,
+        "trained_on": trained_on,
+        "build_seconds": round(time.perf_counter() - started, 3),
+        "store_embeddings_sha256": store.manifest.get("sha256", {}).get("embeddings.npy"),
+        "faiss_version": getattr(faiss, "__version__", "unknown"),
+    }
+    return index, info
+
+
+def save_index(index: Any, info: dict[str, Any], store_dir: Path) -> None:
+    faiss = import_faiss()
+    faiss.write_index(index, str(store_dir / "index.faiss"))
+    (store_dir / "index.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def load_index(store: Store, index_cfg: DictConfig) -> tuple[Any, dict[str, Any]] | None:
+    """The saved index of the store, if it exists, is current and was built with the same factory."""
+    path, info_path = store.dir / "index.faiss", store.dir / "index.json"
+    if not (path.is_file() and info_path.is_file()):
+        return None
+    info = json.loads(info_path.read_text())
+    if info.get("store_embeddings_sha256") != store.manifest.get("sha256", {}).get("embeddings.npy"):
+        log.warning("index.faiss in %s was built from other embeddings: rebuilding it", store.dir)
+        return None
+    if info.get("factory") != index_cfg.factory:
+        return None
+    faiss = import_faiss()
+    index = faiss.read_index(str(path))
+    _apply_search_params(index, index_cfg.search_params)
+    info["search_params"] = index_cfg.search_params
+    return index, info
+
+
+def open_index(store: Store, index_cfg: DictConfig, seed: int = 0, save: bool = True) -> tuple[Any, dict[str, Any]]:
+    """Load the store's index, or build (and save) it."""
+    loaded = load_index(store, index_cfg)
+    if loaded is not None:
+        return loaded
+    index, info = build_index(store, index_cfg, seed)
+    if save:
+        save_index(index, info, store.dir)
+    return index, info
+
+
+def open_searcher(store: Store, index_cfg: DictConfig, seed: int = 0) -> Searcher:
+    """What `search` and `serve` query: the FAISS index, or exact torch search on a GPU without faiss-gpu."""
+    exact = index_cfg.factory.strip().lower() in ("flat", "idmap,flat")
+    wants_gpu = index_cfg.device in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    if exact and wants_gpu and faiss_gpu_count() == 0:
+        searcher: Searcher = ExactTorchSearcher(store.vectors(), "cuda")
+    else:
+        index, _ = open_index(store, index_cfg, seed)
+        searcher = FaissSearcher(index, index_cfg.device, index_cfg.gpu_sharded, index_cfg.batch_size)
+    log.info("searching with %s", searcher.description)
+    return searcher

@@ -1,0 +1,64 @@
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from simsearch.config import load_config
+from simsearch.errors import SimsearchError
+from tests.conftest import simsearch
+
+
+def test_defaults_reproduce_the_reference_experiment():
+    cfg = load_config([])
+    assert (cfg.data.name, cfg.data.split, cfg.model.weights, cfg.model.image_size) == ("cifar10", "test", "imagenet", 224)
+    assert cfg.run.dir == "outputs/cifar10-test"
+    assert list(cfg.eval.k) == [1, 5, 10, 20, 100]
+
+
+def test_groups_and_overrides_compose():
+    cfg = load_config(["data=folder", "data.root=/images", "model.image_size=64", "logger=none"])
+    assert (cfg.data.name, cfg.data.root, cfg.model.image_size) == ("folder", "/images", 64)
+    assert cfg.logger.wandb.enabled is False
+    assert cfg.run.dir == "outputs/folder-test"
+
+
+@pytest.mark.parametrize(
+    "arguments, words",
+    [
+        (["data.rooot=/x"], ["data.rooot"]),
+        (["model.image_size=big"], ["model.image_size"]),
+        (["data=imagenet21k"], ["data=imagenet21k", "cifar10"]),
+        (["data=folder"], ["data.root", "must be given"]),
+        (["nonsense"], ["key=value"]),
+    ],
+)
+def test_bad_config_is_one_sentence_naming_the_key(arguments, words, capsys):
+    assert simsearch("config", *arguments) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "Traceback" not in error
+    for word in words:
+        assert word in error
+
+
+def test_load_config_raises_simsearch_error():
+    with pytest.raises(SimsearchError, match="eval.kk"):
+        load_config(["eval.kk=3"])
+
+
+def test_config_command_prints_resolved_yaml(capsys):
+    assert simsearch("config", "data=synthetic", "run.seed=7") == 0
+    printed = OmegaConf.create(capsys.readouterr().out)
+    assert printed.run.seed == 7 and printed.run.dir == "outputs/synthetic-test"
+
+
+def test_unknown_command(capsys):
+    assert simsearch("extrakt") == 2
+    assert "unknown command" in capsys.readouterr().err
+
+
+def test_every_config_file_loads():
+    root = Path(__file__).resolve().parent.parent / "configs"
+    for group in ("data", "model", "logger"):
+        for path in (root / group).glob("*.yaml"):
+            extra = ["data.root=/x"] if path.stem == "folder" and group == "data" else []
+            load_config([f"{group}={path.stem}", *extra])
