@@ -178,9 +178,19 @@ def extract(cfg: DictConfig) -> dict[str, Any] | None:
     store_dir = Path(cfg.run.dir)
     store_dir.mkdir(parents=True, exist_ok=True)
     (store_dir / "manifest.json").unlink(missing_ok=True)  # until the new store is complete
-    embedder = build_embedder(cfg.model, cfg.run.seed)  # fails early, before any worker starts
     datamodule = ImageDataModule(cfg.data, cfg.model.image_size, cfg.run.seed, pin_memory=torch.cuda.is_available())
-    datamodule.setup()
+    problems: list[str] = []  # data and weights are both checked, before any worker starts
+
+    def attempt(load):
+        try:
+            return load()
+        except SimsearchError as error:
+            problems.append(str(error))
+
+    attempt(datamodule.setup)
+    embedder = attempt(lambda: build_embedder(cfg.model, cfg.run.seed))
+    if problems:
+        raise SimsearchError("; and ".join(problems))
     module = EmbeddingModule(embedder, cfg.model.channels_last, cfg.model.compile)
     writer = ShardWriter(store_dir / "shards", STORE_DTYPES[cfg.store.dtype])
     trainer = build_trainer(cfg, [writer])
