@@ -48,7 +48,15 @@ def search(cfg: DictConfig) -> Any:
     """Top-K of `search.query` (an item id/row or an image file), printed and drawn as a grid."""
     from simsearch.data import decode_image
     from simsearch.index import open_searcher
-    from simsearch.search import ItemImages, QueryEncoder, draw_grid, resolve_query, result_table, search_image, search_item
+    from simsearch.search import (
+        ItemImages,
+        QueryEncoder,
+        draw_grid,
+        resolve_query,
+        result_table,
+        search_image,
+        search_item,
+    )
 
     if cfg.search.query is None:
         raise SimsearchError("say what to search for: query=ID (an item of the store) or query=PATH (an image file)")

@@ -12,8 +12,8 @@ from simsearch.config import Config
 from simsearch.errors import SimsearchError
 from simsearch.evaluate import evaluate_store, per_query_metrics
 from simsearch.index import FAISS_GPU_MAX_K, FaissSearcher, build_index
-from tests.wandb_records import offline_summary
 from tests.conftest import FASHION_MNIST, TINY, clustered, make_vector_store, read_json, simsearch
+from tests.wandb_records import offline_summary
 
 SCHEMA = OmegaConf.structured(Config)
 

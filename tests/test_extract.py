@@ -13,7 +13,7 @@ from PIL import Image
 from torchvision.models import resnet50
 
 from simsearch.store import Store, read_jsonl
-from tests.conftest import FASHION_MNIST, TINY, read_json, simsearch, simsearch_subprocess
+from tests.conftest import FASHION_MNIST, TINY, simsearch, simsearch_subprocess
 
 
 def assert_unit_norm(embeddings: np.ndarray) -> None:
