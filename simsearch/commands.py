@@ -95,3 +95,96 @@ def decode_image_or_fail(decode, path: Path):
         return decode(path)
     except UnreadableImage as error:
         raise SimsearchError(f"cannot read the query image {path}: {error}") from None
+
+
+def finetune(cfg: DictConfig) -> dict[str, Any]:
+    """Train a projection head (and optionally the last stages); the best checkpoint goes to checkpoints/."""
+    from simsearch.finetune import finetune as train
+
+    return train(cfg)
+
+
+COMPARED = ("precision@{k}", "recall@{k}", "map@{k}")
+
+
+def compare(cfg: DictConfig) -> dict[str, Any]:
+    """Baseline and fine-tuned model on the same split: metrics side by side, JSON, chart, W&B group."""
+    from omegaconf import OmegaConf
+
+    from simsearch.evaluate import evaluate_store
+    from simsearch.finetune import base_model_config, checkpoint_metadata, extract_or_reuse, project_store
+    from simsearch.finetune import finetune as train
+
+    if cfg.data.split == "train":
+        raise SimsearchError("compare evaluates on data.split=test: the train split is what fine-tuning learnt from")
+    checkpoint = cfg.compare.checkpoint or train(cfg).get("best_checkpoint")
+    if not checkpoint:
+        raise SimsearchError("fine-tuning kept no checkpoint to compare")
+    checkpoint = Path(checkpoint)
+    out = Path(cfg.run.dir)
+    base_cfg = base_model_config(cfg, checkpoint)
+    baseline = extract_or_reuse(OmegaConf.merge(base_cfg, {"run": {"dir": str(out / "baseline")}, "store": {"dtype": "float32"}}))
+    tuned_cfg = OmegaConf.merge(cfg, {"run": {"dir": str(out / "finetuned")}, "model": {"checkpoint": str(checkpoint)}})
+    if checkpoint_metadata(checkpoint)["unfreeze"] == 0:
+        tuned = project_store(baseline, checkpoint, out / "finetuned", tuned_cfg)
+    else:
+        from simsearch.extract import extract
+
+        extract(tuned_cfg)
+        tuned = Store.open(out / "finetuned")
+    results = {}
+    group = cfg.logger.wandb.group or f"compare-{cfg.data.name}-{cfg.data.split}"
+    for name, store, run_cfg in (("baseline", baseline, base_cfg), ("finetuned", tuned, tuned_cfg)):
+        metrics = evaluate_store(store, cfg.eval, cfg.index, cfg.run.seed)
+        (store.dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        run = start_run(OmegaConf.merge(run_cfg, {"logger": {"wandb": {"group": group}}}), "eval", name=f"{name}-{out.name}")
+        log_metrics(run, metrics, prefix="test/")
+        finish(run)
+        results[name] = metrics
+    scalars = [k for k, v in results["baseline"].items() if isinstance(v, float)]
+    comparison = {
+        "data": {"name": cfg.data.name, "split": cfg.data.split, "limit": cfg.data.limit, "items": len(baseline)},
+        "checkpoint": str(checkpoint), "baseline_weights": base_cfg.model.weights,
+        "baseline": {k: results["baseline"][k] for k in scalars},
+        "finetuned": {k: results["finetuned"][k] for k in scalars},
+        "difference": {k: results["finetuned"][k] - results["baseline"][k] for k in scalars},
+    }
+    (out / "comparison.json").write_text(json.dumps(comparison, indent=2) + "\n")
+    chart = out / cfg.compare.chart
+    comparison_chart(comparison, list(results["baseline"]["k"]), chart)
+    print(comparison_table(comparison, list(results["baseline"]["k"])))
+    print(f"Saved: {out / 'comparison.json'}, {chart}")
+    return comparison
+
+
+def comparison_table(comparison: dict[str, Any], ks: list[int]) -> str:
+    names = [n.format(k=k) for k in ks for n in COMPARED] + ["map@r", "r_precision"]
+    lines = [f"{'metric':<14}{'baseline':>10}{'finetuned':>11}{'change':>9}"]
+    for name in names:
+        b, f = comparison["baseline"][name], comparison["finetuned"][name]
+        lines.append(f"{name:<14}{b:>10.4f}{f:>11.4f}{f - b:>+9.4f}")
+    return "\n".join(lines)
+
+
+def comparison_chart(comparison: dict[str, Any], ks: list[int], path: Path) -> None:
+    """Grouped bars: P@K, R@K, mAP@K for every K, and MAP@R, baseline beside fine-tuned."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = [n.format(k=k) for n in COMPARED for k in ks] + ["map@r"]
+    x = np.arange(len(names))
+    figure, axes = plt.subplots(figsize=(max(8, len(names) * 0.7), 4.5))
+    for offset, (label, key) in ((-0.2, ("baseline", "baseline")), (0.2, ("fine-tuned", "finetuned"))):
+        axes.bar(x + offset, [comparison[key][n] for n in names], width=0.4, label=label)
+    axes.set_xticks(x, names, rotation=45, ha="right")
+    axes.set_ylim(0, 1)
+    axes.set_ylabel("score")
+    data = comparison["data"]
+    axes.set_title(f"{data['name']} {data['split']} ({data['items']} items): baseline vs fine-tuned")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

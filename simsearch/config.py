@@ -96,6 +96,37 @@ class SearchConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    loss: str = "triplet"  # triplet (labels) | supcon (labels) | ntxent (two augmented views, no labels)
+    miner: str = "batch_hard"  # triplet only: batch_hard | semi_hard
+    margin: float = 0.2  # triplet margin, in cosine similarity
+    temperature: float = 0.1  # supcon and ntxent
+    dim: int = 128  # size of the fine-tuned embedding
+    hidden_dim: int = 512
+    unfreeze: int = 0  # 0: frozen backbone, features cached once (CPU-friendly); 1-4: last N ResNet stages trained
+    epochs: int = 20
+    lr: float = 1e-3  # head
+    backbone_lr: float = 1e-4  # unfrozen stages
+    weight_decay: float = 1e-4
+    batch_size: int = 256
+    m_per_class: int = 8  # class-balanced batches for the supervised losses: m images of each class
+    views: int = 2  # ntxent with a frozen backbone: augmented views cached per image
+    val_fraction: float = 0.1  # of the train split, held out for model selection; the test split is never read
+    monitor: str = "val/map@r"  # val/map@r | val/precision@10
+    patience: int = 5  # early stopping, in epochs without improvement
+    resume: bool = True  # continue from checkpoints/<name>/last.ckpt when it exists
+    checkpoint_dir: str = "checkpoints"
+    name: str = "${data.name}-${finetune.loss}-unfreeze${finetune.unfreeze}"
+    collapse_cosine: float = 0.95  # warn when the mean pairwise cosine of a batch exceeds this
+
+
+@dataclass
+class CompareConfig:
+    checkpoint: str | None = None  # a fine-tuned checkpoint; None: fine-tune first with `finetune.*`
+    chart: str = "comparison.png"
+
+
+@dataclass
 class WandbConfig:
     enabled: bool = True
     mode: str = "offline"  # offline: no account needed, `wandb sync` uploads later | online | disabled
@@ -122,6 +153,8 @@ class Config:
     index: IndexConfig = field(default_factory=IndexConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 

@@ -71,51 +71,56 @@ def evaluate_store(store: Store, eval_cfg: DictConfig, index_cfg: DictConfig, se
     """Leave-one-out retrieval metrics of a labelled store, overall and per class."""
     if not store.has_labels:
         raise SimsearchError(f"the store {store.dir} has no labels: evaluation needs a labelled collection")
-    ks = sorted({int(k) for k in eval_cfg.k})
+    searcher = _searcher_for(store, eval_cfg, index_cfg, seed)
+    log.info("evaluating %d items of %s with %s", len(store), store.dir, searcher.description)
+    metrics = evaluate_embeddings(store.embeddings, store.labels, store.classes, list(eval_cfg.k), searcher,
+                                  eval_cfg.query_chunk)
+    return metrics
+
+
+def evaluate_embeddings(vectors: np.ndarray, labels: np.ndarray, classes: list[str], ks: list[int],
+                        searcher: Any | None = None, query_chunk: int = 1024) -> dict[str, Any]:
+    """Leave-one-out metrics of unit-norm (N, D) vectors with (N,) labels; exact search unless given one."""
+    ks = sorted({int(k) for k in ks})
     if not ks or ks[0] < 1:
-        raise SimsearchError(f"eval.k must be positive integers, not {list(eval_cfg.k)}")
-    labels = store.labels
-    class_sizes = np.bincount(labels[labels >= 0])
+        raise SimsearchError(f"eval.k must be positive integers, not {ks}")
+    class_sizes = np.bincount(labels[labels >= 0]) if (labels >= 0).any() else np.zeros(1, dtype=np.int64)
     relevant = np.where(labels >= 0, class_sizes[np.maximum(labels, 0)] - 1, 0)  # R_q, self excluded
     query_rows = np.flatnonzero(relevant > 0)
     if len(query_rows) == 0:
-        raise SimsearchError("no labelled item of the store has another item of its class: nothing to evaluate")
-    others = len(store) - 1
+        raise SimsearchError("no labelled item has another item of its class: nothing to evaluate")
+    others = len(labels) - 1
     if ks[-1] > others:
         log.warning("eval.k=%d is more than the %d other items: K is capped at %d", ks[-1], others, others)
         ks = sorted({min(k, others) for k in ks})
     depth = min(max(ks[-1], int(relevant.max())), others)  # MAP@R needs every query's R_q neighbours
-    searcher = _searcher_for(store, eval_cfg, index_cfg, seed)
-    log.info("evaluating %d queries against %d items, top %d, with %s", len(query_rows), len(store), depth,
-             searcher.description)
+    searcher = searcher or ExactTorchSearcher(vectors, "auto")
+    log.debug("evaluating %d queries against %d items, top %d, with %s", len(query_rows), len(labels), depth,
+              searcher.description)
     labels_or_none = np.append(labels, -2)  # row -1 (no neighbour found) matches no label
-    chunk = max(1, min(eval_cfg.query_chunk, (1 << 26) // max(depth, 1)))  # bound the (chunk, depth) arrays
+    chunk = max(1, min(query_chunk, (1 << 26) // max(depth, 1)))  # bound the (chunk, depth) arrays
     values: dict[str, list[np.ndarray]] = {}
     for start in range(0, len(query_rows), chunk):
         rows = query_rows[start : start + chunk]
-        _, found = search_without_self(searcher, store.vectors(rows), rows, depth)
+        queries = np.asarray(vectors[rows], dtype=np.float32)
+        _, found = search_without_self(searcher, queries, rows, depth)
         hits = labels_or_none[found] == labels[rows][:, None]
         for name, value in per_query_metrics(hits, relevant[rows], ks).items():
             values.setdefault(name, []).append(value)
     per_query = {name: np.concatenate(parts) for name, parts in values.items()}
-    return summarise(per_query, labels[query_rows], store, ks, len(labels) - len(query_rows))
+    return summarise(per_query, labels[query_rows], classes, ks, len(labels), len(labels) - len(query_rows))
 
 
-def summarise(per_query: dict[str, np.ndarray], query_labels: np.ndarray, store: Store, ks: list[int],
-              left_out: int) -> dict[str, Any]:
+def summarise(per_query: dict[str, np.ndarray], query_labels: np.ndarray, classes: list[str], ks: list[int],
+              items: int, left_out: int) -> dict[str, Any]:
     metrics: dict[str, Any] = {name: float(value.mean()) for name, value in per_query.items()}
     per_class = {}
     for label in np.unique(query_labels):
         mask = query_labels == label
-        name = store.classes[label] if label < len(store.classes) else str(int(label))
+        name = classes[label] if label < len(classes) else str(int(label))
         per_class[name] = {"queries": int(mask.sum()), **{n: float(v[mask].mean()) for n, v in per_query.items()}}
-    metrics.update(
-        k=ks,
-        queries=int(len(query_labels)),
-        queries_without_relevant=int(left_out),
-        items=len(store),
-        per_class=per_class,
-    )
+    metrics.update(k=ks, queries=int(len(query_labels)), queries_without_relevant=int(left_out), items=items,
+                   per_class=per_class)
     return metrics
 
 

@@ -171,8 +171,15 @@ def write_store(cfg: DictConfig, collection: ImageCollection, store_dir: Path, d
     return manifest
 
 
-def extract(cfg: DictConfig) -> dict[str, Any] | None:
-    """Embed `cfg.data` with `cfg.model` into a store at `cfg.run.dir`; returns the manifest on rank 0."""
+def extract(cfg: DictConfig, augment_seed: int | None = None) -> dict[str, Any] | None:
+    """Embed `cfg.data` with `cfg.model` into a store at `cfg.run.dir`; returns the manifest on rank 0.
+
+    `model.checkpoint` (a fine-tuned model) sets the image size and normalisation it was trained with.
+    `augment_seed` embeds seeded random augmentations instead (the cached views of NT-Xent fine-tuning).
+    """
+    from simsearch.finetune import model_with_checkpoint
+
+    cfg = OmegaConf.merge(cfg, {"model": model_with_checkpoint(cfg.model)})
     if cfg.store.dtype not in STORE_DTYPES:
         raise SimsearchError(f"store.dtype must be float32 or float16, not '{cfg.store.dtype}'")
     store_dir = Path(cfg.run.dir)
@@ -191,7 +198,7 @@ def extract(cfg: DictConfig) -> dict[str, Any] | None:
     embedder = attempt(lambda: build_embedder(cfg.model, cfg.run.seed))
     if problems:
         raise SimsearchError("; and ".join(problems))
-    module = EmbeddingModule(embedder, cfg.model.channels_last, cfg.model.compile)
+    module = EmbeddingModule(embedder, cfg.model.channels_last, cfg.model.compile, augment_seed)
     writer = ShardWriter(store_dir / "shards", STORE_DTYPES[cfg.store.dtype])
     trainer = build_trainer(cfg, [writer])
     trainer.predict(module, datamodule=datamodule, return_predictions=False)

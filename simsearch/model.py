@@ -100,20 +100,39 @@ def build_backbone(weights: str, seed: int) -> nn.Module:
     return network
 
 
+class ProjectionHead(nn.Module):
+    """MLP on the normalised 2048-d backbone features: Linear-BN-ReLU-Linear to `dim` (SimCLR's head)."""
+
+    def __init__(self, in_dim: int = EMBEDDING_DIM, hidden_dim: int = 512, dim: int = 128):
+        super().__init__()
+        self.in_dim, self.hidden_dim, self.dim = in_dim, hidden_dim, dim
+        self.layers = nn.Sequential(
+            nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, dim)
+        )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.layers(F.normalize(features.float(), dim=1))
+
+
 class Embedder(nn.Module):
-    """Pixels in, unit-norm float32 embeddings out."""
+    """Pixels in, unit-norm float32 embeddings out: preprocess -> backbone [-> head] -> L2 norm."""
 
     def __init__(self, preprocess: Preprocess, backbone: nn.Module, head: nn.Module | None = None):
         super().__init__()
         self.preprocess = preprocess
         self.backbone = backbone
-        self.head = head if head is not None else nn.Identity()
+        self.head = head
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         images = self.preprocess(pixels)
         if images.is_cuda:
             images = images.contiguous(memory_format=torch.channels_last)
-        features = self.head(self.backbone(images))
+        return self.embed_features(self.backbone(images))
+
+    def embed_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Backbone features (B, 2048) to the final embedding: the head (if any), then L2 norm."""
+        if self.head is not None:
+            features = self.head(features)
         return F.normalize(features.float(), dim=1)
 
 
@@ -124,7 +143,7 @@ def build_embedder(model: DictConfig, seed: int) -> Embedder:
     if model.checkpoint:
         from simsearch.finetune import load_finetuned_embedder
 
-        return load_finetuned_embedder(Path(model.checkpoint), model)
+        return load_finetuned_embedder(Path(model.checkpoint))
     preprocess = Preprocess(model.image_size, list(model.mean), list(model.std))
     return Embedder(preprocess, build_backbone(model.weights, seed))
 
@@ -132,11 +151,13 @@ def build_embedder(model: DictConfig, seed: int) -> Embedder:
 class EmbeddingModule(L.LightningModule):
     """Frozen, eval-mode embedder whose `predict_step` returns a batch's embeddings with its indices."""
 
-    def __init__(self, embedder: Embedder, channels_last: bool = True, compile: bool = False):
+    def __init__(self, embedder: Embedder, channels_last: bool = True, compile: bool = False,
+                 augment_seed: int | None = None):
         super().__init__()
         self.embedder = embedder.eval().requires_grad_(False)
         self.channels_last = channels_last
         self.compile_network = compile
+        self.augment_seed = augment_seed  # set: embed a seeded random augmentation (cached NT-Xent views)
 
     def on_predict_start(self) -> None:
         self.embedder.eval()
@@ -147,9 +168,15 @@ class EmbeddingModule(L.LightningModule):
 
     @torch.inference_mode()
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        pixels = batch["pixels"]
+        if self.augment_seed is not None:
+            from simsearch.finetune import augment
+
+            torch.manual_seed(self.augment_seed * 1_000_003 + batch_idx)
+            pixels = augment(pixels, strong=True)
         return {
             "index": batch["index"],
             "valid": batch["valid"],
             "reason": batch["reason"],
-            "embeddings": self.embedder(batch["pixels"]),
+            "embeddings": self.embedder(pixels),
         }

@@ -1,0 +1,487 @@
+"""Fine-tuning: a projection head (and optionally the last ResNet stages) trained with a metric-learning
+loss from pytorch-metric-learning, selected on a held-out part of the train split (never the test split).
+
+Two modes share one LightningModule and `Trainer.fit`:
+- `finetune.unfreeze=0`: the backbone stays frozen, its features of the train split are extracted
+  once into a store (the cache) and the head trains on them: minutes on a CPU.
+- `finetune.unfreeze=N`: the last N ResNet stages train too, on augmented images: a GPU job.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, Dataset
+
+from simsearch.data import ImageCollection, build_collection, collate
+from simsearch.errors import SimsearchError
+from simsearch.evaluate import evaluate_embeddings
+from simsearch.model import EMBEDDING_DIM, Embedder, Preprocess, ProjectionHead, build_backbone
+from simsearch.store import Store
+
+log = logging.getLogger(__name__)
+STAGES = ("layer1", "layer2", "layer3", "layer4")
+CHECKPOINT_FORMAT = 1
+SUPERVISED = ("triplet", "supcon")
+
+
+# ---------------------------------------------------------------- checks, made before any training
+
+
+def check_finetune_config(ft: DictConfig, labels: np.ndarray) -> None:
+    """Every mistake that would otherwise surface mid-run, as one sentence, before any extraction."""
+    if ft.loss not in (*SUPERVISED, "ntxent"):
+        raise SimsearchError(f"finetune.loss must be triplet, supcon or ntxent, not '{ft.loss}'")
+    if ft.loss == "triplet" and ft.miner not in ("batch_hard", "semi_hard"):
+        raise SimsearchError(f"finetune.miner must be batch_hard or semi_hard, not '{ft.miner}'")
+    if not 0 <= ft.unfreeze <= len(STAGES):
+        raise SimsearchError(f"finetune.unfreeze must be 0..4 (ResNet stages), not {ft.unfreeze}")
+    if not 0 < ft.val_fraction < 1:
+        raise SimsearchError(f"finetune.val_fraction must be between 0 and 1, not {ft.val_fraction}")
+    if ft.monitor not in ("val/map@r", "val/precision@10"):
+        raise SimsearchError(f"finetune.monitor must be val/map@r or val/precision@10, not '{ft.monitor}'")
+    if ft.loss in SUPERVISED:
+        classes = len(np.unique(labels[labels >= 0]))
+        if classes == 0:
+            raise SimsearchError(
+                f"finetune.loss={ft.loss} needs labels, and the train split has none: "
+                "use finetune.loss=ntxent (no labels), or a labelled collection"
+            )
+        if ft.batch_size % ft.m_per_class:
+            raise SimsearchError(f"finetune.batch_size={ft.batch_size} must be a multiple of finetune.m_per_class={ft.m_per_class}")
+        wanted = ft.batch_size // ft.m_per_class
+        if wanted > classes:
+            raise SimsearchError(
+                f"finetune.batch_size={ft.batch_size} with finetune.m_per_class={ft.m_per_class} asks for {wanted} classes "
+                f"per batch, but the train split has {classes}: lower the batch size or raise m_per_class"
+            )
+
+
+def split_rows(count: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded split of the train split's rows into (train, validation)."""
+    order = np.random.default_rng(seed).permutation(count)
+    held_out = max(1, int(round(count * val_fraction)))
+    return np.sort(order[held_out:]), np.sort(order[:held_out])
+
+
+# ---------------------------------------------------------------- losses
+
+
+def build_loss(ft: DictConfig) -> tuple[Any, Any | None]:
+    """(loss, miner) from pytorch-metric-learning, all on cosine similarity."""
+    from pytorch_metric_learning import distances, losses, miners
+
+    cosine = distances.CosineSimilarity()
+    if ft.loss == "triplet":
+        loss = losses.TripletMarginLoss(margin=ft.margin, distance=cosine)
+        if ft.miner == "batch_hard":
+            return loss, miners.BatchHardMiner(distance=cosine)
+        return loss, miners.TripletMarginMiner(margin=ft.margin, type_of_triplets="semihard", distance=cosine)
+    if ft.loss == "supcon":
+        return losses.SupConLoss(temperature=ft.temperature), None
+    return losses.NTXentLoss(temperature=ft.temperature), None
+
+
+def active_fraction(embeddings: torch.Tensor, labels: torch.Tensor, margin: float, triplets: Any = None) -> torch.Tensor:
+    """Fraction of (anchor, positive, negative) triplets that violate the margin: what the loss learns from."""
+    from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
+
+    anchors, positives, negatives = triplets if triplets is not None else lmu.get_all_triplets_indices(labels)
+    if len(anchors) == 0:
+        return embeddings.new_zeros(())
+    similarity = embeddings @ embeddings.T
+    violating = similarity[anchors, negatives] > similarity[anchors, positives] - margin
+    return violating.float().mean()
+
+
+def mean_pairwise_cosine(embeddings: torch.Tensor) -> torch.Tensor:
+    n = len(embeddings)
+    similarity = embeddings @ embeddings.T
+    return (similarity.sum() - similarity.diagonal().sum()) / max(1, n * (n - 1))
+
+
+# ---------------------------------------------------------------- data
+
+
+class CachedFeatures(Dataset):
+    """Rows of the cached backbone features: (D,) per item, or (views, D) for NT-Xent."""
+
+    def __init__(self, features: torch.Tensor, labels: np.ndarray, rows: np.ndarray):
+        self.features, self.labels, self.rows = features, torch.from_numpy(labels), torch.from_numpy(rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, position: int) -> dict[str, Any]:
+        row = self.rows[position]
+        return {"features": self.features[row], "label": self.labels[row]}
+
+
+class LabelledImages(Dataset):
+    """Items of an image collection (by row) with their labels, for end-to-end training."""
+
+    def __init__(self, collection: ImageCollection, rows: np.ndarray):
+        self.collection, self.rows = collection, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, position: int) -> dict[str, Any]:
+        sample = self.collection[int(self.rows[position])]
+        return {**sample, "label": int(self.collection.labels[int(self.rows[position])])}
+
+
+def collate_labelled(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    batch = collate(samples)
+    batch["label"] = torch.tensor([s["label"] for s in samples], dtype=torch.long)
+    return batch
+
+
+def augment(pixels: torch.Tensor, strong: bool) -> torch.Tensor:
+    """Per-image random resized crop and flip (and colour jitter when `strong`), uint8 in and out."""
+    from torchvision.transforms import v2
+
+    steps = [v2.RandomResizedCrop(pixels.shape[-2:], scale=(0.35 if strong else 0.6, 1.0), antialias=True),
+             v2.RandomHorizontalFlip()]
+    if strong:
+        steps += [v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), v2.RandomGrayscale(p=0.2)]
+    transform = v2.Compose(steps)
+    return torch.stack([transform(image) for image in pixels])
+
+
+# ---------------------------------------------------------------- the module
+
+
+class MetricLearningModule(L.LightningModule):
+    """Backbone (frozen or partly trainable) + projection head, trained with a PML loss.
+
+    Batches carry either cached backbone `features` (frozen mode) or uint8 `pixels` (end to end).
+    """
+
+    def __init__(self, embedder: Embedder, ft: DictConfig, classes: list[str], metadata: dict[str, Any]):
+        super().__init__()
+        self.embedder = embedder
+        self.ft = ft
+        self.classes = classes
+        self.metadata = metadata
+        self.loss_fn, self.miner = build_loss(ft)
+        self.embedder.backbone.requires_grad_(False)
+        for stage in STAGES[len(STAGES) - ft.unfreeze :]:
+            getattr(self.embedder.backbone, stage).requires_grad_(True)
+        self._val_embeddings: list[torch.Tensor] = []
+        self._val_labels: list[torch.Tensor] = []
+
+    def train(self, mode: bool = True) -> MetricLearningModule:
+        """Frozen stages keep eval-mode batch norm: their statistics must not drift."""
+        super().train(mode)
+        if mode:
+            self.embedder.backbone.eval()
+            for stage in STAGES[len(STAGES) - self.ft.unfreeze :]:
+                getattr(self.embedder.backbone, stage).train()
+        return self
+
+    def embed(self, batch: dict[str, Any], view: int | None = None, augmented: bool = False) -> torch.Tensor:
+        if "features" in batch:
+            features = batch["features"]
+            if features.ndim == 3:  # (B, views, D): cached augmented views for NT-Xent
+                features = features[:, view or 0]
+            return self.embedder.embed_features(features)
+        pixels = augment(batch["pixels"], strong=self.ft.loss == "ntxent") if augmented else batch["pixels"]
+        return self.embedder(pixels)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        if self.ft.loss == "ntxent":  # two views of each image; a view's only positive is its twin
+            first = self.embed(batch, view=0, augmented=True)
+            second = self.embed(batch, view=1, augmented=True)
+            embeddings = torch.cat([first, second])
+            labels = torch.arange(len(first), device=self.device).repeat(2)
+            loss, triplets = self.loss_fn(embeddings, labels), None
+        else:
+            embeddings, labels = self.embed(batch, augmented=True), batch["label"]
+            triplets = self.miner(embeddings, labels) if self.miner is not None else None
+            loss = self.loss_fn(embeddings, labels, triplets)
+        with torch.no_grad():
+            detached = embeddings.detach().float()
+            sample = slice(0, 128)  # all triplets of a batch grow as B^3: measure on the first 128
+            active = (active_fraction(detached, labels, self.ft.margin, triplets) if triplets is not None
+                      else active_fraction(detached[sample], labels[sample], self.ft.margin))
+        size = len(labels)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=size)
+        self.log("train/active_fraction", active, on_epoch=True, on_step=False, batch_size=size)
+        self.log("train/mean_pairwise_cosine", mean_pairwise_cosine(detached), on_epoch=True, on_step=False, batch_size=size)
+        self.log("train/embedding_std", detached.std(dim=0).mean(), on_epoch=True, on_step=False, batch_size=size)
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        metrics = self.trainer.callback_metrics
+        cosine = float(metrics.get("train/mean_pairwise_cosine", 0.0))
+        active = float(metrics.get("train/active_fraction", 1.0))
+        if cosine > self.ft.collapse_cosine:
+            log.warning("epoch %d: the embeddings are collapsing (mean pairwise cosine %.3f > %.2f): "
+                        "lower finetune.lr or raise finetune.temperature/margin", self.current_epoch, cosine,
+                        self.ft.collapse_cosine)
+        if active == 0.0:
+            log.warning("epoch %d: no triplet or pair is active: the loss has nothing left to learn from "
+                        "(raise finetune.margin, or use finetune.miner=batch_hard)", self.current_epoch)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._val_embeddings.append(self.embed(batch).float().cpu())
+        self._val_labels.append(batch["label"].cpu())
+
+    def on_validation_epoch_end(self) -> None:
+        embeddings, labels = torch.cat(self._val_embeddings).numpy(), torch.cat(self._val_labels).numpy()
+        self._val_embeddings, self._val_labels = [], []
+        if self.trainer.sanity_checking:
+            return
+        embeddings, labels = self.all_gather_validation(embeddings, labels)
+        metrics = evaluate_embeddings(embeddings, labels, self.classes, [10])
+        for name in ("precision@10", "map@r", "r_precision"):
+            self.log(f"val/{name}", metrics[name], prog_bar=name != "r_precision", sync_dist=False, rank_zero_only=False)
+
+    def all_gather_validation(self, embeddings: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Under DDP every rank evaluates the whole validation set (padding duplicates included)."""
+        if self.trainer.world_size == 1:
+            return embeddings, labels
+        gathered_e = self.all_gather(torch.from_numpy(embeddings).to(self.device))
+        gathered_l = self.all_gather(torch.from_numpy(labels).to(self.device))
+        return gathered_e.reshape(-1, embeddings.shape[1]).cpu().numpy(), gathered_l.reshape(-1).cpu().numpy()
+
+    def configure_optimizers(self) -> Any:
+        groups = [{"params": list(self.embedder.head.parameters()), "lr": self.ft.lr}]
+        backbone = [p for p in self.embedder.backbone.parameters() if p.requires_grad]
+        if backbone:
+            groups.append({"params": backbone, "lr": self.ft.backbone_lr})
+        optimizer = torch.optim.AdamW(groups, weight_decay=self.ft.weight_decay)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, self.ft.epochs))
+        return {"optimizer": optimizer, "lr_scheduler": schedule}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["simsearch"] = self.metadata
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A simsearch checkpoint, loaded with weights_only=True (no code runs from the file)."""
+    if not path.is_file():
+        raise SimsearchError(f"no checkpoint at {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # corrupt or foreign files raise many types
+        raise SimsearchError(f"cannot read checkpoint {path}: {str(error).splitlines()[0]}") from None
+    meta = checkpoint.get("simsearch") if isinstance(checkpoint, dict) else None
+    if not meta or meta.get("format") != CHECKPOINT_FORMAT:
+        raise SimsearchError(f"{path} is not a simsearch fine-tuning checkpoint (written by `simsearch finetune`)")
+    if meta.get("backbone") != "resnet50":
+        raise SimsearchError(f"{path} holds a {meta.get('backbone')} backbone; simsearch embeds with resnet50")
+    return checkpoint
+
+
+def checkpoint_metadata(path: Path) -> dict[str, Any]:
+    return read_checkpoint(path)["simsearch"]
+
+
+def load_finetuned_embedder(path: Path, model: DictConfig | None = None) -> Embedder:
+    """Backbone + head exactly as trained, from a checkpoint of `simsearch finetune`."""
+    checkpoint = read_checkpoint(Path(path))
+    meta = checkpoint["simsearch"]
+    preprocess = Preprocess(meta["image_size"], meta["mean"], meta["std"])
+    embedder = Embedder(preprocess, build_backbone("random", meta["seed"]), ProjectionHead(**meta["head"]))
+    state = {k.removeprefix("embedder."): v for k, v in checkpoint["state_dict"].items() if k.startswith("embedder.")}
+    try:
+        embedder.load_state_dict(state)
+    except RuntimeError as error:
+        raise SimsearchError(f"checkpoint {path} does not match the network it describes: {str(error).splitlines()[0]}") from None
+    return embedder.eval()
+
+
+def model_with_checkpoint(model: DictConfig) -> DictConfig:
+    """The model config with the image size and normalisation the checkpoint was trained with."""
+    if not model.checkpoint:
+        return model
+    meta = checkpoint_metadata(Path(model.checkpoint))
+    updated = OmegaConf.merge(model, {"image_size": meta["image_size"], "mean": meta["mean"], "std": meta["std"],
+                                      "weights": meta["weights"], "checkpoint": str(Path(model.checkpoint).resolve())})
+    if updated.image_size != model.image_size:
+        log.info("model.image_size=%d from the checkpoint (trained at that size)", updated.image_size)
+    return updated
+
+
+def _compatible(meta: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    keys = ("backbone", "weights", "image_size", "head", "unfreeze", "loss")
+    return [f"{k}: {meta.get(k)} != {wanted.get(k)}" for k in keys if meta.get(k) != wanted.get(k)]
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def store_matches(store: Store, cfg: DictConfig) -> bool:
+    """Whether an existing store was extracted from the same data with the same base model."""
+    data, model = store.manifest.get("data", {}), store.manifest.get("model", {})
+    root = str(Path(cfg.data.root).expanduser().resolve()) if cfg.data.root else None
+    same_data = all(data.get(k) == cfg.data[k] for k in ("name", "split", "limit", "num_items", "num_classes",
+                                                          "native_size_px", "labels")) and data.get("root") == root
+    same_model = (model.get("weights") == cfg.model.weights and model.get("image_size") == cfg.model.image_size
+                  and list(model.get("mean", [])) == list(cfg.model.mean) and list(model.get("std", [])) == list(cfg.model.std)
+                  and not model.get("checkpoint") and (cfg.model.weights != "random" or model.get("seed") == cfg.run.seed))
+    return same_data and same_model and store.manifest.get("dtype") == "float32"
+
+
+def extract_or_reuse(cfg: DictConfig, augment_seed: int | None = None) -> Store:
+    """The store at cfg.run.dir if it matches cfg, else a new extraction."""
+    from simsearch.extract import extract
+
+    try:
+        store = Store.open(cfg.run.dir)
+        if store_matches(store, cfg):
+            log.info("reusing the features in %s", cfg.run.dir)
+            return store
+    except SimsearchError:
+        pass
+    extract(cfg, augment_seed=augment_seed)
+    return Store.open(cfg.run.dir)
+
+
+def cached_features(cfg: DictConfig) -> tuple[torch.Tensor, Store]:
+    """Frozen mode: backbone features of the train split, (N, D) or (N, views, D) for NT-Xent."""
+    cache_dir = Path(cfg.run.dir) / "train-features"
+    base_cfg = OmegaConf.merge(cfg, {"run": {"dir": str(cache_dir)}, "store": {"dtype": "float32"},
+                                     "model": {"checkpoint": None}, "logger": {"wandb": {"enabled": False}}})
+    store = extract_or_reuse(base_cfg)
+    if cfg.finetune.loss != "ntxent":
+        return torch.from_numpy(store.vectors()), store
+    views = []
+    for view in range(max(2, cfg.finetune.views)):
+        view_cfg = OmegaConf.merge(base_cfg, {"run": {"dir": str(cache_dir / f"view{view}")}})
+        view_store = extract_or_reuse(view_cfg, augment_seed=view + 1)
+        if view_store.items != store.items:
+            raise SimsearchError(f"cached view {view_cfg.run.dir} does not hold the same items as {cache_dir}: delete it")
+        views.append(torch.from_numpy(view_store.vectors()))
+    return torch.stack(views, dim=1), store
+
+
+def loaders(cfg: DictConfig, labels: np.ndarray, train_rows: np.ndarray, val_rows: np.ndarray,
+            features: torch.Tensor | None, collection: ImageCollection | None) -> tuple[DataLoader, DataLoader]:
+    from pytorch_metric_learning.samplers import MPerClassSampler
+
+    ft = cfg.finetune
+    if features is not None:
+        train_set, val_set, gather = CachedFeatures(features, labels, train_rows), CachedFeatures(features, labels, val_rows), None
+    else:
+        train_set, val_set, gather = LabelledImages(collection, train_rows), LabelledImages(collection, val_rows), collate_labelled
+    if ft.loss in SUPERVISED:
+        sampler = MPerClassSampler(labels[train_rows], ft.m_per_class, ft.batch_size, length_before_new_iter=len(train_rows))
+        train = DataLoader(train_set, batch_size=ft.batch_size, sampler=sampler, drop_last=True, collate_fn=gather,
+                           num_workers=cfg.data.num_workers if features is None else 0)
+    else:
+        train = DataLoader(train_set, batch_size=ft.batch_size, shuffle=True, drop_last=True, collate_fn=gather,
+                           num_workers=cfg.data.num_workers if features is None else 0)
+    val = DataLoader(val_set, batch_size=max(ft.batch_size, 512), collate_fn=gather,
+                     num_workers=cfg.data.num_workers if features is None else 0)
+    if len(train) == 0:
+        raise SimsearchError(f"the train part ({len(train_rows)} items) is smaller than one batch of {ft.batch_size}")
+    return train, val
+
+
+def finetune(cfg: DictConfig) -> dict[str, Any]:
+    """Train a head (and optionally stages) on the train split; keep the best checkpoint by validation."""
+    from simsearch.extract import build_trainer
+    from simsearch.tracking import finish, start_run
+
+    ft = cfg.finetune
+    cfg = OmegaConf.merge(cfg, {"data": {"split": "train"}, "model": {"checkpoint": None}})
+    collection = build_collection(cfg.data, cfg.model.image_size, cfg.run.seed)  # cheap: no image is decoded
+    check_finetune_config(ft, collection.labels)
+    if ft.unfreeze == 0:
+        features, store = cached_features(cfg)
+        labels, classes, collection = store.labels, store.classes, None
+    else:
+        features, labels, classes = None, collection.labels, collection.classes
+    train_rows, val_rows = split_rows(len(labels), ft.val_fraction, cfg.run.seed)
+    train_rows = train_rows[labels[train_rows] >= 0] if ft.loss in SUPERVISED else train_rows
+    metadata = {
+        "format": CHECKPOINT_FORMAT, "backbone": "resnet50", "weights": cfg.model.weights, "seed": cfg.run.seed,
+        "image_size": cfg.model.image_size, "mean": list(cfg.model.mean), "std": list(cfg.model.std),
+        "head": {"in_dim": EMBEDDING_DIM, "hidden_dim": ft.hidden_dim, "dim": ft.dim}, "unfreeze": ft.unfreeze,
+        "loss": ft.loss, "train_data": {"name": cfg.data.name, "split": "train", "rows": len(train_rows),
+                                        "validation_rows": len(val_rows)},
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    checkpoint_dir = Path(ft.checkpoint_dir) / ft.name
+    last = checkpoint_dir / "last.ckpt"
+    resume_from = last if ft.resume and last.is_file() else None
+    if resume_from is not None:
+        problems = _compatible(checkpoint_metadata(last), metadata)
+        if problems:
+            raise SimsearchError(f"{last} was trained differently ({'; '.join(problems)}): "
+                                 "use finetune.resume=false or another finetune.name")
+        log.info("resuming from %s", last)
+    torch.manual_seed(cfg.run.seed)
+    head = ProjectionHead(EMBEDDING_DIM, ft.hidden_dim, ft.dim)
+    embedder = Embedder(Preprocess(cfg.model.image_size, list(cfg.model.mean), list(cfg.model.std)),
+                        build_backbone(cfg.model.weights, cfg.run.seed), head)
+    module = MetricLearningModule(embedder, ft, classes, metadata)
+    train_loader, val_loader = loaders(cfg, labels, train_rows, val_rows, features, collection)
+    best = ModelCheckpoint(dirpath=checkpoint_dir, filename="best-epoch{epoch:03d}-map_r{val/map@r:.4f}",
+                           auto_insert_metric_name=False, monitor=ft.monitor, mode="max", save_top_k=1, save_last=True)
+    stop = EarlyStopping(monitor=ft.monitor, mode="max", patience=ft.patience)
+    run = start_run(cfg, "finetune", name=f"finetune-{ft.name}")
+    extra: dict[str, Any] = {"max_epochs": ft.epochs, "enable_checkpointing": True, "log_every_n_steps": 10,
+                             "num_sanity_val_steps": 0}
+    if run is not None:
+        from lightning.pytorch.loggers import WandbLogger
+
+        extra["logger"] = WandbLogger(experiment=run)
+    trainer = build_trainer(cfg, [best, stop], **extra)
+    trainer.fit(module, train_loader, val_loader, ckpt_path=resume_from, weights_only=True)
+    finish(run)
+    if not trainer.is_global_zero:
+        return {}
+    summary = {"best_checkpoint": best.best_model_path, "monitor": ft.monitor,
+               "best_score": float(best.best_model_score) if best.best_model_score is not None else None,
+               "epochs_run": trainer.current_epoch, "last_checkpoint": str(last),
+               "train_rows": len(train_rows), "validation_rows": len(val_rows)}
+    (checkpoint_dir / "finetune.json").write_text(json.dumps({**summary, "metadata": metadata}, indent=2) + "\n")
+    print(f"best checkpoint: {summary['best_checkpoint']}  ({ft.monitor} = {summary['best_score']:.4f} on "
+          f"{len(val_rows)} held-out train items)")
+    return summary
+
+
+def project_store(baseline: Store, checkpoint: Path, out_dir: Path, cfg: DictConfig) -> Store:
+    """Frozen-backbone checkpoints: the fine-tuned store is the head applied to the baseline's features.
+
+    Equal (to float rounding) to `extract model.checkpoint=...`, without running the backbone again.
+    """
+    from simsearch.config import save_config
+    from simsearch.store import create_store
+
+    embedder = load_finetuned_embedder(checkpoint)
+    with torch.inference_mode():
+        embeddings = np.concatenate([
+            embedder.embed_features(torch.from_numpy(baseline.vectors(slice(start, start + 8192)))).numpy()
+            for start in range(0, len(baseline), 8192)
+        ])
+    manifest = baseline.manifest
+    description = {key: manifest[key] for key in ("data", "dataset", "split", "weights", "image_size", "skipped")}
+    description["model"] = {**manifest["model"], "checkpoint": str(checkpoint.resolve())}
+    description["projected_from"] = str(baseline.dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out_dir / "config.yaml")
+    return create_store(out_dir, embeddings.astype(np.float32), baseline.labels, baseline.items, description)
+
+
+def base_model_config(cfg: DictConfig, checkpoint: Path) -> DictConfig:
+    """cfg with the model a checkpoint started from (its weights, seed, image size): the fair baseline."""
+    meta = checkpoint_metadata(checkpoint)
+    return OmegaConf.merge(cfg, {"run": {"seed": meta["seed"]}, "model": {
+        "weights": meta["weights"], "image_size": meta["image_size"], "mean": meta["mean"], "std": meta["std"],
+        "checkpoint": None}})
