@@ -108,8 +108,8 @@ class FinetuneConfig:
     lr: float = 1e-3  # head
     backbone_lr: float = 1e-4  # unfrozen stages
     weight_decay: float = 1e-4
-    batch_size: int = 256
-    m_per_class: int = 8  # class-balanced batches for the supervised losses: m images of each class
+    batch_size: int = 128
+    m_per_class: int = 16  # class-balanced batches for the supervised losses: m images of each of batch/m classes
     views: int = 2  # ntxent with a frozen backbone: augmented views cached per image
     val_fraction: float = 0.1  # of the train split, held out for model selection; the test split is never read
     monitor: str = "val/map@r"  # val/map@r | val/precision@10

@@ -408,6 +408,9 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
         features, labels, classes = None, collection.labels, collection.classes
     train_rows, val_rows = split_rows(len(labels), ft.val_fraction, cfg.run.seed)
     train_rows = train_rows[labels[train_rows] >= 0] if ft.loss in SUPERVISED else train_rows
+    if len(val_rows) < 11:
+        raise SimsearchError(f"finetune.val_fraction={ft.val_fraction} holds out {len(val_rows)} items; validation "
+                             "Precision@10 needs at least 11: raise it, or use more data")
     metadata = {
         "format": CHECKPOINT_FORMAT, "backbone": "resnet50", "weights": cfg.model.weights, "seed": cfg.run.seed,
         "image_size": cfg.model.image_size, "mean": list(cfg.model.mean), "std": list(cfg.model.std),
@@ -432,7 +435,10 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
     module = MetricLearningModule(embedder, ft, classes, metadata)
     train_loader, val_loader = loaders(cfg, labels, train_rows, val_rows, features, collection)
     best = ModelCheckpoint(dirpath=checkpoint_dir, filename="best-epoch{epoch:03d}-map_r{val/map@r:.4f}",
-                           auto_insert_metric_name=False, monitor=ft.monitor, mode="max", save_top_k=1, save_last=True)
+                           auto_insert_metric_name=False, monitor=ft.monitor, mode="max", save_top_k=1)
+    # every epoch, improved or not: an interrupted run resumes where it stopped
+    latest = ModelCheckpoint(dirpath=checkpoint_dir, filename="last", monitor=None, save_top_k=1,
+                             enable_version_counter=False)
     stop = EarlyStopping(monitor=ft.monitor, mode="max", patience=ft.patience)
     run = start_run(cfg, "finetune", name=f"finetune-{ft.name}")
     extra: dict[str, Any] = {"max_epochs": ft.epochs, "enable_checkpointing": True, "log_every_n_steps": 10,
@@ -441,7 +447,7 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
         from lightning.pytorch.loggers import WandbLogger
 
         extra["logger"] = WandbLogger(experiment=run)
-    trainer = build_trainer(cfg, [best, stop], **extra)
+    trainer = build_trainer(cfg, [best, latest, stop], **extra)
     trainer.fit(module, train_loader, val_loader, ckpt_path=resume_from, weights_only=True)
     finish(run)
     if not trainer.is_global_zero:

@@ -1,0 +1,163 @@
+"""Fine-tuning through `simsearch finetune` / `compare`, and each loss on synthetic clustered features."""
+
+import gzip
+import struct
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from simsearch.config import Config
+from simsearch.finetune import MetricLearningModule
+from simsearch.model import Embedder, Preprocess, ProjectionHead
+from simsearch.store import Store
+from tests.conftest import TINY, read_json, simsearch, simsearch_subprocess
+
+SCHEMA = OmegaConf.structured(Config)
+SMALL = (*TINY, "data=synthetic", "data.num_items=80", "data.num_classes=4", "finetune.batch_size=16",
+         "finetune.m_per_class=4", "finetune.dim=16", "finetune.hidden_dim=32", "finetune.views=2",
+         "finetune.val_fraction=0.25")
+
+
+@pytest.mark.parametrize("loss, miner", [("triplet", "batch_hard"), ("triplet", "semi_hard"), ("supcon", "batch_hard"),
+                                         ("ntxent", "batch_hard")])
+def test_each_loss_lowers_on_clustered_features(loss, miner):
+    torch.manual_seed(0)
+    classes, per_class, dim = 4, 16, 2048
+    centres = torch.randn(classes, dim)
+    labels = torch.arange(classes).repeat_interleave(per_class)
+    features = centres[labels] + 3.0 * torch.randn(len(labels), dim)
+    if loss == "ntxent":  # two views of each item: the item plus a little noise
+        features = torch.stack([features + 0.5 * torch.randn_like(features) for _ in range(2)], dim=1)
+    ft = OmegaConf.merge(SCHEMA.finetune, {"loss": loss, "miner": miner, "dim": 16, "hidden_dim": 64, "margin": 0.3})
+    embedder = Embedder(Preprocess(32, [0.5] * 3, [0.5] * 3), torch.nn.Identity(), ProjectionHead(dim, 64, 16))
+    module = MetricLearningModule(embedder, ft, [str(c) for c in range(classes)], {})
+    module.log = lambda *args, **kwargs: None  # no Trainer attached in this unit test
+    optimizer = torch.optim.Adam(module.embedder.head.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(40):
+        order = torch.randperm(len(labels))[:32]
+        loss_value = module.training_step({"features": features[order], "label": labels[order]}, 0)
+        optimizer.zero_grad()
+        loss_value.backward()
+        optimizer.step()
+        losses.append(float(loss_value.detach()))
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
+
+
+def test_finetune_caches_features_reuses_them_and_keeps_the_best_checkpoint(tmp_path, caplog):
+    caplog.set_level("INFO")
+    assert simsearch("finetune", *SMALL, "finetune.epochs=2", "run.dir=ft") == 0
+    cache = Store.open(tmp_path / "ft" / "train-features")
+    assert cache.manifest["split"] == "train"
+    summary = read_json(tmp_path / "checkpoints" / "synthetic-triplet-unfreeze0" / "finetune.json")
+    assert summary["best_checkpoint"].endswith(".ckpt") and 0 <= summary["best_score"] <= 1
+    assert (summary["train_rows"], summary["validation_rows"]) == (60, 20)
+    # the checkpoint is plain tensors and primitives: it loads with weights_only=True
+    checkpoint = torch.load(summary["best_checkpoint"], weights_only=True, map_location="cpu")
+    assert checkpoint["simsearch"]["head"]["dim"] == 16
+    created = cache.manifest["created"]
+    caplog.clear()
+    assert simsearch("finetune", *SMALL, "finetune.epochs=1", "finetune.resume=false", "finetune.name=again",
+                     "run.dir=ft") == 0
+    assert "reusing the features" in caplog.text
+    assert Store.open(tmp_path / "ft" / "train-features").manifest["created"] == created
+
+
+def test_resume_continues_from_the_saved_epoch(tmp_path, caplog):
+    caplog.set_level("INFO")
+    last_path = tmp_path / "checkpoints" / "synthetic-triplet-unfreeze0" / "last.ckpt"
+    assert simsearch("finetune", *SMALL, "finetune.epochs=2", "finetune.patience=50", "run.dir=ft") == 0
+    first = torch.load(last_path, weights_only=True, map_location="cpu")
+    caplog.clear()
+    assert simsearch("finetune", *SMALL, "finetune.epochs=4", "finetune.patience=50", "run.dir=ft") == 0
+    assert "resuming from" in caplog.text
+    resumed = torch.load(last_path, weights_only=True, map_location="cpu")
+    assert resumed["global_step"] == 2 * first["global_step"]  # two more epochs of the same length
+    assert read_json(last_path.parent / "finetune.json")["epochs_run"] == 4
+
+
+def test_best_checkpoint_round_trips_into_extract_and_compare(tmp_path):
+    assert simsearch("finetune", *SMALL, "finetune.epochs=2", "run.dir=ft") == 0
+    best = read_json(tmp_path / "checkpoints" / "synthetic-triplet-unfreeze0" / "finetune.json")["best_checkpoint"]
+    assert simsearch("extract", *SMALL, f"model.checkpoint={best}", "run.dir=tuned") == 0
+    tuned = Store.open(tmp_path / "tuned")
+    assert tuned.dim == 16 and tuned.manifest["model"]["checkpoint"] == best
+    assert simsearch("compare", *SMALL, f"compare.checkpoint={best}", "run.dir=cmp") == 0
+    projected = Store.open(tmp_path / "cmp" / "finetuned")  # head on the baseline's features, no second pass
+    np.testing.assert_allclose(projected.embeddings, tuned.embeddings, atol=1e-5)
+    comparison = read_json(tmp_path / "cmp" / "comparison.json")
+    assert {"baseline", "finetuned", "difference"} <= set(comparison)
+    assert comparison["difference"]["map@r"] == pytest.approx(
+        comparison["finetuned"]["map@r"] - comparison["baseline"]["map@r"])
+    from PIL import Image
+
+    Image.open(tmp_path / "cmp" / "comparison.png").verify()
+    # search embeds a new image through backbone + head, as the manifest records
+    from simsearch.search import ItemImages
+
+    ItemImages(tuned).image(3).save(tmp_path / "q.png")
+    assert simsearch("search", "run.dir=tuned", f"query={tmp_path / 'q.png'}", "search.k=2", "logger=none") == 0
+
+
+def test_ntxent_with_frozen_backbone_uses_cached_augmented_views(tmp_path):
+    assert simsearch("finetune", *SMALL, "finetune.loss=ntxent", "finetune.epochs=1", "run.dir=ft") == 0
+    view0, view1 = (Store.open(tmp_path / "ft" / "train-features" / f"view{v}") for v in (0, 1))
+    assert view0.items == view1.items
+    assert np.abs(view0.embeddings - view1.embeddings).max() > 1e-3  # different augmentations
+
+
+def test_unfrozen_stage_trains_end_to_end(tmp_path):
+    assert simsearch("finetune", *SMALL, "finetune.unfreeze=1", "finetune.epochs=1", "run.dir=ft") == 0
+    best = read_json(tmp_path / "checkpoints" / "synthetic-triplet-unfreeze1" / "finetune.json")["best_checkpoint"]
+    state = torch.load(best, weights_only=True, map_location="cpu")["state_dict"]
+    from simsearch.model import build_backbone
+
+    original = build_backbone("random", 0).state_dict()
+    assert not torch.equal(state["embedder.backbone.layer4.0.conv1.weight"], original["layer4.0.conv1.weight"])
+    assert torch.equal(state["embedder.backbone.layer1.0.conv1.weight"], original["layer1.0.conv1.weight"])
+
+
+def write_train_only_fashion_mnist(root, n=64):
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    labels = np.arange(n) % 4
+    images = (rng.integers(0, 60, (n, 28, 28)) + labels[:, None, None] * 60).astype(np.uint8)
+    with gzip.open(root / "train-images-idx3-ubyte.gz", "wb") as f:
+        f.write(struct.pack(">BBBBIII", 0, 0, 8, 3, n, 28, 28) + images.tobytes())
+    with gzip.open(root / "train-labels-idx1-ubyte.gz", "wb") as f:
+        f.write(struct.pack(">BBBBI", 0, 0, 8, 1, n) + labels.astype(np.uint8).tobytes())
+
+
+def test_validation_never_reads_the_test_split(tmp_path):
+    write_train_only_fashion_mnist(tmp_path / "fm")  # no t10k files: any read of the test split fails
+    arguments = [a for a in SMALL if not a.startswith("data=")]
+    assert simsearch("finetune", *arguments, "data=fashion_mnist", f"data.root={tmp_path / 'fm'}", "data.split=test",
+                     "finetune.epochs=1", "run.dir=ft") == 0
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("data=folder", "data.labels=none"), "needs labels"),
+    (("finetune.batch_size=64", "finetune.m_per_class=4"), "asks for 16 classes"),
+    (("finetune.loss=arcface",), "finetune.loss must be"),
+])
+def test_bad_finetune_configs_fail_before_training(tmp_path, extra, message):
+    from PIL import Image
+
+    (tmp_path / "images").mkdir()
+    for i in range(6):
+        Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(tmp_path / "images" / f"{i}.png")
+    result = simsearch_subprocess("finetune", *SMALL, f"data.root={tmp_path / 'images'}", *extra, cwd=tmp_path)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_incompatible_checkpoints_are_refused(tmp_path, capsys):
+    assert simsearch("finetune", *SMALL, "finetune.epochs=1", "run.dir=ft") == 0
+    capsys.readouterr()
+    assert simsearch("finetune", *SMALL, "finetune.epochs=2", "finetune.dim=32", "run.dir=ft") == 2
+    assert "trained differently" in capsys.readouterr().err
+    torch.save({"state_dict": {}}, tmp_path / "foreign.ckpt")
+    assert simsearch("extract", *SMALL, f"model.checkpoint={tmp_path / 'foreign.ckpt'}") == 2
+    assert "not a simsearch fine-tuning checkpoint" in capsys.readouterr().err
