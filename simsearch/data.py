@@ -232,14 +232,26 @@ def load_cifar10(root: Path, split: str, download: bool) -> ArrayCollection:
     return ArrayCollection(dataset.data, np.asarray(dataset.targets), list(dataset.classes))
 
 
-def make_synthetic(num_items: int, num_classes: int, size_px: int, seed: int) -> ArrayCollection:
-    """Clustered images: each class a random pattern, each item that pattern plus noise."""
-    rng = np.random.default_rng(seed)
-    patterns = rng.integers(0, 256, size=(num_classes, size_px, size_px, 3)).astype(np.float32)
-    labels = np.arange(num_items) % num_classes
-    noise = rng.normal(0, 25, size=(num_items, size_px, size_px, 3)).astype(np.float32)
-    images = np.clip(patterns[labels] + noise, 0, 255).astype(np.uint8)
-    return ArrayCollection(images, labels, [f"class_{c}" for c in range(num_classes)])
+class SyntheticCollection(ImageCollection):
+    """Clustered images made on demand: each class a random pattern, each item that pattern plus its own
+    seeded noise. Nothing is held in memory, so a million items cost no more RAM than ten."""
+
+    def __init__(self, num_items: int, num_classes: int, size_px: int, seed: int):
+        self.seed, self.size_px = seed, size_px
+        rng = np.random.default_rng(seed)
+        self.patterns = rng.integers(0, 256, size=(num_classes, size_px, size_px, 3)).astype(np.float32)
+        self.labels = np.arange(num_items, dtype=np.int64) % num_classes
+        self.classes = [f"class_{c}" for c in range(num_classes)]
+
+    def array(self, index: int) -> np.ndarray:
+        noise = np.random.default_rng((self.seed, index)).normal(0, 25, size=self.patterns.shape[1:])
+        return np.clip(self.patterns[self.labels[index]] + noise, 0, 255).astype(np.uint8)
+
+    def pixels(self, index: int) -> torch.Tensor:
+        return torch.from_numpy(self.array(index)).permute(2, 0, 1).contiguous()
+
+    def image(self, index: int) -> Image.Image:
+        return Image.fromarray(self.array(index))
 
 
 class Subset(ImageCollection):
@@ -274,7 +286,7 @@ def build_collection(data: DictConfig, image_size_px: int, seed: int = 0) -> Ima
         raise SimsearchError(f"data.split must be train or test, not '{data.split}'")
     root = Path(data.root).expanduser() if data.root else None
     if data.name == "synthetic":
-        collection: ImageCollection = make_synthetic(data.num_items, data.num_classes, data.native_size_px, seed)
+        collection: ImageCollection = SyntheticCollection(data.num_items, data.num_classes, data.native_size_px, seed)
     elif root is None:
         raise SimsearchError(f"data.root must be given for data={data.name}")
     elif data.name == "cifar10":
@@ -316,6 +328,19 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+class Selection(Dataset):
+    """Some items of a collection, in order, each keeping its own index (what a resumed run still needs)."""
+
+    def __init__(self, collection: ImageCollection, indices: np.ndarray):
+        self.collection, self.indices = collection, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> dict[str, Any]:
+        return self.collection[int(self.indices[position])]
+
+
 class ImageDataModule(L.LightningDataModule):
     """Serves one collection to `Trainer.predict`, in order; the sampler Lightning adds under DDP splits it."""
 
@@ -326,6 +351,7 @@ class ImageDataModule(L.LightningDataModule):
         self.seed = seed
         self.pin_memory = pin_memory
         self.collection: ImageCollection | None = None
+        self.indices: np.ndarray | None = None  # None: every item
 
     def setup(self, stage: str | None = None) -> None:
         if self.collection is None:
@@ -334,8 +360,9 @@ class ImageDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         self.setup()
         workers = self.data.num_workers
+        dataset = self.collection if self.indices is None else Selection(self.collection, self.indices)
         return DataLoader(
-            self.collection,
+            dataset,
             batch_size=self.data.batch_size,
             shuffle=False,
             num_workers=workers,

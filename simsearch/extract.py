@@ -3,12 +3,19 @@
 Each shard is one batch of one rank, written atomically (temp file + rename) as safetensors with the
 items' dataset indices beside their vectors, so the merge places every row by index: the distributed
 sampler's padding duplicates collapse, and an item missing from every shard is an error, not a hole.
+
+A killed run (kill -9, a preempted SLURM job) started again with the same command and run.dir embeds
+only the items that no complete shard of the same run holds: each shard carries a fingerprint of the
+data and model config, and a half-written shard (a .tmp file, or one that does not open) is ignored
+and its items redone.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import re
 import os
 import shutil
 from pathlib import Path
@@ -33,18 +40,17 @@ STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
 class ShardWriter(BasePredictionWriter):
-    """Writes each predicted batch of each rank to `shards/rank{R}-batch{B}.safetensors`."""
+    """Writes each predicted batch of each rank to `shards/attempt{A}-rank{R}-batch{B}.safetensors`."""
 
-    def __init__(self, shard_dir: Path, dtype: torch.dtype):
+    def __init__(self, shard_dir: Path, dtype: torch.dtype, fingerprint: str, attempt: int):
         super().__init__(write_interval="batch")
         self.shard_dir = shard_dir
         self.dtype = dtype
+        self.fingerprint = fingerprint
+        self.attempt = attempt
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.is_global_zero:  # shards of an earlier run in the same run.dir must not be merged
-            shutil.rmtree(self.shard_dir, ignore_errors=True)
-            self.shard_dir.mkdir(parents=True)
-        trainer.strategy.barrier("simsearch-shards-ready")
+        self.shard_dir.mkdir(parents=True, exist_ok=True)
 
     def write_on_batch_end(
         self, trainer, pl_module, prediction: dict[str, Any], batch_indices, batch, batch_idx: int, dataloader_idx: int = 0
@@ -57,13 +63,46 @@ class ShardWriter(BasePredictionWriter):
             "valid": prediction["valid"].cpu().to(torch.uint8).contiguous(),
             "embeddings": prediction["embeddings"].cpu().to(self.dtype).contiguous(),
         }
-        path = self.shard_dir / f"rank{trainer.global_rank:04d}-batch{batch_idx:08d}.safetensors"
+        name = f"attempt{self.attempt:03d}-rank{trainer.global_rank:04d}-batch{batch_idx:08d}.safetensors"
+        path = self.shard_dir / name
         temporary = path.with_suffix(".tmp")
-        save_file(tensors, str(temporary), metadata={"reasons": json.dumps(reasons)})
+        save_file(tensors, str(temporary), metadata={"reasons": json.dumps(reasons), "fingerprint": self.fingerprint})
         os.replace(temporary, path)  # a shard is either complete or absent
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         trainer.strategy.barrier("simsearch-shards-written")
+
+
+def run_fingerprint(cfg: DictConfig, count: int, augment_seed: int | None) -> str:
+    """What makes two runs' shards interchangeable: the data, the model, the seed, the dtype."""
+    data = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k not in ("batch_size", "num_workers")}
+    model = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k not in ("channels_last", "compile")}
+    payload = {"data": data, "model": model, "seed": cfg.run.seed, "dtype": cfg.store.dtype, "count": count,
+               "augment_seed": augment_seed}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def complete_shards(shard_dir: Path, fingerprint: str) -> list[Path]:
+    """The shards of this run that open and hold one vector per index; anything else is ignored."""
+    shards = []
+    for path in sorted(shard_dir.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="numpy") as shard:
+                if (shard.metadata() or {}).get("fingerprint") != fingerprint:
+                    continue
+                rows = shard.get_slice("index").get_shape()[0]
+                if shard.get_slice("embeddings").get_shape()[0] != rows or shard.get_slice("valid").get_shape()[0] != rows:
+                    raise ValueError("tensors of different lengths")
+        except Exception as error:  # truncated or corrupt: redo its items
+            log.warning("ignoring the incomplete shard %s (%s): its items are embedded again", path.name, error)
+            continue
+        shards.append(path)
+    return shards
+
+
+def next_attempt(shard_dir: Path) -> int:
+    numbers = [int(m.group(1)) for p in shard_dir.glob("attempt*") if (m := re.match(r"attempt(\d+)-", p.name))]
+    return max(numbers, default=-1) + 1
 
 
 def _read_shard_keys(path: Path) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
@@ -72,13 +111,12 @@ def _read_shard_keys(path: Path) -> tuple[np.ndarray, np.ndarray, dict[int, str]
         return shard.get_tensor("index"), shard.get_tensor("valid").astype(bool), reasons
 
 
-def merge_shards(shard_dir: Path, count: int, dim: int, dtype: str, out_path: Path) -> tuple[np.ndarray, dict[int, str]]:
+def merge_shards(shards: list[Path], count: int, dim: int, dtype: str, out_path: Path) -> tuple[np.ndarray, dict[int, str]]:
     """Write `out_path` (.npy, rows in dataset order, unreadable items left out) from the shards.
 
     Returns the indices of the rows written and the reason for each skipped index. Streams: one
-    shard in memory at a time, the output memory-mapped.
+    shard in memory at a time, the output memory-mapped. Fails if any item is in no shard.
     """
-    shards = sorted(shard_dir.glob("*.safetensors"))
     owner = np.full(count, -1, dtype=np.int64)  # which shard holds each index first
     valid = np.zeros(count, dtype=bool)
     reasons: dict[int, str] = {}
@@ -95,7 +133,8 @@ def merge_shards(shard_dir: Path, count: int, dim: int, dtype: str, out_path: Pa
     if len(kept) == 0:
         return kept, {i: reasons.get(i, "unreadable") for i in range(count)}
     row_of_index = np.cumsum(valid) - 1
-    output = np.lib.format.open_memmap(out_path.with_suffix(".tmp.npy"), mode="w+", dtype=dtype, shape=(len(kept), dim))
+    temporary = out_path.with_suffix(".tmp.npy")
+    output = np.lib.format.open_memmap(temporary, mode="w+", dtype=dtype, shape=(len(kept), dim))
     for number, path in enumerate(shards):
         with safe_open(str(path), framework="numpy") as shard:
             indices = shard.get_tensor("index")
@@ -103,7 +142,7 @@ def merge_shards(shard_dir: Path, count: int, dim: int, dtype: str, out_path: Pa
             output[row_of_index[indices[take]]] = shard.get_tensor("embeddings")[take]
     output.flush()
     del output
-    os.replace(out_path.with_suffix(".tmp.npy"), out_path)
+    os.replace(temporary, out_path)
     return kept, {i: reasons.get(i, "unreadable") for i in np.flatnonzero(~valid).tolist()}
 
 
@@ -150,9 +189,10 @@ def describe_store(cfg: DictConfig, collection: ImageCollection, count: int, dim
     }
 
 
-def write_store(cfg: DictConfig, collection: ImageCollection, store_dir: Path, dim: int) -> dict[str, Any]:
-    """Merge the shards of `store_dir/shards` into a complete store and write its manifest."""
-    kept, reasons = merge_shards(store_dir / "shards", len(collection), dim, cfg.store.dtype, store_dir / "embeddings.npy")
+def write_store(cfg: DictConfig, collection: ImageCollection, store_dir: Path, shards: list[Path]) -> dict[str, Any]:
+    """Merge the shards into a complete store at `store_dir` and write its manifest."""
+    dim = _embedding_dim(shards)
+    kept, reasons = merge_shards(shards, len(collection), dim, cfg.store.dtype, store_dir / "embeddings.npy")
     skipped = [{**collection.item_record(i), "reason": reason} for i, reason in sorted(reasons.items())]
     if len(kept) == 0:
         write_jsonl(store_dir / "skipped.jsonl", skipped)
@@ -198,19 +238,27 @@ def extract(cfg: DictConfig, augment_seed: int | None = None) -> dict[str, Any] 
     embedder = attempt(lambda: build_embedder(cfg.model, cfg.run.seed))
     if problems:
         raise SimsearchError("; and ".join(problems))
-    module = EmbeddingModule(embedder, cfg.model.channels_last, cfg.model.compile, augment_seed)
-    writer = ShardWriter(store_dir / "shards", STORE_DTYPES[cfg.store.dtype])
-    trainer = build_trainer(cfg, [writer])
-    trainer.predict(module, datamodule=datamodule, return_predictions=False)
-    if not trainer.is_global_zero:
-        return None
-    dim = _embedding_dim(store_dir / "shards")
-    return write_store(cfg, datamodule.collection, store_dir, dim)
+    collection = datamodule.collection
+    fingerprint = run_fingerprint(cfg, len(collection), augment_seed)
+    shard_dir = store_dir / "shards"
+    done = np.zeros(len(collection), dtype=bool)
+    for path in complete_shards(shard_dir, fingerprint):
+        done[_read_shard_keys(path)[0]] = True
+    if done.any():
+        log.info("resuming: %d of %d items are already embedded in %s", done.sum(), len(done), shard_dir)
+    if not done.all():
+        datamodule.indices = np.flatnonzero(~done) if done.any() else None
+        module = EmbeddingModule(embedder, cfg.model.channels_last, cfg.model.compile, augment_seed)
+        writer = ShardWriter(shard_dir, STORE_DTYPES[cfg.store.dtype], fingerprint, next_attempt(shard_dir))
+        trainer = build_trainer(cfg, [writer])
+        trainer.predict(module, datamodule=datamodule, return_predictions=False)
+        if not trainer.is_global_zero:
+            return None
+    return write_store(cfg, collection, store_dir, complete_shards(shard_dir, fingerprint))
 
 
-def _embedding_dim(shard_dir: Path) -> int:
-    first = next(iter(sorted(shard_dir.glob("*.safetensors"))), None)
-    if first is None:
-        raise RuntimeError(f"no shard was written in {shard_dir}")
-    with safe_open(str(first), framework="numpy") as shard:
+def _embedding_dim(shards: list[Path]) -> int:
+    if not shards:
+        raise RuntimeError("no shard was written")
+    with safe_open(str(shards[0]), framework="numpy") as shard:
         return int(shard.get_slice("embeddings").get_shape()[1])

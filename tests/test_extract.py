@@ -233,3 +233,52 @@ def test_python_dash_m_entry_point(tmp_path):
 
     result = subprocess.run([sys.executable, "-m", "simsearch", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "extract" in result.stdout
+
+
+def test_killed_extraction_resumes_to_the_same_store(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    common = ["data=synthetic", "data.num_items=240", "data.batch_size=8", *TINY]
+    assert simsearch("extract", *common, "run.dir=whole") == 0
+    script = Path(sys.executable).parent / "simsearch"
+    process = subprocess.Popen([str(script), "extract", *common, "run.dir=killed"], cwd=tmp_path,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    shards = tmp_path / "killed" / "shards"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(shards.glob("*.safetensors"))) < 4:
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)  # as a preempted job dies: no clean-up runs
+    process.wait()
+    written = sorted(shards.glob("*.safetensors"))
+    assert 4 <= len(written) < 30, "the run must be killed mid-way"
+    assert not (tmp_path / "killed" / "manifest.json").exists()
+    # a half-written shard under a final name, and a temp file, as a crash mid-write leaves them
+    written[-1].write_bytes(written[-1].read_bytes()[:200])
+    (shards / "attempt000-rank0000-batch99999999.tmp").write_bytes(b"partial")
+    result = simsearch_subprocess("extract", *common, "run.dir=killed", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "resuming:" in result.stderr and "ignoring the incomplete shard" in result.stderr
+    whole, resumed = Store.open(tmp_path / "whole"), Store.open(tmp_path / "killed", verify=True)
+    assert resumed.items == whole.items
+    np.testing.assert_allclose(resumed.embeddings, whole.embeddings, atol=1e-6)
+    assert not shards.exists()
+
+
+def test_shards_of_another_config_are_not_merged(tmp_path):
+    from simsearch.extract import complete_shards
+
+    common = ["data=synthetic", "data.num_items=16", "data.batch_size=8", *TINY]
+    assert simsearch("extract", *common, "run.dir=out") == 0
+    shard_dir = tmp_path / "out" / "shards"
+    shard_dir.mkdir()
+    from safetensors.torch import save_file
+
+    save_file({"index": torch.arange(8), "valid": torch.ones(8, dtype=torch.uint8), "embeddings": torch.zeros(8, 2048)},
+              str(shard_dir / "attempt000-rank0000-batch00000000.safetensors"), metadata={"fingerprint": "other", "reasons": "{}"})
+    assert complete_shards(shard_dir, "mine") == []
+    assert simsearch("extract", *common, "run.dir=out", "run.seed=1") == 0
+    assert_unit_norm(Store.open(tmp_path / "out").embeddings)  # the zero vectors of the foreign shard were not used
