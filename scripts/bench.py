@@ -147,7 +147,140 @@ def bench_index(sizes: list[int], dim: int, workdir: Path, queries: int = 1000) 
     return rows
 
 
-SECTIONS = {"eval", "index"}
+# ---------------------------------------------------------------- extraction, latency, memory
+
+
+def write_cifar_batches(root: Path, images: np.ndarray) -> None:
+    """CIFAR-10's on-disk format (the test batch only), so simsearch reads it through its real data path."""
+    import pickle
+
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    batch = {"batch_label": "test", "labels": [0] * len(images), "filenames": [""] * len(images),
+             "data": images.transpose(0, 3, 1, 2).reshape(len(images), -1)}
+    (folder / "test_batch").write_bytes(pickle.dumps(batch))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [str(i) for i in range(10)]}))
+
+
+def simsearch_extract(arguments: list[str]) -> np.ndarray:
+    from simsearch.config import load_config
+    from simsearch.extract import extract
+
+    cfg = load_config(arguments + ["logger=none", "trainer.enable_progress_bar=false"])
+    extract(cfg)
+    return np.load(Path(cfg.run.dir) / "embeddings.npy")
+
+
+def bench_extract(count: int, image_size: int, workdir: Path) -> list[Row]:
+    from reference_pipeline import plain_embed, plain_model
+
+    from simsearch.model import build_backbone
+
+    rng = np.random.default_rng(0)
+    # smooth random images (upsampled noise): closer to photos than white noise, cheap to make
+    small = rng.integers(0, 256, (count, 8, 8, 3), dtype=np.uint8)
+    images = np.asarray(torch.nn.functional.interpolate(torch.from_numpy(small).permute(0, 3, 1, 2).float(), size=32,
+                                                        mode="bilinear").permute(0, 2, 3, 1).byte())
+    weights = workdir / "resnet50-seed0.pth"
+    backbone = build_backbone("random", 0)
+    state = {k: v for k, v in backbone.state_dict().items()}
+    torch.save(state, weights)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    reference = plain_model({**state, "fc.weight": torch.zeros(1000, 2048), "fc.bias": torch.zeros(1000)})
+    folder = workdir / "jpegs"
+    folder.mkdir()
+    for i, image in enumerate(images):
+        from PIL import Image
+
+        Image.fromarray(image).resize((96, 96)).save(folder / f"{i:06d}.jpg", quality=90)
+    paths = sorted(folder.glob("*.jpg"))
+    common = [f"model.weights={weights}", f"model.image_size={image_size}", "data.batch_size=64", "data.num_workers=2"]
+    write_cifar_batches(workdir / "cifar", images)
+    rows = []
+    for case, ours_args, plain_input in (
+        ("CIFAR-shaped 32x32 uint8", ["data=cifar10", f"data.root={workdir / 'cifar'}", "data.download=false"], images),
+        ("JPEG folder (96 px files)", ["data=folder", f"data.root={folder}", "data.labels=none"], paths),
+    ):
+        simsearch_extract(common + ours_args + ["data.limit=64", f"run.dir={workdir / 'warm'}"])  # warm-up
+        plain_embed(reference, plain_input[:64], image_size, device=device)
+        ours_s, ours = timed(lambda a=ours_args: simsearch_extract(common + a + [f"run.dir={workdir / 'ours'}"]))
+        plain_s, plain = timed(lambda p=plain_input: plain_embed(reference, p, image_size, device=device))
+        cosine = np.sum(ours.astype(np.float64) * plain, axis=1)
+        rows.append({"section": "extract", "case": f"{case}, {count} images at {image_size} px, {device}",
+                     "simsearch_img_per_s": round(count / ours_s, 1), "reference_img_per_s": round(count / plain_s, 1),
+                     "ratio": round(plain_s / ours_s, 2), "min_cosine_vs_reference": round(float(cosine.min()), 5)})
+    return rows
+
+
+def bench_latency(store_size: int, requests: int, workdir: Path) -> list[Row]:
+    """Single-query latency for a new image file: decode + embed + search, simsearch vs plain."""
+    from PIL import Image
+    from reference_pipeline import PlainImages, plain_model
+
+    from simsearch.index import FaissSearcher, build_index
+    from simsearch.search import QueryEncoder, search_image
+    from simsearch.store import Store
+
+    vectors, labels = clustered_unit_vectors(store_size, 2048)
+    items = [{"id": str(i), "index": i} for i in range(store_size)]
+    store = create_store(workdir / "latency", vectors, labels, items,
+                         {"data": {}, "model": {"name": "resnet50", "weights": "random", "image_size": 224,
+                                                "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+                                                "checkpoint": None, "seed": 0}})
+    store = Store.open(store.dir)
+    query = workdir / "query.jpg"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (300, 400, 3), dtype=np.uint8)).save(query)
+    encoder = QueryEncoder(store.manifest)
+    index, _ = build_index(store, SCHEMA.index)
+    searcher = FaissSearcher(index, "auto")
+    from simsearch.data import decode_image
+
+    def ours() -> None:
+        search_image(store, searcher, encoder, decode_image(query), 10, "query")
+
+    model, transform = plain_model().to(encoder.device), PlainImages([query]).transform
+
+    @torch.no_grad()
+    def plain() -> None:
+        image = transform(Image.open(query).convert("RGB"))[None].to(encoder.device)
+        embedding = torch.nn.functional.normalize(model(image), dim=1).cpu().numpy()
+        np.argsort(-(vectors @ embedding[0]))[:10]
+
+    rows = []
+    for name, function in (("simsearch", ours), ("plain", plain)):
+        for _ in range(3):
+            function()
+        times = []
+        for _ in range(requests):
+            start = time.perf_counter()
+            function()
+            times.append((time.perf_counter() - start) * 1000)
+        rows.append({"section": "latency", "case": f"{name}: new image file, 224 px, store of {store_size}, "
+                     f"{encoder.device}", "p50_ms": round(float(np.percentile(times, 50)), 1),
+                     "p95_ms": round(float(np.percentile(times, 95)), 1), "requests": requests})
+    return rows
+
+
+def bench_memory(sizes: list[int], workdir: Path) -> list[Row]:
+    """Peak RSS of a whole `simsearch extract` process: flat in the collection size (shards stream to disk)."""
+    import subprocess
+
+    rows = []
+    script = Path(sys.executable).parent / "simsearch"
+    for n in sizes:
+        code = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL, "
+                "stderr=subprocess.DEVNULL); print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+        command = [str(script), "extract", "data=synthetic", f"data.num_items={n}", "data.batch_size=128",
+                   "model.weights=random", "model.image_size=32", "logger=none", f"run.dir={workdir / f'memory-{n}'}"]
+        start = time.perf_counter()
+        output = subprocess.run([sys.executable, "-c", code, *command], capture_output=True, text=True, check=True)
+        rows.append({"section": "memory", "case": f"simsearch extract, {n} synthetic items at 32 px",
+                     "peak_rss_mb": round(int(output.stdout.strip()) / 1024, 1),
+                     "seconds": round(time.perf_counter() - start, 1)})
+    return rows
+
+
+SECTIONS = {"eval", "index", "extract", "latency", "memory"}
 
 
 def hardware() -> dict[str, object]:
@@ -190,6 +323,14 @@ def main() -> None:
             quick = arguments.quick
             rows += bench_eval([2_000, 10_000] if quick else [10_000, 100_000], 2048, workdir,
                                full_plain_up_to=2_000 if quick else 10_000)
+        if "extract" in sections:
+            on_gpu = torch.cuda.is_available()
+            count = (20_000 if on_gpu else 512) if not arguments.quick else (2_048 if on_gpu else 96)
+            rows += bench_extract(count, 224, workdir)
+        if "latency" in sections:
+            rows += bench_latency(10_000, 30 if arguments.quick else 100, workdir)
+        if "memory" in sections:
+            rows += bench_memory([2_000, 20_000] if arguments.quick else [10_000, 100_000], workdir)
         if "index" in sections:
             rows += bench_index([10_000, 100_000] if arguments.quick else [100_000, 1_000_000],
                                 256 if arguments.quick else 2048, workdir)
