@@ -58,8 +58,8 @@ def main() -> None:
         + (" (ImageNet weights cannot be downloaded on the offline machine that measured this; the baseline is"
            " a randomly initialised, seeded ResNet-50)" if comparison["baseline_weights"] == "random" else "")
         + f"; image size {tuned_manifest['image_size']} px.",
-        f"- Data: fine-tuned on {meta['train_rows']} items of the train split (first {comparison['data']['limit']}),"
-        f" {meta['validation_rows']} of them held out for model selection; evaluated on {comparison['data']['items']}"
+        f"- Data: trained on {meta['train_rows']} items of the train split (of its first {comparison['data']['limit']}),"
+        f" the other {meta['validation_rows']} held out for model selection; evaluated on {comparison['data']['items']}"
         f" items of the test split, every item a query against the rest.",
         f"- Fine-tuning: loss `{meta['metadata']['loss']}`, head 2048-{meta['metadata']['head']['hidden_dim']}-"
         f"{meta['metadata']['head']['dim']}, backbone frozen (unfreeze={meta['metadata']['unfreeze']}), "
