@@ -35,11 +35,11 @@ SCHEMA = OmegaConf.structured(Config)
 Row = dict[str, object]
 
 
-def clustered_unit_vectors(n: int, dim: int, classes: int = 10, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def clustered_unit_vectors(n: int, dim: int, classes: int = 10, seed: int = 0, noise: float = 6.0) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, classes, n)
     centres = rng.normal(size=(classes, dim)).astype(np.float32)
-    vectors = centres[labels] + rng.normal(size=(n, dim)).astype(np.float32) * 6.0  # overlapping classes: P@10 below 1
+    vectors = centres[labels] + rng.normal(size=(n, dim)).astype(np.float32) * noise  # default: overlapping classes
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     return vectors, labels
 
@@ -124,7 +124,8 @@ def bench_index(sizes: list[int], dim: int, workdir: Path, queries: int = 1000) 
 
     rows = []
     for n in sizes:
-        vectors, labels = clustered_unit_vectors(n, dim, classes=100)
+        # many small clusters with room inside: neighbours are well defined, as in real embeddings
+        vectors, labels = clustered_unit_vectors(n, dim, classes=max(10, n // 50), noise=0.5)
         items = [{"id": str(i), "index": i} for i in range(n)]
         store = create_store(workdir / f"index-{n}", vectors, labels, items, {"data": {}, "model": {}})
         query_vectors = vectors[:queries]

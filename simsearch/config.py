@@ -237,10 +237,3 @@ def save_config(cfg: DictConfig, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, path, resolve=True)
 
-
-def override(cfg: DictConfig, **values: Any) -> DictConfig:
-    """A copy of `cfg` with dotted keys replaced, checked against the schema."""
-    try:
-        return OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{k}={v}" for k, v in values.items()]))
-    except OmegaConfBaseException as error:
-        raise SimsearchError(_explain(error)) from None

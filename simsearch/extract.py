@@ -15,8 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -254,7 +254,21 @@ def extract(cfg: DictConfig, augment_seed: int | None = None) -> dict[str, Any] 
         trainer.predict(module, datamodule=datamodule, return_predictions=False)
         if not trainer.is_global_zero:
             return None
-    return write_store(cfg, collection, store_dir, complete_shards(shard_dir, fingerprint))
+    manifest = write_store(cfg, collection, store_dir, complete_shards(shard_dir, fingerprint))
+    log_extraction(cfg, manifest, augment_seed)
+    return manifest
+
+
+def log_extraction(cfg: DictConfig, manifest: dict[str, Any], augment_seed: int | None) -> None:
+    """The store's size and what was skipped, under the run's resolved config, to W&B."""
+    from simsearch.tracking import finish, log_metrics, start_run
+
+    if augment_seed is not None:
+        return  # cached fine-tuning views are an internal step
+    run = start_run(cfg, "extract")
+    log_metrics(run, {"count": manifest["count"], "skipped": manifest["skipped"], "dim": manifest["dim"]}, prefix="extract/")
+    finish(run)
+    print(f"store of {manifest['count']} items (dim {manifest['dim']}, {manifest['skipped']} skipped): {cfg.run.dir}")
 
 
 def _embedding_dim(shards: list[Path]) -> int:
