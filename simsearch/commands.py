@@ -188,3 +188,10 @@ def comparison_chart(comparison: dict[str, Any], ks: list[int], path: Path) -> N
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def serve(cfg: DictConfig) -> None:
+    """JSON API and web page over the store in run.dir (uvicorn, 127.0.0.1:8000 by default)."""
+    from simsearch.serve import serve as run_server
+
+    run_server(cfg)

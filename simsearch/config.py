@@ -127,6 +127,18 @@ class CompareConfig:
 
 
 @dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"  # loopback only: a shared machine's other users cannot reach it unless you say so
+    port: int = 8000
+    max_upload_mb: float = 10.0  # larger uploads get 413 before they are decoded
+    max_k: int = 100  # the most neighbours one request may ask for
+    batch_size: int = 16  # concurrent uploads embedded together in one forward pass
+    batch_wait_ms: float = 5.0  # how long the first upload of a batch waits for others
+    thumbnail_px: int = 256  # longest side of the images served at /items/{id}/image
+    device: str = "auto"  # where uploads are embedded: auto | cpu | cuda
+
+
+@dataclass
 class WandbConfig:
     enabled: bool = True
     mode: str = "offline"  # offline: no account needed, `wandb sync` uploads later | online | disabled
@@ -155,6 +167,7 @@ class Config:
     search: SearchConfig = field(default_factory=SearchConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 

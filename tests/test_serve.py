@@ -1,0 +1,259 @@
+"""The search API and web page: every endpoint, every bad input, a real browser, a bounded load test."""
+
+import asyncio
+import io
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from simsearch.config import load_config
+from simsearch.search import ItemImages
+from simsearch.store import Store
+from tests.conftest import FASHION_MNIST, TINY, simsearch
+
+fastapi = pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from simsearch.serve import create_app  # noqa: E402
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def folder_store(tmp_path):
+    """A labelled folder store of small real-looking images (two classes of shapes)."""
+    root = tmp_path / "images"
+    rng = np.random.default_rng(0)
+    for label, colour in (("red", (200, 30, 30)), ("blue", (30, 30, 200))):
+        (root / label).mkdir(parents=True)
+        for i in range(12):
+            pixels = np.clip(np.array(colour) + rng.normal(0, 20, (40, 40, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / label / f"{i:02d}.png")
+    assert simsearch("extract", "data=folder", f"data.root={root}", *TINY, "run.dir=store") == 0
+    return tmp_path / "store"
+
+
+def client_for(store_dir, *overrides):
+    cfg = load_config([f"run.dir={store_dir}", "logger=none", "serve.device=cpu", *overrides])
+    return TestClient(create_app(cfg))
+
+
+def test_health_item_and_image_endpoints(folder_store):
+    with client_for(folder_store) as client:
+        health = client.get("/health").json()
+        assert health["items"] == 24 and health["dim"] == 2048 and health["weights"] == "random" and health["labelled"]
+        item = client.get("/items/red/03.png").json()
+        assert item["path"] == "red/03.png" and item["label"] == "red"
+        response = client.get("/items/red%2F03.png/image")
+        assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+        Image.open(io.BytesIO(response.content)).verify()
+        assert client.get("/").text.startswith("<!doctype html>")
+        assert "/search" in client.get("/openapi.json").json()["paths"]
+
+
+def test_search_by_item_equals_the_cli(folder_store, capsys):
+    with client_for(folder_store) as client:
+        body = client.get("/search", params={"item": "blue/05.png", "k": 5}).json()
+    assert body["query"]["id"] == "blue/05.png" and len(body["results"]) == 5
+    assert all(r["id"] != "blue/05.png" for r in body["results"]) and body["precision"] == 1.0
+    assert body["results"][0]["image"].startswith("/items/blue%2F")
+    capsys.readouterr()
+    assert simsearch("search", f"run.dir={folder_store}", "query=blue/05.png", "search.k=5", "logger=none") == 0
+    printed = [line.split()[-2] for line in capsys.readouterr().out.splitlines() if line.strip()[:1].isdigit()
+               and line.split()[0] in "12345"]
+    assert printed == [r["id"] for r in body["results"]]
+
+
+def test_upload_search_embeds_like_the_store(folder_store, tmp_path):
+    with client_for(folder_store) as client:
+        upload = (tmp_path / "images" / "red" / "07.png").read_bytes()
+        body = client.post("/search", files={"file": ("07.png", upload, "image/png")}, data={"k": "3"}).json()
+    assert body["query"] == {"file": "07.png"}
+    assert body["results"][0]["id"] == "red/07.png" and body["results"][0]["score"] > 0.999
+
+
+def test_dataset_store_serves_pixels_through_the_manifest(tmp_path):
+    assert simsearch("extract", "data=synthetic", "data.num_items=12", *TINY, "run.dir=store") == 0
+    with client_for(tmp_path / "store") as client:
+        response = client.get("/items/4/image")
+        assert response.status_code == 200
+        assert Image.open(io.BytesIO(response.content)).size[0] >= 64  # 32 px items are enlarged
+
+
+def bomb() -> bytes:
+    """A small PNG that claims far more pixels than PIL's decompression-bomb limit."""
+    return png_bytes(Image.new("1", (20_000, 20_000)))
+
+
+@pytest.mark.parametrize("upload, status, words", [
+    (b"this is a text file", 400, "not a readable image"),
+    (b"", 400, "empty"),
+    (None, 400, "not a readable image"),  # truncated PNG
+    ("bomb", 400, "decompression bomb"),
+    ("big", 413, "max_upload_mb"),
+])
+def test_bad_uploads_get_a_4xx_json_error_and_serving_goes_on(folder_store, upload, status, words):
+    with client_for(folder_store, "serve.max_upload_mb=0.5") as client:
+        if upload is None:
+            upload = png_bytes(Image.new("RGB", (64, 64), (9, 9, 9)))[:60]
+        elif upload == "bomb":
+            upload = bomb()
+        elif upload == "big":
+            upload = png_bytes(Image.fromarray(np.random.default_rng(0).integers(0, 256, (600, 600, 3), dtype=np.uint8)))
+        response = client.post("/search", files={"file": ("x.png", upload, "image/png")})
+        assert response.status_code == status and words in response.json()["error"]
+        assert client.get("/health").status_code == 200
+
+
+@pytest.mark.parametrize("path, status, words", [
+    ("/items/nope.png", 404, "no item"),
+    ("/items/..%2F..%2Fetc%2Fpasswd/image", 404, "no item"),
+    ("/search?item=red/01.png&k=0", 422, "out of range"),
+    ("/search?item=red/01.png&k=24", 422, "out of range"),
+    ("/search?item=red/01.png&k=ten", 422, "k:"),
+    ("/search", 422, "item"),
+])
+def test_bad_requests(folder_store, path, status, words):
+    with client_for(folder_store) as client:
+        response = client.get(path)
+        assert response.status_code == status and words in response.json()["error"]
+
+
+def test_no_file_outside_the_data_root_is_served(folder_store, tmp_path):
+    store = Store.open(folder_store)
+    items = [dict(item) for item in store.items]
+    items[0]["path"] = "../../outside.png"  # a tampered store
+    Image.new("RGB", (8, 8)).save(tmp_path / "outside.png")
+    (folder_store / "items.jsonl").write_text("".join(__import__("json").dumps(i) + "\n" for i in items))
+    manifest = __import__("json").loads((folder_store / "manifest.json").read_text())
+    manifest["sha256"].pop("items.jsonl")
+    (folder_store / "manifest.json").write_text(__import__("json").dumps(manifest))
+    with client_for(folder_store) as client:
+        response = client.get(f"/items/{items[0]['id'].replace('/', '%2F')}/image")
+        assert response.status_code == 403 and "leaves the data root" in response.json()["error"]
+
+
+# ---------------------------------------------------------------- a real server on loopback
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class LiveServer:
+    def __init__(self, store_dir: Path):
+        import uvicorn
+
+        self.port = free_port()
+        app = create_app(load_config([f"run.dir={store_dir}", "logger=none", "serve.device=cpu"]))
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started and time.time() < deadline:
+            time.sleep(0.05)
+        return f"http://127.0.0.1:{self.port}"
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def test_bounded_load_on_loopback_has_no_failed_request(folder_store, tmp_path):
+    import httpx
+
+    upload = (tmp_path / "images" / "blue" / "02.png").read_bytes()
+
+    async def load(url: str, clients: int, requests: int, kind: str) -> tuple[list[float], int]:
+        latencies, failures, queue = [], 0, asyncio.Queue()
+        for _ in range(requests):
+            queue.put_nowait(None)
+
+        async def client_loop(client: httpx.AsyncClient) -> None:
+            nonlocal failures
+            while not queue.empty():
+                queue.get_nowait()
+                start = time.perf_counter()
+                if kind == "item":
+                    response = await client.get(f"{url}/search", params={"item": "red/01.png", "k": 10})
+                else:
+                    response = await client.post(f"{url}/search", files={"file": ("q.png", upload, "image/png")})
+                latencies.append((time.perf_counter() - start) * 1000)
+                failures += response.status_code != 200
+
+        async with httpx.AsyncClient(timeout=60) as client:
+            await asyncio.wait_for(asyncio.gather(*(client_loop(client) for _ in range(clients))), timeout=120)
+        return latencies, failures
+
+    with LiveServer(folder_store) as url:
+        for kind, clients, requests in (("item", 32, 200), ("upload", 32, 64)):
+            latencies, failures = asyncio.run(load(url, clients, requests, kind))
+            print(f"{kind} queries, {clients} clients: p50 {np.percentile(latencies, 50):.1f} ms, "
+                  f"p95 {np.percentile(latencies, 95):.1f} ms, {failures} failed of {requests}")
+            assert failures == 0 and len(latencies) == requests
+
+
+def chromium_paths() -> tuple[str, str] | None:
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    return (browser, driver) if browser and driver else None
+
+
+@pytest.mark.skipif(chromium_paths() is None, reason="no chromium and chromedriver (apt-get install chromium chromium-driver)")
+@pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="apt-get install dataset-fashion-mnist (CI installs it)")
+def test_browser_searches_by_upload_and_by_click(tmp_path):
+    selenium = pytest.importorskip("selenium")  # noqa: F841
+    from selenium import webdriver
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ready
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    assert simsearch("extract", "data=fashion_mnist", "data.limit=120", *TINY, "run.dir=store") == 0
+    query = tmp_path / "query.png"
+    ItemImages(Store.open(tmp_path / "store")).image(7).resize((112, 112)).save(query)
+    browser, driver = chromium_paths()
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tmp_path / 'chromium-profile'}", "--window-size=1200,900"):
+        options.add_argument(flag)
+    service = webdriver.ChromeService(executable_path=driver)
+    with LiveServer(tmp_path / "store") as url:
+        page = webdriver.Chrome(options=options, service=service)
+        try:
+            page.get(url)
+            wait = WebDriverWait(page, 60)
+            wait.until(lambda p: "items" in p.find_element(By.ID, "info").text)
+            page.find_element(By.ID, "file").send_keys(str(query))
+            wait.until(ready.presence_of_element_located((By.CSS_SELECTOR, "#results .result")))
+            tiles = page.find_elements(By.CSS_SELECTOR, "#results .result")
+            assert len(tiles) == 10 and tiles[0].get_attribute("data-id") == "7"
+            assert "uploaded: query.png" in page.find_element(By.ID, "query-caption").text
+            clicked = tiles[3].get_attribute("data-id")
+            tiles[3].click()
+            wait.until(lambda p: p.find_element(By.ID, "query-caption").text.startswith(f"{clicked} ("))
+            assert "Precision@10" in page.find_element(By.ID, "query-caption").text
+            relevant = page.find_elements(By.CSS_SELECTOR, "#results .result.relevant, #results .result.irrelevant")
+            assert len(relevant) == 10
+            shot = Path(os.environ.get("SIMSEARCH_SCREENSHOTS", tmp_path)) / "serve-page.png"
+            shot.parent.mkdir(parents=True, exist_ok=True)
+            page.save_screenshot(str(shot))
+            assert shot.stat().st_size > 10_000
+        finally:
+            page.quit()
