@@ -198,18 +198,22 @@ def bench_extract(count: int, image_size: int, workdir: Path) -> list[Row]:
     common = [f"model.weights={weights}", f"model.image_size={image_size}", "data.batch_size=64", "data.num_workers=2"]
     write_cifar_batches(workdir / "cifar", images)
     rows = []
+    # on a CPU the default is fp32 (the reference's output); bf16 autocast is the opt-in fast row
+    variants = [("", [])] + ([] if device == "cuda" else [(", bf16-mixed", ["trainer.precision=bf16-mixed"])])
     for case, ours_args, plain_input in (
         ("CIFAR-shaped 32x32 uint8", ["data=cifar10", f"data.root={workdir / 'cifar'}", "data.download=false"], images),
         ("JPEG folder (96 px files)", ["data=folder", f"data.root={folder}", "data.labels=none"], paths),
     ):
         simsearch_extract(common + ours_args + ["data.limit=64", f"run.dir={workdir / 'warm'}"])  # warm-up
         plain_embed(reference, plain_input[:64], image_size, device=device)
-        ours_s, ours = timed(lambda a=ours_args: simsearch_extract(common + a + [f"run.dir={workdir / 'ours'}"]))
         plain_s, plain = timed(lambda p=plain_input: plain_embed(reference, p, image_size, device=device))
-        cosine = np.sum(ours.astype(np.float64) * plain, axis=1)
-        rows.append({"section": "extract", "case": f"{case}, {count} images at {image_size} px, {device}",
-                     "simsearch_img_per_s": round(count / ours_s, 1), "reference_img_per_s": round(count / plain_s, 1),
-                     "ratio": round(plain_s / ours_s, 2), "min_cosine_vs_reference": round(float(cosine.min()), 5)})
+        for variant, extra in variants:
+            arguments = common + ours_args + extra + [f"run.dir={workdir / 'ours'}"]
+            ours_s, ours = timed(lambda a=arguments: simsearch_extract(a))
+            cosine = np.sum(ours.astype(np.float64) * plain, axis=1)
+            rows.append({"section": "extract", "case": f"{case}, {count} images at {image_size} px, {device}{variant}",
+                         "simsearch_img_per_s": round(count / ours_s, 1), "reference_img_per_s": round(count / plain_s, 1),
+                         "ratio": round(plain_s / ours_s, 2), "min_cosine_vs_reference": round(float(cosine.min()), 5)})
     return rows
 
 
@@ -281,7 +285,84 @@ def bench_memory(sizes: list[int], workdir: Path) -> list[Row]:
     return rows
 
 
-SECTIONS = {"eval", "index", "extract", "latency", "memory"}
+def vector_store_with_model(path: Path, size: int):
+    """A store of clustered vectors whose manifest names a real model (random ResNet-50, 224 px)."""
+    from simsearch.store import Store
+
+    vectors, labels = clustered_unit_vectors(size, 2048)
+    items = [{"id": str(i), "index": i} for i in range(size)]
+    model = {"name": "resnet50", "weights": "random", "image_size": 224, "mean": [0.485, 0.456, 0.406],
+             "std": [0.229, 0.224, 0.225], "checkpoint": None, "seed": 0}
+    create_store(path, vectors, labels, items, {"data": {"classes": [str(c) for c in range(10)]}, "model": model})
+    return Store.open(path), vectors
+
+
+def bench_serve(store_size: int, requests: dict[str, int], workdir: Path) -> list[Row]:
+    """p50/p95 latency and requests/s of the API on loopback, at 1, 8 and 32 concurrent clients."""
+    import asyncio
+    import io
+    import threading
+
+    import httpx
+    import uvicorn
+    from PIL import Image
+
+    from simsearch.config import load_config
+    from simsearch.serve import create_app
+
+    store, _ = vector_store_with_model(workdir / "serve", store_size)
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (300, 400, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    upload = buffer.getvalue()
+    app = create_app(load_config([f"run.dir={store.dir}", "logger=none"]))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+
+    async def load(kind: str, clients: int, count: int) -> tuple[list[float], int, float]:
+        latencies: list[float] = []
+        failures = 0
+        remaining = [count]
+
+        async def client_loop(client: httpx.AsyncClient) -> None:
+            nonlocal failures
+            while remaining[0] > 0:
+                remaining[0] -= 1
+                start = time.perf_counter()
+                if kind == "item":
+                    response = await client.get(f"{url}/search", params={"item": str(remaining[0] % store_size), "k": 10})
+                else:
+                    response = await client.post(f"{url}/search", files={"file": ("q.jpg", upload, "image/jpeg")})
+                latencies.append((time.perf_counter() - start) * 1000)
+                failures += response.status_code != 200
+
+        async with httpx.AsyncClient(timeout=120) as client:
+            started = time.perf_counter()
+            await asyncio.gather(*(client_loop(client) for _ in range(clients)))
+            return latencies, failures, time.perf_counter() - started
+
+    rows = []
+    try:
+        for kind in ("item", "upload"):
+            asyncio.run(load(kind, 1, 5))  # warm-up
+            for clients in (1, 8, 32):
+                latencies, failures, seconds = asyncio.run(load(kind, clients, requests[kind]))
+                rows.append({"section": "serve", "case": f"{kind} query, {clients} clients, store of {store_size}",
+                             "p50_ms": round(float(np.percentile(latencies, 50)), 1),
+                             "p95_ms": round(float(np.percentile(latencies, 95)), 1),
+                             "requests_per_s": round(len(latencies) / seconds, 1), "failed": failures,
+                             "requests": len(latencies)})
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    return rows
+
+
+SECTIONS = {"eval", "index", "extract", "latency", "memory", "serve"}
 
 
 def hardware() -> dict[str, object]:
@@ -330,6 +411,9 @@ def main() -> None:
             rows += bench_extract(count, 224, workdir)
         if "latency" in sections:
             rows += bench_latency(10_000, 30 if arguments.quick else 100, workdir)
+        if "serve" in sections:
+            rows += bench_serve(10_000, {"item": 200 if arguments.quick else 1000, "upload": 48 if arguments.quick else 200},
+                                workdir)
         if "memory" in sections:
             rows += bench_memory([2_000, 20_000] if arguments.quick else [10_000, 100_000], workdir)
         if "index" in sections:

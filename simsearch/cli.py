@@ -56,6 +56,7 @@ def _quiet_libraries() -> None:
     logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*treespec.*")
+    warnings.filterwarnings("ignore", message=".*overridden `transfer_batch_to_device`.*")
 
 
 def main(argv: list[str] | None = None) -> int:

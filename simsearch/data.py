@@ -25,6 +25,7 @@ from simsearch.errors import SimsearchError
 
 log = logging.getLogger(__name__)
 
+JPEG_SUFFIXES = {".jpg", ".jpeg"}
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 FASHION_MNIST_FILES = {
@@ -148,12 +149,15 @@ class FolderCollection(ImageCollection):
     """Every image file under a root, found recursively, in sorted path order.
 
     Files are resized to the model's input size in the loader, the one CPU step that cannot wait
-    for the device: images of different sizes must share a size to be stacked into a batch.
+    for the device: images of different sizes must share a size to be stacked into a batch. With
+    `decode_on_device`, JPEG files travel as their bytes and are decoded and resized on the model's
+    device (nvJPEG on a GPU), so a GPU is not starved by CPU decoding.
     """
 
-    def __init__(self, root: Path, size_px: int, with_labels: bool):
+    def __init__(self, root: Path, size_px: int, with_labels: bool, decode_on_device: bool = False):
         self.root = root
         self.size_px = size_px
+        self.decode_on_device = decode_on_device
         self.paths = sorted(
             (p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),
             key=lambda p: p.relative_to(root).as_posix(),
@@ -176,6 +180,54 @@ class FolderCollection(ImageCollection):
 
     def placeholder(self) -> torch.Tensor:
         return torch.zeros(3, self.size_px, self.size_px, dtype=torch.uint8)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        path = self.paths[index]
+        if not (self.decode_on_device and path.suffix.lower() in JPEG_SUFFIXES):
+            return super().__getitem__(index)
+        try:
+            encoded = read_jpeg_bytes(path)
+        except UnreadableImage as error:
+            return {"pixels": self.placeholder(), "index": index, "valid": False, "reason": str(error)}
+        return {"pixels": self.placeholder(), "index": index, "valid": True, "reason": "", "encoded": encoded}
+
+
+def read_jpeg_bytes(path: Path) -> torch.Tensor:
+    """A JPEG file's bytes for decoding on the device, after PIL has checked its header (size limits)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:  # reads the header only
+                if image.format != "JPEG":
+                    raise UnreadableImage(f"not a JPEG file ({image.format})")
+        return torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise UnreadableImage(f"too many pixels (decompression bomb): {error}") from None
+    except Image.UnidentifiedImageError:
+        raise UnreadableImage("not an image PIL can identify") from None
+    except OSError as error:
+        raise UnreadableImage(f"{type(error).__name__}: {error}") from None
+
+
+def decode_jpegs_on(device: torch.device, batch: dict[str, Any], size_px: int) -> None:
+    """Decode the batch's encoded JPEGs on `device` and resize them into `batch["pixels"]` in place;
+    a file the decoder rejects is marked invalid, with the reason, and the rest of the batch goes on."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    positions = [i for i, data in enumerate(batch.get("encoded") or []) if data is not None]
+    if not positions:
+        return
+    for position in positions:  # one at a time: a corrupt file must not take its batch down with it
+        try:
+            image = decode_jpeg(batch["encoded"][position], mode=ImageReadMode.RGB, device=device,
+                                apply_exif_orientation=True)
+        except RuntimeError as error:
+            batch["valid"][position] = False
+            batch["reason"][position] = f"JPEG decoding failed: {str(error).splitlines()[0]}"
+            continue
+        resized = torch.nn.functional.interpolate(image[None].float(), size=(size_px, size_px), mode="bilinear",
+                                                  antialias=True, align_corners=False)
+        batch["pixels"][position] = resized[0].round().clamp(0, 255).to(torch.uint8).to(batch["pixels"].device)
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -280,7 +332,8 @@ class Subset(ImageCollection):
         return self.base.placeholder()
 
 
-def build_collection(data: DictConfig, image_size_px: int, seed: int = 0) -> ImageCollection:
+def build_collection(data: DictConfig, image_size_px: int, seed: int = 0,
+                     decode_on_device_by_default: bool = False) -> ImageCollection:
     """The collection a data config names, with `data.limit` applied."""
     if data.split not in ("train", "test"):
         raise SimsearchError(f"data.split must be train or test, not '{data.split}'")
@@ -298,7 +351,10 @@ def build_collection(data: DictConfig, image_size_px: int, seed: int = 0) -> Ima
     elif data.name == "folder":
         if data.labels not in ("folder", "none"):
             raise SimsearchError(f"data.labels must be folder or none, not '{data.labels}'")
-        collection = FolderCollection(root, image_size_px, with_labels=data.labels == "folder")
+        if data.decode not in ("auto", "device", "loader"):
+            raise SimsearchError(f"data.decode must be auto, device or loader, not '{data.decode}'")
+        on_device = data.decode == "device" or (data.decode == "auto" and decode_on_device_by_default)
+        collection = FolderCollection(root, image_size_px, with_labels=data.labels == "folder", decode_on_device=on_device)
         if len(collection) == 0:
             raise SimsearchError(
                 f"no images under {root} (looked recursively for {', '.join(sorted(IMAGE_SUFFIXES))})"
@@ -320,12 +376,15 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     pixels = torch.stack(
         [s["pixels"] if s["valid"] else torch.zeros(shape, dtype=torch.uint8) for s in samples]
     )
-    return {
+    batch = {
         "pixels": pixels,
         "index": torch.tensor([s["index"] for s in samples], dtype=torch.long),
         "valid": torch.tensor([s["valid"] for s in samples], dtype=torch.bool),
         "reason": [s["reason"] for s in samples],
     }
+    if any("encoded" in s for s in samples):  # JPEG bytes to decode on the model's device
+        batch["encoded"] = [s.get("encoded") for s in samples]
+    return batch
 
 
 class Selection(Dataset):
@@ -344,8 +403,10 @@ class Selection(Dataset):
 class ImageDataModule(L.LightningDataModule):
     """Serves one collection to `Trainer.predict`, in order; the sampler Lightning adds under DDP splits it."""
 
-    def __init__(self, data: DictConfig, image_size_px: int, seed: int = 0, pin_memory: bool = False):
+    def __init__(self, data: DictConfig, image_size_px: int, seed: int = 0, pin_memory: bool = False,
+                 decode_on_device_by_default: bool = False):
         super().__init__()
+        self.decode_on_device_by_default = decode_on_device_by_default
         self.data = data
         self.image_size_px = image_size_px
         self.seed = seed
@@ -355,7 +416,7 @@ class ImageDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.collection is None:
-            self.collection = build_collection(self.data, self.image_size_px, self.seed)
+            self.collection = build_collection(self.data, self.image_size_px, self.seed, self.decode_on_device_by_default)
 
     def predict_dataloader(self) -> DataLoader:
         self.setup()

@@ -225,7 +225,9 @@ def extract(cfg: DictConfig, augment_seed: int | None = None) -> dict[str, Any] 
     store_dir = Path(cfg.run.dir)
     store_dir.mkdir(parents=True, exist_ok=True)
     (store_dir / "manifest.json").unlink(missing_ok=True)  # until the new store is complete
-    datamodule = ImageDataModule(cfg.data, cfg.model.image_size, cfg.run.seed, pin_memory=torch.cuda.is_available())
+    on_gpu = torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
+    datamodule = ImageDataModule(cfg.data, cfg.model.image_size, cfg.run.seed, pin_memory=on_gpu,
+                                 decode_on_device_by_default=on_gpu)
     problems: list[str] = []  # data and weights are both checked, before any worker starts
 
     def attempt(load):

@@ -122,10 +122,17 @@ class Embedder(nn.Module):
         self.preprocess = preprocess
         self.backbone = backbone
         self.head = head
+        self.channels_last = False
+
+    def use_channels_last(self) -> Embedder:
+        """NHWC convolutions: faster on GPUs and with oneDNN on CPUs (1.3x for fp32 ResNet-50 on 2 cores)."""
+        self.channels_last = True
+        self.backbone.to(memory_format=torch.channels_last)
+        return self
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         images = self.preprocess(pixels)
-        if images.is_cuda:
+        if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return self.embed_features(self.backbone(images))
 
@@ -161,13 +168,25 @@ class EmbeddingModule(L.LightningModule):
 
     def on_predict_start(self) -> None:
         self.embedder.eval()
-        if self.device.type == "cuda" and self.channels_last:
-            self.embedder.to(memory_format=torch.channels_last)
+        if self.channels_last:
+            self.embedder.use_channels_last()
         if self.device.type == "cuda" and self.compile_network:
             self.embedder.backbone = torch.compile(self.embedder.backbone)
 
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """Encoded JPEG bytes stay on the host: the device decoder reads them from there."""
+        encoded = batch.pop("encoded", None) if isinstance(batch, dict) else None
+        batch = super().transfer_batch_to_device(batch, device, dataloader_idx)
+        if encoded is not None:
+            batch["encoded"] = encoded
+        return batch
+
     @torch.inference_mode()
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        if "encoded" in batch:
+            from simsearch.data import decode_jpegs_on
+
+            decode_jpegs_on(self.device, batch, self.embedder.preprocess.image_size_px)
         pixels = batch["pixels"]
         if self.augment_seed is not None:
             from simsearch.finetune import augment

@@ -30,6 +30,7 @@ class QueryEncoder:
         self.image_size_px = int(model_cfg.image_size)
         self.device = resolve_device(device)
         self.embedder: Embedder = build_embedder(model_cfg, int(model_cfg.get("seed", 0))).eval().to(self.device)
+        self.embedder.use_channels_last()
         self.embedder.requires_grad_(False)
 
     @torch.inference_mode()

@@ -37,3 +37,30 @@ def test_reference_pipeline_and_simsearch_agree_on_embeddings(tmp_path):
     plain = plain_embed(reference, images, image_size=64, workers=0)
     cosine = np.sum(ours * plain, axis=1)
     assert cosine.min() > 0.999, cosine
+
+
+def test_jpeg_decoding_on_the_device_matches_the_loader_path(tmp_path):
+    from PIL import Image
+
+    from simsearch.store import Store, read_jsonl
+
+    root = tmp_path / "jpegs"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        small = rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((80, 60), Image.BILINEAR).save(root / f"{i}.jpg", quality=95)
+    Image.fromarray(small).convert("CMYK").save(root / "cmyk.jpg")
+    Image.fromarray(small).save(root / "png-in-disguise.jpg", format="PNG")
+    (root / "corrupt.jpg").write_bytes((root / "0.jpg").read_bytes()[:400] + b"\x00" * 50)
+    common = ("data=folder", f"data.root={root}", "data.labels=none", *TINY, "model.image_size=64")
+    assert simsearch("extract", *common, "data.decode=loader", "run.dir=loader") == 0
+    assert simsearch("extract", *common, "data.decode=device", "run.dir=device") == 0
+    loader, device = Store.open(tmp_path / "loader"), Store.open(tmp_path / "device")
+    shared = sorted({i["id"] for i in loader.items} & {i["id"] for i in device.items})
+    assert {"0.jpg", "5.jpg", "cmyk.jpg"} <= set(shared)
+    a = loader.embeddings[[loader.row_of(i) for i in shared]]
+    b = device.embeddings[[device.row_of(i) for i in shared]]
+    assert np.sum(a * b, axis=1).min() > 0.999
+    skipped = {s["path"]: s["reason"] for s in read_jsonl(tmp_path / "device" / "skipped.jsonl")}
+    assert "png-in-disguise.jpg" in skipped
