@@ -393,6 +393,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="reduced sizes (minutes on 2 CPU cores)")
     parser.add_argument("--sections", default=",".join(sorted(SECTIONS)), help="comma-separated: " + ",".join(SECTIONS))
     parser.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for the JSON results")
+    parser.add_argument("--index-sizes", type=lambda t: [int(float(x)) for x in t.split(",")], default=None,
+                        help="vector counts for the index section, e.g. 1e5,1e6 (default: 1e5,1e6; --quick: 1e4,1e5)")
+    parser.add_argument("--index-dim", type=int, default=None, help="vector size for the index section (default 2048; --quick 256)")
     arguments = parser.parse_args()
     sections = [s for s in arguments.sections.split(",") if s]
     unknown = set(sections) - SECTIONS
@@ -417,8 +420,8 @@ def main() -> None:
         if "memory" in sections:
             rows += bench_memory([2_000, 20_000] if arguments.quick else [10_000, 100_000], workdir)
         if "index" in sections:
-            rows += bench_index([10_000, 100_000] if arguments.quick else [100_000, 1_000_000],
-                                256 if arguments.quick else 2048, workdir)
+            sizes = arguments.index_sizes or ([10_000, 100_000] if arguments.quick else [100_000, 1_000_000])
+            rows += bench_index(sizes, arguments.index_dim or (256 if arguments.quick else 2048), workdir)
     print_table(rows)
     result = {"hardware": hardware(), "versions": library_versions(), "quick": arguments.quick,
               "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "peak_rss_mb": round(peak_rss_mb(), 1), "rows": rows}

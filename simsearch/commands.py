@@ -46,7 +46,6 @@ def eval(cfg: DictConfig) -> dict[str, Any]:  # noqa: A001 - the command is call
 
 def search(cfg: DictConfig) -> Any:
     """Top-K of `search.query` (an item id/row or an image file), printed and drawn as a grid."""
-    from simsearch.data import decode_image
     from simsearch.index import open_searcher
     from simsearch.search import (
         ItemImages,
@@ -69,7 +68,7 @@ def search(cfg: DictConfig) -> Any:
         query_image, caption = pixels.image(target), f"{result.query['id']} ({result.query['label']})"
         print(f"Query Image Index: {target}  id: {result.query['id']}  label: {result.query['label']}")
     else:
-        query_image = decode_image_or_fail(decode_image, target)
+        query_image = read_query_image(target)
         result = search_image(store, searcher, QueryEncoder(store.manifest), query_image, cfg.search.k, str(target))
         caption = Path(target).name
         print(f"Query image: {target}")
@@ -88,11 +87,11 @@ def search(cfg: DictConfig) -> Any:
     return result
 
 
-def decode_image_or_fail(decode, path: Path):
-    from simsearch.data import UnreadableImage
+def read_query_image(path: Path):
+    from simsearch.data import UnreadableImage, decode_image
 
     try:
-        return decode(path)
+        return decode_image(path)
     except UnreadableImage as error:
         raise SimsearchError(f"cannot read the query image {path}: {error}") from None
 
