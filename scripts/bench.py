@@ -172,6 +172,20 @@ def simsearch_extract(arguments: list[str]) -> np.ndarray:
     return np.load(Path(cfg.run.dir) / "embeddings.npy")
 
 
+def loader_only_seconds(arguments: list[str]) -> float:
+    """Time to produce every batch of simsearch's DataLoader with no model: the input pipeline's ceiling."""
+    from simsearch.config import load_config
+    from simsearch.data import ImageDataModule
+
+    cfg = load_config(arguments + ["logger=none"])
+    datamodule = ImageDataModule(cfg.data, cfg.model.image_size, cfg.run.seed, pin_memory=torch.cuda.is_available(),
+                                 decode_on_device_by_default=torch.cuda.is_available())
+    start = time.perf_counter()
+    for _ in datamodule.predict_dataloader():
+        pass
+    return time.perf_counter() - start
+
+
 def bench_extract(count: int, image_size: int, workdir: Path) -> list[Row]:
     from reference_pipeline import plain_embed, plain_model
 
@@ -207,13 +221,15 @@ def bench_extract(count: int, image_size: int, workdir: Path) -> list[Row]:
         simsearch_extract(common + ours_args + ["data.limit=64", f"run.dir={workdir / 'warm'}"])  # warm-up
         plain_embed(reference, plain_input[:64], image_size, device=device)
         plain_s, plain = timed(lambda p=plain_input: plain_embed(reference, p, image_size, device=device))
+        loader_s = loader_only_seconds(common + ours_args)
         for variant, extra in variants:
             arguments = common + ours_args + extra + [f"run.dir={workdir / 'ours'}"]
             ours_s, ours = timed(lambda a=arguments: simsearch_extract(a))
             cosine = np.sum(ours.astype(np.float64) * plain, axis=1)
             rows.append({"section": "extract", "case": f"{case}, {count} images at {image_size} px, {device}{variant}",
                          "simsearch_img_per_s": round(count / ours_s, 1), "reference_img_per_s": round(count / plain_s, 1),
-                         "ratio": round(plain_s / ours_s, 2), "min_cosine_vs_reference": round(float(cosine.min()), 5)})
+                         "ratio": round(plain_s / ours_s, 2), "min_cosine_vs_reference": round(float(cosine.min()), 5),
+                         "loader_only_img_per_s": round(count / loader_s, 1)})
     return rows
 
 
@@ -425,6 +441,8 @@ def main() -> None:
     print_table(rows)
     result = {"hardware": hardware(), "versions": library_versions(), "quick": arguments.quick,
               "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "peak_rss_mb": round(peak_rss_mb(), 1), "rows": rows}
+    if torch.cuda.is_available():
+        result["gpu_peak_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     arguments.out.mkdir(parents=True, exist_ok=True)
     path = arguments.out / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
