@@ -116,6 +116,7 @@ def create_app(cfg: DictConfig) -> FastAPI:
         await batcher.stop()
 
     app = FastAPI(title="simsearch", description=f"Image similarity search over {store.dir}", lifespan=lifespan)
+    app.state.batcher = batcher
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:

@@ -154,11 +154,11 @@ def free_port() -> int:
 
 
 class LiveServer:
-    def __init__(self, store_dir: Path):
+    def __init__(self, store_dir: Path, *overrides: str):
         import uvicorn
 
         self.port = free_port()
-        app = create_app(load_config([f"run.dir={store_dir}", "logger=none", "serve.device=cpu"]))
+        self.app = app = create_app(load_config([f"run.dir={store_dir}", "logger=none", "serve.device=cpu", *overrides]))
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -206,6 +206,26 @@ def test_bounded_load_on_loopback_has_no_failed_request(folder_store, tmp_path):
             print(f"{kind} queries, {clients} clients: p50 {np.percentile(latencies, 50):.1f} ms, "
                   f"p95 {np.percentile(latencies, 95):.1f} ms, {failures} failed of {requests}")
             assert failures == 0 and len(latencies) == requests
+
+
+def test_concurrent_uploads_are_embedded_in_batches(folder_store, tmp_path):
+    import httpx
+
+    upload = (tmp_path / "images" / "red" / "02.png").read_bytes()
+    server = LiveServer(folder_store, "serve.batch_wait_ms=200")
+    batcher = server.app.state.batcher
+    sizes, encode = [], batcher.encoder.encode
+    batcher.encoder.encode = lambda images: sizes.append(len(images)) or encode(images)
+
+    async def burst(url: str) -> list[int]:
+        async with httpx.AsyncClient(timeout=60) as client:
+            responses = await asyncio.gather(*(client.post(f"{url}/search", files={"file": ("q.png", upload, "image/png")})
+                                               for _ in range(8)))
+        return [r.status_code for r in responses]
+
+    with server as url:
+        assert asyncio.run(burst(url)) == [200] * 8
+    assert sum(sizes) == 8 and max(sizes) > 1, sizes
 
 
 def chromium_paths() -> tuple[str, str] | None:
