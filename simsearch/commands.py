@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
+from PIL import Image
 
 from simsearch.config import save_config
 from simsearch.errors import SimsearchError
@@ -45,7 +46,10 @@ def eval(cfg: DictConfig) -> dict[str, Any]:  # noqa: A001 - the command is call
 
 
 def search(cfg: DictConfig) -> Any:
-    """Top-K of `search.query` (an item id/row or an image file), printed and drawn as a grid."""
+    """Top-K of `search.query` (an item id/row, a .npy vector or an image file), printed and drawn as a grid.
+
+    Only a search by image file imports torch and loads the model; the W&B run starts after the answer.
+    """
     from simsearch.index import open_searcher
     from simsearch.search import (
         ItemImages,
@@ -55,10 +59,12 @@ def search(cfg: DictConfig) -> Any:
         result_table,
         search_image,
         search_item,
+        search_vector,
     )
 
     if cfg.search.query is None:
-        raise SimsearchError("say what to search for: query=ID (an item of the store) or query=PATH (an image file)")
+        raise SimsearchError("say what to search for: query=ID (an item of the store), query=PATH (an image file) "
+                             "or query=VECTOR.npy")
     store = Store.open(cfg.run.dir)
     kind, target = resolve_query(store, str(cfg.search.query))
     searcher = open_searcher(store, cfg.index, cfg.run.seed)
@@ -67,14 +73,18 @@ def search(cfg: DictConfig) -> Any:
         result = search_item(store, searcher, target, cfg.search.k)
         query_image, caption = pixels.image(target), f"{result.query['id']} ({result.query['label']})"
         print(f"Query Image Index: {target}  id: {result.query['id']}  label: {result.query['label']}")
+    elif kind == "vector":
+        result = search_vector(store, searcher, target, cfg.search.k)
+        query_image, caption = Image.new("RGB", (32, 32), "lightgrey"), Path(str(cfg.search.query)).name
+        print(f"Query vector: {cfg.search.query}")
     else:
         query_image = read_query_image(target)
         result = search_image(store, searcher, QueryEncoder(store.manifest), query_image, cfg.search.k, str(target))
         caption = Path(target).name
         print(f"Query image: {target}")
-    print(result_table(result))
+    print(result_table(result), flush=True)
     if result.precision is not None:
-        print(f"Precision@{cfg.search.k}: {result.precision:.2f}")
+        print(f"Precision@{cfg.search.k}: {result.precision:.2f}", flush=True)
     grid = draw_grid(query_image, caption, result, [pixels.image(n.row) for n in result.neighbours])
     grid_path = store.dir / cfg.search.grid
     grid.save(grid_path)
@@ -87,8 +97,8 @@ def search(cfg: DictConfig) -> Any:
     return result
 
 
-def read_query_image(path: Path):
-    from simsearch.data import UnreadableImage, decode_image
+def read_query_image(path: Path) -> Image.Image:
+    from simsearch.images import UnreadableImage, decode_image
 
     try:
         return decode_image(path)

@@ -6,16 +6,20 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-import torch
 from omegaconf import DictConfig
 
 from simsearch.errors import SimsearchError
+from simsearch.lazy import LazyModule
 from simsearch.store import Store
+
+torch = LazyModule("torch")  # imported on first use: a search by item never needs it
 
 log = logging.getLogger(__name__)
 FAISS_GPU_MAX_K = 2048  # FAISS GPU indexes cannot return more neighbours per query
@@ -45,11 +49,19 @@ def faiss_gpu_count() -> int:
     return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
 
 
+def cuda_available() -> bool:
+    """torch.cuda.is_available(), without importing torch (~2 s) on a machine with no GPU driver at all."""
+    driver_files = ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/kfd")  # NVIDIA, or ROCm (torch.cuda too)
+    if "torch" not in sys.modules and not any(os.path.exists(path) for path in driver_files):
+        return False
+    return torch.cuda.is_available()
+
+
 def resolve_device(device: str) -> str:
     """'auto' -> 'cuda' when a GPU is visible, else 'cpu'."""
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device in ("gpu", "cuda") and not torch.cuda.is_available():
+        return "cuda" if cuda_available() else "cpu"
+    if device in ("gpu", "cuda") and not cuda_available():
         raise SimsearchError(f"device={device} was asked for, but torch sees no GPU")
     return "cuda" if device in ("gpu", "cuda") else device
 
@@ -174,9 +186,14 @@ def build_index(store: Store, index_cfg: DictConfig, seed: int = 0) -> tuple[Any
 
 
 def save_index(index: Any, info: dict[str, Any], store_dir: Path) -> None:
+    """Write index.faiss and index.json beside, then rename: a reader (which may have the old file
+    memory-mapped) sees the old index or the new one, never half of one."""
     faiss = import_faiss()
-    faiss.write_index(index, str(store_dir / "index.faiss"))
-    (store_dir / "index.json").write_text(json.dumps(info, indent=2) + "\n")
+    for name, write in (("index.faiss", lambda path: faiss.write_index(index, str(path))),
+                        ("index.json", lambda path: path.write_text(json.dumps(info, indent=2) + "\n"))):
+        temporary = store_dir / f".{name}.{os.getpid()}.tmp"
+        write(temporary)
+        os.replace(temporary, store_dir / name)
 
 
 def load_index(store: Store, index_cfg: DictConfig) -> tuple[Any, dict[str, Any]] | None:
@@ -191,7 +208,8 @@ def load_index(store: Store, index_cfg: DictConfig) -> tuple[Any, dict[str, Any]
     if info.get("factory") != index_cfg.factory:
         return None
     faiss = import_faiss()
-    index = faiss.read_index(str(path))
+    # memory-mapped where the index type allows (flat codes since FAISS 1.9): pages are read as searched
+    index = faiss.read_index(str(path), getattr(faiss, "IO_FLAG_MMAP_IFC", faiss.IO_FLAG_MMAP))
     _apply_search_params(index, index_cfg.search_params)
     info["search_params"] = index_cfg.search_params
     return index, info
@@ -211,7 +229,7 @@ def open_index(store: Store, index_cfg: DictConfig, seed: int = 0, save: bool = 
 def open_searcher(store: Store, index_cfg: DictConfig, seed: int = 0) -> Searcher:
     """What `search` and `serve` query: the FAISS index, or exact torch search on a GPU without faiss-gpu."""
     exact = index_cfg.factory.strip().lower() in ("flat", "idmap,flat")
-    wants_gpu = index_cfg.device in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    wants_gpu = index_cfg.device in ("auto", "gpu", "cuda") and cuda_available()
     if exact and wants_gpu and faiss_gpu_count() == 0:
         searcher: Searcher = ExactTorchSearcher(store.vectors(), "cuda")
     else:

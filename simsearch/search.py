@@ -1,4 +1,8 @@
-"""Search and recommend: neighbours of an item or of a new image, their pixels, and the result grid."""
+"""Search and recommend: neighbours of an item, a vector or a new image, their pixels, and the result grid.
+
+Nothing here imports torch at module level: a search by item or by vector answers without it, and only
+`QueryEncoder` (a search by image) loads the model.
+"""
 
 from __future__ import annotations
 
@@ -8,46 +12,57 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from omegaconf import OmegaConf
 from PIL import Image, ImageDraw, ImageFont
 
-from simsearch.data import ImageCollection, build_collection, decode_image, pil_to_uint8
 from simsearch.errors import SimsearchError
 from simsearch.evaluate import search_without_self
+from simsearch.images import FASHION_MNIST_FILES, SyntheticImages, decode_image, read_idx
 from simsearch.index import Searcher, resolve_device
-from simsearch.model import Embedder, build_embedder
 from simsearch.store import Store
 
 log = logging.getLogger(__name__)
 
 
 class QueryEncoder:
-    """Embeds new images exactly as the store was embedded: the model and preprocessing in its manifest."""
+    """Embeds new images exactly as the store was embedded: the model and preprocessing in its manifest.
+
+    Built once per process (the model load is the slow part); `encode` then takes any number of images.
+    """
 
     def __init__(self, manifest: dict[str, Any], device: str = "auto"):
+        from omegaconf import OmegaConf
+
+        from simsearch.model import build_embedder
+
         model_cfg = OmegaConf.create(manifest["model"])
         self.image_size_px = int(model_cfg.image_size)
         self.device = resolve_device(device)
-        self.embedder: Embedder = build_embedder(model_cfg, int(model_cfg.get("seed", 0))).eval().to(self.device)
+        self.embedder = build_embedder(model_cfg, int(model_cfg.get("seed", 0))).eval().to(self.device)
         self.embedder.use_channels_last()
         self.embedder.requires_grad_(False)
 
-    @torch.inference_mode()
     def encode(self, images: list[Image.Image]) -> np.ndarray:
         """(len(images), D) float32 unit-norm embeddings."""
-        pixels = torch.stack([pil_to_uint8(image, self.image_size_px) for image in images]).to(self.device)
-        return self.embedder(pixels).float().cpu().numpy()
+        import torch
+
+        from simsearch.data import pil_to_uint8
+
+        with torch.inference_mode():
+            pixels = torch.stack([pil_to_uint8(image, self.image_size_px) for image in images]).to(self.device)
+            return self.embedder(pixels).float().cpu().numpy()
 
 
 class ItemImages:
-    """Pixels of the store's items: files under the recorded data root, or the recorded dataset."""
+    """Pixels of the store's items: files under the recorded data root, or the recorded dataset.
+
+    Files, Fashion-MNIST and synthetic items are read without torch; CIFAR-10 goes through torchvision.
+    """
 
     def __init__(self, store: Store):
         self.store = store
         self.data = store.manifest["data"]
         self.root = Path(self.data["root"]).resolve() if self.data.get("root") else None
-        self._collection: ImageCollection | None = None
+        self._dataset: Any = None  # anything with .image(index) -> PIL image
 
     def path_of(self, row: int) -> Path | None:
         """The file behind a row, guaranteed inside the data root; None for dataset items."""
@@ -63,10 +78,33 @@ class ItemImages:
         path = self.path_of(row)
         if path is not None:
             return decode_image(path)
-        if self._collection is None:
-            data = OmegaConf.create({**self.data, "limit": None})
-            self._collection = build_collection(data, int(self.store.manifest["model"]["image_size"]))
-        return self._collection.image(int(self.store.items[row]["index"]))
+        if self._dataset is None:
+            self._dataset = self._open_dataset()
+        return self._dataset.image(int(self.store.items[row]["index"]))
+
+    def _open_dataset(self) -> Any:
+        data, seed = self.data, int(self.store.manifest.get("model", {}).get("seed", 0))
+        if data.get("name") == "synthetic":
+            return SyntheticImages(int(data["num_items"]), int(data["num_classes"]), int(data["native_size_px"]), seed)
+        if data.get("name") == "fashion_mnist" and self.root is not None:
+            return ArrayImages(read_idx(self.root / FASHION_MNIST_FILES[data["split"]][0]))
+        if data.get("name") in (None, "vectors"):
+            raise SimsearchError(f"the store {self.store.dir} records no images, only vectors")
+        from omegaconf import OmegaConf
+
+        from simsearch.data import build_collection
+
+        return build_collection(OmegaConf.create({**data, "limit": None}), int(self.store.manifest["model"]["image_size"]), seed)
+
+
+class ArrayImages:
+    """Images held in one uint8 array, (N, H, W) grey or (N, H, W, 3)."""
+
+    def __init__(self, images: np.ndarray):
+        self.images = images
+
+    def image(self, index: int) -> Image.Image:
+        return Image.fromarray(self.images[index]).convert("RGB")
 
 
 @dataclass
@@ -88,16 +126,41 @@ class SearchResult:
 
 
 def resolve_query(store: Store, query: str) -> tuple[str, Any]:
-    """('item', row) for an id or row of the store, ('file', path) for an existing image file."""
+    """('item', row) for an id or row of the store, ('vector', array) for a .npy file of one vector,
+    ('file', path) for an existing image file."""
     try:
         return "item", store.row_of(query)
     except SimsearchError:
         path = Path(query).expanduser()
+        if path.is_file() and path.suffix.lower() == ".npy":
+            return "vector", read_query_vector(path, store.dim)
         if path.is_file():
             return "file", path
         raise SimsearchError(
-            f"query={query!r} is neither an item of the store (an id, or a row 0..{len(store) - 1}) nor an image file"
+            f"query={query!r} is neither an item of the store (an id, or a row 0..{len(store) - 1}), "
+            "nor a vector (.npy), nor an image file"
         ) from None
+
+
+def read_query_vector(path: Path, dim: int) -> np.ndarray:
+    """One query vector from a .npy file (no pickle), checked against the store's width."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise SimsearchError(f"cannot read the query vector {path}: {error}") from None
+    return as_query_vector(array, dim)
+
+
+def as_query_vector(vector: Any, dim: int) -> np.ndarray:
+    """A (D,) or (1, D) finite vector as unit-norm float32 (1, D): the store's vectors are unit norm."""
+    array = np.asarray(vector, dtype=np.float32)
+    if array.size != dim or array.ndim > 2:
+        raise SimsearchError(f"a query vector must have the store's {dim} values, not shape {array.shape}")
+    array = array.reshape(1, dim)
+    norm = float(np.linalg.norm(array))
+    if not np.isfinite(norm) or norm == 0:
+        raise SimsearchError("a query vector must be finite and not all zeros")
+    return array / norm
 
 
 def neighbours_of(store: Store, searcher: Searcher, vector: np.ndarray, k: int, own_row: int | None,
@@ -125,6 +188,13 @@ def search_item(store: Store, searcher: Searcher, row: int, k: int) -> SearchRes
     result = neighbours_of(store, searcher, store.vectors(np.array([row])), k, row, int(store.labels[row]))
     item = store.items[row]
     result.query = {"row": row, "id": str(item["id"]), "path": item.get("path"), "label": store.label_name(row)}
+    return result
+
+
+def search_vector(store: Store, searcher: Searcher, vector: np.ndarray, k: int) -> SearchResult:
+    """Neighbours of any vector of the store's width (normalised first)."""
+    result = neighbours_of(store, searcher, as_query_vector(vector, store.dim), k, None, None)
+    result.query = {"vector": True}
     return result
 
 
