@@ -48,7 +48,8 @@ def _command(name: str) -> Callable[[DictConfig], object]:
 KNOWN = ("extract", "index", "eval", "search", "finetune", "compare", "serve", "config")
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
+    """Known harmless warnings and library banners off (the CLI, and `simsearch.api` in notebooks)."""
     os.environ.setdefault("WANDB_SILENT", "true")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*predict_dataloader.*num_workers.*")
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"simsearch: unknown command '{name}' (known: {', '.join(KNOWN)})", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    _quiet_libraries()
+    quiet_libraries()
     try:
         _command(name)(load_config(rest))
     except SimsearchError as error:
