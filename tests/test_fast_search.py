@@ -1,0 +1,48 @@
+"""`simsearch search` by item or by vector answers without importing torch or Lightning."""
+
+import subprocess
+import sys
+
+import numpy as np
+
+from simsearch.store import Store
+from tests.conftest import TINY, simsearch
+
+PROBE = """
+import sys
+from simsearch.cli import main
+code = main(sys.argv[1:])
+heavy = sorted(name for name in ("torch", "lightning", "torchvision", "wandb") if name in sys.modules)
+print("HEAVY:", ",".join(heavy) or "none")
+sys.exit(code)
+"""
+
+
+def search_in_a_fresh_process(*arguments: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", PROBE, "search", *arguments], capture_output=True, text=True, timeout=300)
+
+
+def test_search_by_item_and_by_vector_import_no_torch(tmp_path):
+    assert simsearch("extract", "data=synthetic", "data.num_items=24", *TINY, "run.dir=out") == 0
+    store = Store.open(tmp_path / "out")
+    np.save(tmp_path / "query.npy", store.vectors(np.array([9]))[0] * 3.0)  # any norm: normalised on the way in
+
+    by_item = search_in_a_fresh_process("run.dir=out", "query=5", "search.k=3", "logger=none")
+    assert by_item.returncode == 0, by_item.stderr
+    assert "HEAVY: none" in by_item.stdout and "Precision@3: 1.00" in by_item.stdout
+    assert (tmp_path / "out" / "recommendations.png").is_file() and (tmp_path / "out" / "index.faiss").is_file()
+
+    again = search_in_a_fresh_process("run.dir=out", "query=5", "search.k=3", "logger=none")  # the saved index, mmapped
+    assert "HEAVY: none" in again.stdout and again.stdout.split("HEAVY")[0] == by_item.stdout.split("HEAVY")[0]
+
+    by_vector = search_in_a_fresh_process("run.dir=out", f"query={tmp_path / 'query.npy'}", "search.k=2", "logger=none")
+    assert by_vector.returncode == 0, by_vector.stderr
+    first = next(line.split() for line in by_vector.stdout.splitlines() if line.strip().startswith("1 "))
+    assert first[3] == "9" and float(first[1]) > 0.9999 and "HEAVY: none" in by_vector.stdout
+
+
+def test_a_query_vector_of_the_wrong_width_is_one_sentence(tmp_path):
+    assert simsearch("extract", "data=synthetic", "data.num_items=8", *TINY, "run.dir=out") == 0
+    np.save(tmp_path / "bad.npy", np.ones(5, dtype=np.float32))
+    result = search_in_a_fresh_process("run.dir=out", f"query={tmp_path / 'bad.npy'}", "logger=none")
+    assert result.returncode == 2 and "2048 values" in result.stderr and "Traceback" not in result.stderr
