@@ -20,6 +20,8 @@ commands:
   index     build the FAISS index of a store
   eval      Precision@K, Recall@K, mAP@K, MAP@R of a labelled store, every item a query
   search    top-K neighbours of an item (query=ID or row) or a new image (query=PATH)
+  duplicates  groups of near-identical items (duplicates.against=OTHER_RUN_DIR: leakage into another store)
+  map       the embeddings in 2-D (UMAP or t-SNE), coloured by label: embedding_map.png
   finetune  train a projection head (and optionally the last stages) with a metric-learning loss
   compare   baseline versus fine-tuned on the same test split
   serve     JSON API and web page over a store
@@ -45,7 +47,7 @@ def _command(name: str) -> Callable[[DictConfig], object]:
     return getattr(commands, name)
 
 
-KNOWN = ("extract", "index", "eval", "search", "finetune", "compare", "serve", "config")
+KNOWN = ("extract", "index", "eval", "search", "duplicates", "map", "finetune", "compare", "serve", "config")
 
 
 def quiet_libraries() -> None:

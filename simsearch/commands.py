@@ -97,6 +97,20 @@ def search(cfg: DictConfig) -> Any:
     return result
 
 
+def duplicates(cfg: DictConfig) -> list[list[str]]:
+    """Groups of near-identical items (or, with duplicates.against, leakage into another store)."""
+    from simsearch.duplicates import duplicates as find
+
+    return find(cfg)
+
+
+def map(cfg: DictConfig) -> Path:  # noqa: A001 - the command is called map
+    """The store's embeddings in 2-D, coloured by label: embedding_map.png, logged to W&B."""
+    from simsearch.embedding_map import embedding_map
+
+    return embedding_map(cfg)
+
+
 def read_query_image(path: Path) -> Image.Image:
     from simsearch.images import UnreadableImage, decode_image
 

@@ -97,6 +97,27 @@ class SearchConfig:
 
 
 @dataclass
+class DuplicatesConfig:
+    # cosine at or above which two items are near-duplicates; None: the measured default for the store's
+    # weights (simsearch.duplicates.DEFAULT_THRESHOLDS, measured by scripts/duplicate_threshold.py, README)
+    threshold: float | None = None
+    k: int = 10  # neighbours looked at per item (index top-k, never N x N); larger groups join through chains
+    against: str | None = None  # another run.dir: items of this store with a near-duplicate there (leakage)
+    output: str = "duplicates.json"  # in run.dir: a list of groups, each a list of item ids
+    image: str = "duplicates.png"  # in run.dir: the first `show_groups` groups side by side
+    show_groups: int = 8
+
+
+@dataclass
+class MapConfig:
+    method: str = "umap"  # umap (umap-learn) | tsne (scikit-learn)
+    max_items: int = 20_000  # a larger store is subsampled (seeded by run.seed): UMAP of 2e4 takes ~1 min on 2 CPU cores
+    neighbours: int = 15  # UMAP n_neighbors / t-SNE perplexity: the size of the neighbourhoods kept
+    thumbnails: int = 0  # draw this many items as small images at their place on the map (0: points only)
+    image: str = "embedding_map.png"  # written in run.dir
+
+
+@dataclass
 class FinetuneConfig:
     loss: str = "triplet"  # triplet (labels) | supcon (labels) | ntxent (two augmented views, no labels)
     miner: str = "batch_hard"  # triplet only: batch_hard | semi_hard
@@ -166,6 +187,8 @@ class Config:
     index: IndexConfig = field(default_factory=IndexConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    duplicates: DuplicatesConfig = field(default_factory=DuplicatesConfig)
+    map: MapConfig = field(default_factory=MapConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
