@@ -1,0 +1,120 @@
+"""A picture of the embedding space: the store's vectors in 2-D (UMAP or t-SNE), coloured by label.
+
+Stores larger than `map.max_items` are subsampled, uniformly at random with `run.seed`, so the same
+command draws the same map. Vectors wider than 50 are first reduced to 50 by PCA (standard practice
+before t-SNE and UMAP; it keeps the neighbourhoods and saves most of the time).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig
+
+from simsearch.errors import SimsearchError
+from simsearch.store import Store
+
+log = logging.getLogger(__name__)
+PCA_DIM = 50
+METHODS = ("umap", "tsne")
+
+
+def sample_rows(count: int, max_items: int, seed: int) -> np.ndarray:
+    """All rows, or `max_items` of them drawn uniformly without replacement (seeded), in row order."""
+    if max_items < 3:
+        raise SimsearchError(f"map.max_items must be at least 3, not {max_items}")
+    if count <= max_items:
+        return np.arange(count)
+    return np.sort(np.random.default_rng(seed).choice(count, size=max_items, replace=False))
+
+
+def project(vectors: np.ndarray, method: str, neighbours: int, seed: int) -> np.ndarray:
+    """(N, D) vectors to (N, 2) points with UMAP or t-SNE, after PCA to 50 dimensions when wider."""
+    if method not in METHODS:
+        raise SimsearchError(f"map.method must be umap or tsne, not '{method}'")
+    if len(vectors) < 3:
+        raise SimsearchError(f"a map needs at least 3 items, the store has {len(vectors)}")
+    if vectors.shape[1] > PCA_DIM and len(vectors) > PCA_DIM:
+        from sklearn.decomposition import PCA
+
+        vectors = PCA(PCA_DIM, random_state=seed).fit_transform(vectors)
+    neighbours = max(2, min(neighbours, len(vectors) - 1))
+    if method == "umap":
+        import umap
+
+        reducer = umap.UMAP(n_neighbors=neighbours, min_dist=0.1, random_state=seed, n_jobs=1,  # seeded: one thread
+                            init="spectral" if len(vectors) > 100 else "random")
+        return reducer.fit_transform(vectors)
+    from sklearn.manifold import TSNE
+
+    perplexity = float(min(neighbours, (len(vectors) - 1) / 3))
+    return TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(vectors)
+
+
+def draw_map(points: np.ndarray, labels: np.ndarray, classes: list[str], title: str, path: Path,
+             thumbnails: list[tuple[int, object]] | None = None) -> None:
+    """Scatter plot coloured by label (unlabelled items grey), optional thumbnails at their points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.offsetbox import AnnotationBbox, OffsetImage
+
+    figure, axes = plt.subplots(figsize=(10, 8))
+    size = max(1.0, min(20.0, 20000 / len(points)))
+    unlabelled = labels < 0
+    if unlabelled.any():
+        axes.scatter(*points[unlabelled].T, s=size, c="lightgrey", label="no label", linewidths=0)
+    present = np.unique(labels[~unlabelled])
+    colours = plt.get_cmap("tab10" if len(present) <= 10 else "tab20")
+    for number, label in enumerate(present.tolist()):
+        name = classes[label] if label < len(classes) else str(label)
+        axes.scatter(*points[labels == label].T, s=size, color=colours(number % colours.N), label=name, linewidths=0)
+    for position, image in thumbnails or []:
+        image.thumbnail((48, 48))
+        axes.add_artist(AnnotationBbox(OffsetImage(np.asarray(image), zoom=0.6), points[position], frameon=False))
+    if 0 < len(present) <= 30:
+        axes.legend(markerscale=max(1.0, 8 / size ** 0.5), fontsize=8, loc="best")
+    axes.set_title(title)
+    axes.set_xticks([])
+    axes.set_yticks([])
+    figure.tight_layout()
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
+    figure.savefig(temporary, dpi=120)
+    plt.close(figure)
+    os.replace(temporary, path)
+
+
+def embedding_map(cfg: DictConfig) -> Path:
+    """`simsearch map`: embedding_map.png in run.dir (logged to W&B), the store's vectors in 2-D."""
+    from simsearch.tracking import finish, log_image, start_run
+
+    settings, seed = cfg.map, cfg.run.seed
+    store = Store.open(cfg.run.dir)
+    rows = sample_rows(len(store), settings.max_items, seed)
+    if len(rows) < len(store):
+        print(f"map of {len(rows)} of {len(store)} items, drawn at random with run.seed={seed} (map.max_items)")
+    started = time.perf_counter()
+    points = project(store.vectors(rows), settings.method, settings.neighbours, seed)
+    seconds = time.perf_counter() - started
+    thumbnails = []
+    if settings.thumbnails > 0:
+        from simsearch.search import ItemImages
+
+        images = ItemImages(store)
+        chosen = np.random.default_rng(seed).choice(len(rows), size=min(settings.thumbnails, len(rows)), replace=False)
+        thumbnails = [(int(position), images.image(int(rows[position])).convert("RGB")) for position in chosen]
+    manifest = store.manifest
+    title = (f"{manifest.get('dataset')} {manifest.get('split')}: {len(rows)} items, {settings.method.upper()} "
+             f"({manifest.get('weights')} weights, dim {store.dim})")
+    path = store.dir / settings.image
+    draw_map(points, store.labels[rows], store.classes, title, path, thumbnails)
+    print(f"{settings.method} of {len(rows)} vectors in {seconds:.1f} s. Saved image: {path}")
+    run = start_run(cfg, "map")
+    log_image(run, "map/embedding_map", path, title)
+    finish(run)
+    return path
