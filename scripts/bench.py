@@ -378,7 +378,40 @@ def bench_serve(store_size: int, requests: dict[str, int], workdir: Path) -> lis
     return rows
 
 
-SECTIONS = {"eval", "index", "extract", "latency", "memory", "serve"}
+def bench_startup(store_size: int, repeats: int, workdir: Path) -> list[Row]:
+    """Wall time of whole `simsearch search` processes by item and by vector (no torch, the index
+    memory-mapped) against a process that only runs `import torch`, median of `repeats` each."""
+    import statistics
+    import subprocess
+
+    vectors, labels = clustered_unit_vectors(store_size, 2048)
+    data = {"name": "synthetic", "split": "test", "num_items": store_size, "num_classes": 10, "native_size_px": 32,
+            "classes": [f"class_{c}" for c in range(10)]}  # grid tiles drawn from synthetic pixels, torch-free
+    items = [{"id": str(i), "index": i} for i in range(store_size)]
+    create_store(workdir / "startup", vectors, labels % 10, items, {"data": data, "model": {"seed": 0}})
+    np.save(workdir / "query.npy", vectors[7])
+    script = str(Path(sys.executable).parent / "simsearch")
+    common = [f"run.dir={workdir / 'startup'}", "logger=none", "search.k=10"]
+    commands = {
+        "python -c 'import torch'": [sys.executable, "-c", "import torch"],
+        "simsearch search query=ID (first: builds index.faiss)": [script, "search", "query=42", *common],
+        "simsearch search query=ID": [script, "search", "query=42", *common],
+        "simsearch search query=VECTOR.npy": [script, "search", f"query={workdir / 'query.npy'}", *common],
+    }
+    seconds: dict[str, float] = {}
+    for name, command in commands.items():
+        times = []
+        for _ in range(1 if "first" in name else repeats):
+            start = time.perf_counter()
+            subprocess.run(command, check=True, capture_output=True)
+            times.append(time.perf_counter() - start)
+        seconds[name] = statistics.median(times)
+    torch_seconds = seconds["python -c 'import torch'"]
+    return [{"section": "startup", "command": name, "store": store_size, "median_s": round(value, 3),
+             "vs_import_torch": f"{value / torch_seconds:.2f}x"} for name, value in seconds.items()]
+
+
+SECTIONS = {"eval", "index", "extract", "latency", "memory", "serve", "startup"}
 
 
 def hardware() -> dict[str, object]:
@@ -433,6 +466,8 @@ def main() -> None:
         if "serve" in sections:
             rows += bench_serve(10_000, {"item": 200 if arguments.quick else 1000, "upload": 48 if arguments.quick else 200},
                                 workdir)
+        if "startup" in sections:
+            rows += bench_startup(10_000 if arguments.quick else 100_000, 5, workdir)
         if "memory" in sections:
             rows += bench_memory([2_000, 20_000] if arguments.quick else [10_000, 100_000], workdir)
         if "index" in sections:
