@@ -42,13 +42,13 @@ class Results:
     """The neighbours of one query, best first. Iterate for `Neighbour`s (.rank, .id, .path, .label,
     .score, .row, .relevant); `show()` draws them, `to_records()` gives plain dicts."""
 
-    def __init__(self, store: Store, result: SearchResult, query_image: Image.Image | None, query_caption: str):
+    def __init__(self, store: Store, result: SearchResult, query_image: Image.Image | int | None, query_caption: str):
         self.store = store
         self.query = result.query
         self.neighbours: list[Neighbour] = result.neighbours
         self.precision = result.precision  # Precision@K when the query is a labelled item of the store
         self._result = result
-        self._query_image = query_image
+        self._query_image = query_image  # an image, the row of an item query (drawn when shown), or None
         self._query_caption = query_caption
 
     def __iter__(self) -> Iterator[Neighbour]:
@@ -81,7 +81,11 @@ class Results:
                                     squeeze=False)
         for axis in axes.flat:
             axis.axis("off")
-        query = self._query_image if self._query_image is not None else Image.new("RGB", (32, 32), "lightgrey")
+        query = self._query_image
+        if isinstance(query, int):
+            query = self.store.image(query)
+        elif query is None:
+            query = Image.new("RGB", (32, 32), "lightgrey")
         _tile(axes[0, 0], query, f"query\n{self._query_caption[:24]}", "blue")
         for number, (image, n) in enumerate(zip(images, self.neighbours)):
             frame = None if n.relevant is None else ("green" if n.relevant else "red")
@@ -180,7 +184,7 @@ class Store:
             kind, target = "vector", _as_array(query)
         if kind == "item":
             result = search_item(self.files, searcher, target, k)
-            return Results(self, result, self.image(target), f"{result.query['id']} ({result.query['label']})")
+            return Results(self, result, target, f"{result.query['id']} ({result.query['label']})")
         if kind == "vector":
             return Results(self, search_vector(self.files, searcher, target, k), None, "vector")
         if kind == "file":
@@ -201,10 +205,11 @@ class Store:
 
     def _searcher_once(self) -> Any:
         if self._searcher is None:
+            from simsearch.commands import single_query_index
             from simsearch.index import open_searcher
 
             with quiet_libraries():
-                self._searcher = open_searcher(self.files, self.cfg.index, self.cfg.run.seed)
+                self._searcher = open_searcher(self.files, single_query_index(self.cfg.index), self.cfg.run.seed)
         return self._searcher
 
     def _encoder_once(self) -> Any:
@@ -254,13 +259,13 @@ def quiet_libraries() -> Iterator[None]:
 
 
 def _overrides(arguments: Sequence[str], keywords: dict[str, Any]) -> list[str]:
-    """CLI override strings from positional strings and keyword arguments:
-    `run_dir=...` (run.dir), a group choice (`data="folder"`), a section as a dict
+    """CLI override strings from positional strings and keyword arguments (`run_dir` aside):
+    a group choice (`data="folder"`), a section as a dict
     (`model={"weights": "random"}`), or a dotted key through `**{"data.root": ...}`."""
     overrides = [*API_DEFAULTS, *(str(a) for a in arguments)]
     for key, value in keywords.items():
         if key == "run_dir":
-            overrides.append(f"run.dir={value}")
+            continue  # set on the loaded config: a path needs no override syntax
         elif isinstance(value, dict):
             if key in GROUPS and "name" in value:  # data={"name": "folder", ...} chooses configs/data/folder.yaml
                 overrides.append(f"{key}={value['name']}")
@@ -296,7 +301,8 @@ def _override_value(value: Any) -> str:
 def open(run_dir: str | Path, *overrides: str, verify: bool = False) -> Store:  # noqa: A001 - simsearch.open
     """Open the store in `run_dir` for search and evaluation; `overrides` are CLI strings
     (`"index.factory=HNSW32"`, `"eval.k=[1,10]"`); `verify=True` checks every file's sha256 first."""
-    cfg = load_config(_overrides(overrides, {"run_dir": str(run_dir)}))
+    cfg = load_config(_overrides(overrides, {}))
+    cfg.run.dir = str(run_dir)
     return Store(StoreFiles.open(run_dir, verify=verify), cfg)
 
 
@@ -310,6 +316,8 @@ def extract(*overrides: str, **keywords: Any) -> Store:
     from simsearch.extract import extract as run_extraction
 
     cfg = load_config(_overrides(overrides, keywords))
+    if keywords.get("run_dir") is not None:
+        cfg.run.dir = str(keywords["run_dir"])
     with quiet_libraries():
         run_extraction(cfg)
     return Store(StoreFiles.open(cfg.run.dir), cfg)

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from simsearch.config import save_config
 from simsearch.errors import SimsearchError
+from simsearch.images import UnreadableImage
 from simsearch.store import Store
 from simsearch.tracking import finish, log_image, log_metrics, start_run
+
+log = logging.getLogger(__name__)
 
 
 def index(cfg: DictConfig) -> dict[str, Any]:
@@ -67,11 +71,11 @@ def search(cfg: DictConfig) -> Any:
                              "or query=VECTOR.npy")
     store = Store.open(cfg.run.dir)
     kind, target = resolve_query(store, str(cfg.search.query))
-    searcher = open_searcher(store, cfg.index, cfg.run.seed)
+    searcher = open_searcher(store, single_query_index(cfg.index), cfg.run.seed)
     pixels = ItemImages(store)
     if kind == "item":
         result = search_item(store, searcher, target, cfg.search.k)
-        query_image, caption = pixels.image(target), f"{result.query['id']} ({result.query['label']})"
+        query_image, caption = None, f"{result.query['id']} ({result.query['label']})"
         print(f"Query Image Index: {target}  id: {result.query['id']}  label: {result.query['label']}")
     elif kind == "vector":
         result = search_vector(store, searcher, target, cfg.search.k)
@@ -85,12 +89,20 @@ def search(cfg: DictConfig) -> Any:
     print(result_table(result), flush=True)
     if result.precision is not None:
         print(f"Precision@{cfg.search.k}: {result.precision:.2f}", flush=True)
-    grid = draw_grid(query_image, caption, result, [pixels.image(n.row) for n in result.neighbours])
+    try:
+        if kind == "item":
+            query_image = pixels.image(target)
+        grid = draw_grid(query_image, caption, result, [pixels.image(n.row) for n in result.neighbours])
+    except (SimsearchError, UnreadableImage) as error:  # the answer stands without its picture
+        log.warning("no grid drawn: %s", error)
+        grid = None
     grid_path = store.dir / cfg.search.grid
-    grid.save(grid_path)
-    print(f"Saved image: {grid_path}")
+    if grid is not None:
+        grid.save(grid_path)
+        print(f"Saved image: {grid_path}")
     run = start_run(cfg, "search")
-    log_image(run, "search/recommendations", grid_path, caption)
+    if grid is not None:
+        log_image(run, "search/recommendations", grid_path, caption)
     if run is not None and result.precision is not None:
         run.summary[f"search/precision@{cfg.search.k}"] = result.precision
     finish(run)
@@ -111,8 +123,14 @@ def map(cfg: DictConfig) -> Path:  # noqa: A001 - the command is called map
     return embedding_map(cfg)
 
 
+def single_query_index(index_cfg: DictConfig) -> DictConfig:
+    """index.device=auto means the CPU for one query: the saved index is memory-mapped there, and a GPU
+    would first need the whole store copied to it (and torch imported)."""
+    return OmegaConf.merge(index_cfg, {"device": "cpu"}) if index_cfg.device == "auto" else index_cfg
+
+
 def read_query_image(path: Path) -> Image.Image:
-    from simsearch.images import UnreadableImage, decode_image
+    from simsearch.images import decode_image
 
     try:
         return decode_image(path)

@@ -160,6 +160,8 @@ def duplicates(cfg: DictConfig) -> list[list[str]]:
     images = ItemImages(store)
     if settings.against:
         other = Store.open(settings.against)
+        if other.dir.resolve() == store.dir.resolve():
+            raise SimsearchError("duplicates.against names this store itself: leave it out to find duplicates within it")
         same_model(store, other)
         other_images = ItemImages(other)
         leaks = find_leaks(store, other, open_searcher(other, cfg.index, cfg.run.seed), settings.k, threshold)

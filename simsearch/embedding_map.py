@@ -16,6 +16,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from simsearch.errors import SimsearchError
+from simsearch.images import UnreadableImage
 from simsearch.store import Store
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,10 @@ def embedding_map(cfg: DictConfig) -> Path:
 
         images = ItemImages(store)
         chosen = np.random.default_rng(seed).choice(len(rows), size=min(settings.thumbnails, len(rows)), replace=False)
-        thumbnails = [(int(position), images.image(int(rows[position])).convert("RGB")) for position in chosen]
+        try:
+            thumbnails = [(int(position), images.image(int(rows[position])).convert("RGB")) for position in chosen]
+        except (SimsearchError, UnreadableImage) as error:  # the map stands without its thumbnails
+            log.warning("map drawn without thumbnails: %s", error)
     manifest = store.manifest
     title = (f"{manifest.get('dataset')} {manifest.get('split')}: {len(rows)} items, {settings.method.upper()} "
              f"({manifest.get('weights')} weights, dim {store.dim})")

@@ -119,3 +119,25 @@ def test_import_simsearch_does_not_import_torch():
     code = "import sys, simsearch; simsearch.open; print('torch' in sys.modules, 'lightning' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.split() == ["False", "False"]
+
+
+def test_a_store_of_vectors_only_searches_and_says_why_it_cannot_show(tmp_path):
+    from tests.conftest import clustered, make_vector_store
+
+    embeddings, labels = clustered(40, 2, dim=16)
+    make_vector_store(tmp_path / "vectors", embeddings, labels)
+    store = simsearch.open(tmp_path / "vectors")
+    results = store.search(3, k=5)
+    assert len(results) == 5 and results.precision is not None
+    with pytest.raises(SimsearchError, match="records no images"):
+        results.show()
+    assert cli("search", f"run.dir={tmp_path / 'vectors'}", "query=3", "logger=none") == 0  # printed, no grid
+    assert not (tmp_path / "vectors" / "recommendations.png").exists()
+
+
+def test_paths_with_spaces_and_odd_characters_are_taken_as_they_are(photo_store, tmp_path):
+    odd = tmp_path / "my store: ${x} = 1"
+    import shutil
+
+    shutil.copytree(photo_store.dir, odd)
+    assert len(simsearch.open(odd).search(0, k=2)) == 2
