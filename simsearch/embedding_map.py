@@ -113,8 +113,9 @@ def embedding_map(cfg: DictConfig) -> Path:
         except (SimsearchError, UnreadableImage) as error:  # the map stands without its thumbnails
             log.warning("map drawn without thumbnails: %s", error)
     manifest = store.manifest
-    title = (f"{manifest.get('dataset')} {manifest.get('split')}: {len(rows)} items, {settings.method.upper()} "
-             f"({manifest.get('weights')} weights, dim {store.dim})")
+    collection = " ".join(str(part) for part in (manifest.get("dataset"), manifest.get("split")) if part) or store.dir.name
+    weights = f"{manifest['weights']} weights, " if manifest.get("weights") else ""
+    title = f"{collection}: {len(rows)} items, {settings.method.upper()} ({weights}dim {store.dim})"
     path = store.dir / settings.image
     draw_map(points, store.labels[rows], store.classes, title, path, thumbnails)
     print(f"{settings.method} of {len(rows)} vectors in {seconds:.1f} s. Saved image: {path}")
