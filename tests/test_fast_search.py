@@ -4,9 +4,10 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from simsearch.store import Store
-from tests.conftest import TINY, simsearch
+from tests.conftest import FASHION_MNIST, TINY, simsearch
 
 PROBE = """
 import sys
@@ -46,3 +47,15 @@ def test_a_query_vector_of_the_wrong_width_is_one_sentence(tmp_path):
     np.save(tmp_path / "bad.npy", np.ones(5, dtype=np.float32))
     result = search_in_a_fresh_process("run.dir=out", f"query={tmp_path / 'bad.npy'}", "logger=none")
     assert result.returncode == 2 and "2048 values" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
+def test_fashion_mnist_grid_pixels_come_without_torch_and_match_the_dataset(tmp_path):
+    from simsearch.images import FASHION_MNIST_FILES, read_idx
+    from simsearch.search import ItemImages
+
+    assert simsearch("extract", "data=fashion_mnist", f"data.root={FASHION_MNIST}", "data.limit=12", *TINY, "run.dir=fm") == 0
+    result = search_in_a_fresh_process("run.dir=fm", "query=3", "search.k=4", "logger=none")
+    assert result.returncode == 0 and "HEAVY: none" in result.stdout, result.stderr
+    expected = read_idx(FASHION_MNIST / FASHION_MNIST_FILES["test"][0])[5]
+    assert np.array_equal(np.asarray(ItemImages(Store.open(tmp_path / "fm")).image(5))[..., 0], expected)
