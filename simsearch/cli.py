@@ -19,7 +19,7 @@ commands:
   extract   embed a collection into a store (run.dir)
   index     build the FAISS index of a store
   eval      Precision@K, Recall@K, mAP@K, MAP@R of a labelled store, every item a query
-  search    top-K neighbours of an item (query=ID or row) or a new image (query=PATH)
+  search    top-K neighbours of an item (query=ID or row), a new image (query=PATH) or a vector (query=V.npy)
   duplicates  groups of near-identical items (duplicates.against=OTHER_RUN_DIR: leakage into another store)
   map       the embeddings in 2-D (UMAP or t-SNE), coloured by label: embedding_map.png
   finetune  train a projection head (and optionally the last stages) with a metric-learning loss
