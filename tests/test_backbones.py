@@ -159,3 +159,9 @@ def test_timm_missing_gets_one_sentence(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "timm", None)  # import timm raises ImportError
     assert simsearch("extract", *TINY, "data=synthetic", "model.name=timm/vit_tiny_patch16_224") == 2
     assert "need the timm package" in capsys.readouterr().err
+
+
+def test_unfreezing_more_stages_than_the_network_has_fails_before_any_work(tmp_path):
+    result = simsearch_subprocess("finetune", *SMALL, "model.name=resnet18", "finetune.unfreeze=5", cwd=tmp_path)
+    assert result.returncode == 2 and "this backbone has 4 stage groups" in result.stderr, result.stderr
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "outputs").exists()
