@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,8 @@ from safetensors.torch import save_file
 from simsearch.config import save_config
 from simsearch.data import ImageCollection, ImageDataModule
 from simsearch.errors import SimsearchError
-from simsearch.model import EmbeddingModule, build_embedder
+from simsearch.model import EmbeddingModule, build_embedder, resolve_model_config
+from simsearch.runtime import build_trainer
 from simsearch.store import finish_store, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -146,29 +148,6 @@ def merge_shards(shards: list[Path], count: int, dim: int, dtype: str, out_path:
     return kept, {i: reasons.get(i, "unreadable") for i in np.flatnonzero(~valid).tolist()}
 
 
-def resolve_precision(trainer_cfg: DictConfig) -> str:
-    if trainer_cfg.precision:
-        return trainer_cfg.precision
-    on_gpu = torch.cuda.is_available() and trainer_cfg.accelerator in ("auto", "gpu", "cuda")
-    return "bf16-mixed" if on_gpu else "32-true"
-
-
-def build_trainer(cfg: DictConfig, callbacks: list, **extra: Any) -> L.Trainer:
-    """A Trainer from `cfg.trainer`: devices, nodes, strategy (DDP, SLURM detected by Lightning), precision."""
-    trainer = cfg.trainer
-    return L.Trainer(
-        accelerator=trainer.accelerator,
-        devices=trainer.devices,
-        num_nodes=trainer.num_nodes,
-        strategy=trainer.strategy,
-        precision=resolve_precision(trainer),
-        callbacks=callbacks,
-        enable_progress_bar=trainer.enable_progress_bar,
-        enable_model_summary=False,
-        **{"logger": False, "enable_checkpointing": False, **extra},
-    )
-
-
 def describe_store(cfg: DictConfig, collection: ImageCollection, count: int, dim: int, skipped: int) -> dict[str, Any]:
     """What manifest.json records beyond the checksums: enough to rebuild the model and the data."""
     return {
@@ -211,15 +190,14 @@ def write_store(cfg: DictConfig, collection: ImageCollection, store_dir: Path, s
     return manifest
 
 
-def extract(cfg: DictConfig, augment_seed: int | None = None) -> dict[str, Any] | None:
-    """Embed `cfg.data` with `cfg.model` into a store at `cfg.run.dir`; returns the manifest on rank 0.
+def extract(cfg: DictConfig, augment_seed: int | None = None) -> dict[str, Any]:
+    """Embed `cfg.data` with `cfg.model` into a store at `cfg.run.dir`; returns its manifest on every rank.
 
-    `model.checkpoint` (a fine-tuned model) sets the image size and normalisation it was trained with.
+    `model.checkpoint` (a fine-tuned model) sets the backbone and preprocessing it was trained with; null
+    preprocessing keys take the backbone's own (`resolve_model_config`), and the manifest records them resolved.
     `augment_seed` embeds seeded random augmentations instead (the cached views of NT-Xent fine-tuning).
     """
-    from simsearch.finetune import model_with_checkpoint
-
-    cfg = OmegaConf.merge(cfg, {"model": model_with_checkpoint(cfg.model)})
+    cfg = OmegaConf.merge(cfg, {"model": resolve_model_config(cfg.model)})
     if cfg.store.dtype not in STORE_DTYPES:
         raise SimsearchError(f"store.dtype must be float32 or float16, not '{cfg.store.dtype}'")
     store_dir = Path(cfg.run.dir)
@@ -248,17 +226,48 @@ def extract(cfg: DictConfig, augment_seed: int | None = None) -> dict[str, Any] 
         done[_read_shard_keys(path)[0]] = True
     if done.any():
         log.info("resuming: %d of %d items are already embedded in %s", done.sum(), len(done), shard_dir)
-    if not done.all():
-        datamodule.indices = np.flatnonzero(~done) if done.any() else None
-        module = EmbeddingModule(embedder, cfg.model.channels_last, cfg.model.compile, augment_seed)
-        writer = ShardWriter(shard_dir, STORE_DTYPES[cfg.store.dtype], fingerprint, next_attempt(shard_dir))
-        trainer = build_trainer(cfg, [writer])
-        trainer.predict(module, datamodule=datamodule, return_predictions=False)
-        if not trainer.is_global_zero:
-            return None
-    manifest = write_store(cfg, collection, store_dir, complete_shards(shard_dir, fingerprint))
-    log_extraction(cfg, manifest, augment_seed)
-    return manifest
+    module = EmbeddingModule(embedder, cfg.model.channels_last, cfg.model.compile, augment_seed)
+    writer = ShardWriter(shard_dir, STORE_DTYPES[cfg.store.dtype], fingerprint, next_attempt(shard_dir))
+    trainer = build_trainer(cfg, [writer])
+    if done.all():
+        log.info("every item is already embedded: merging the shards in %s", shard_dir)
+    datamodule.indices = items_to_embed(done, trainer.world_size)
+    trainer.predict(module, datamodule=datamodule, return_predictions=False)
+    return merge_on_rank_zero(trainer, lambda: write_store(cfg, collection, store_dir, complete_shards(shard_dir, fingerprint)),
+                              lambda manifest: log_extraction(cfg, manifest, augment_seed))
+
+
+def items_to_embed(done: np.ndarray, world_size: int) -> np.ndarray | None:
+    """The items not in a complete shard (None: all of them), at least one per rank.
+
+    Every rank runs the Trainer even when every item is already embedded: its process group gives the
+    ranks a barrier, so only global rank 0 merges. A rank with no item would fail in Lightning's sampler,
+    so already-embedded items fill up to one per rank; the merge drops them as duplicates.
+    """
+    if not done.any():
+        return None
+    pending = np.flatnonzero(~done)
+    if len(pending) >= world_size:
+        return pending
+    filler = np.flatnonzero(done)[: world_size - len(pending)]
+    return np.sort(np.concatenate([pending, filler]))
+
+
+def merge_on_rank_zero(trainer: L.Trainer, write: Callable[[], dict[str, Any]],
+                       after: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Global rank 0 writes the store; every rank gets its manifest (or the same error) by broadcast."""
+    outcome: dict[str, Any] = {}
+    if trainer.is_global_zero:
+        try:
+            outcome["manifest"] = write()
+        except SimsearchError as error:
+            outcome["error"] = str(error)
+    outcome = trainer.strategy.broadcast(outcome, src=0)
+    if "error" in outcome:
+        raise SimsearchError(outcome["error"])
+    if trainer.is_global_zero:
+        after(outcome["manifest"])
+    return outcome["manifest"]
 
 
 def log_extraction(cfg: DictConfig, manifest: dict[str, Any], augment_seed: int | None) -> None:
