@@ -85,8 +85,11 @@ class IndexConfig:
 class EvalConfig:
     k: list[int] = field(default_factory=lambda: [1, 5, 10, 20, 100])
     backend: str = "exact"  # exact: chunked brute force in torch | index: the run's FAISS index
-    query_chunk: int = 1024  # queries per block: memory is chunk x store size, never N x N
-    device: str = "auto"  # auto | cpu | cuda
+    gallery: str | None = None  # a second store's run dir: run.dir's items are queries against it; None: leave-one-out
+    queries: int | None = None  # a seeded sample (run.seed) of N queries, every item still in the gallery; None: all
+    query_chunk: int = 1024  # queries scored at once: memory is query_chunk x block_rows, never N x N
+    block_rows: int = 65_536  # store rows read (from disk, not mapped) and scored at once
+    device: str = "auto"  # auto: every visible GPU, else CPU | cpu | cuda | a list, e.g. cuda:0,cuda:1
 
 
 @dataclass
