@@ -29,11 +29,11 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "synthetic"  # cifar10 | fashion_mnist | folder | synthetic
+    name: str = "synthetic"  # cifar10 | fashion_mnist | folder | synthetic | cub200 | cars196 | sop | inshop
     root: str | None = None  # where the files are (or go, for downloads)
-    split: str = "test"  # train | test (datasets only)
+    split: str = "test"  # train | test (datasets only); inshop: train | query | gallery
     limit: int | None = None  # keep the first N items only
-    download: bool = False  # cifar10: fetch the archive when it is not in `root`
+    download: bool = False  # cifar10, cub200: fetch the archive when it is not in `root`
     labels: str = "folder"  # folder: top-level folder name is the label; none: no labels
     decode: str = "auto"  # folders' JPEGs: device (torchvision.io.decode_jpeg on the GPU) | loader (PIL in workers) | auto
     batch_size: int = 64  # images per step and device
