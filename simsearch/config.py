@@ -88,7 +88,7 @@ class EvalConfig:
     gallery: str | None = None  # a second store's run dir: run.dir's items are queries against it; None: leave-one-out
     queries: int | None = None  # a seeded sample (run.seed) of N queries, every item still in the gallery; None: all
     query_chunk: int = 1024  # queries scored at once: memory is query_chunk x block_rows, never N x N
-    block_rows: int = 65_536  # store rows read (from disk, not mapped) and scored at once
+    block_rows: int = 16_384  # store rows read (from disk, not mapped) and scored at once: 64 MB of scores a chunk
     device: str = "auto"  # auto: every visible GPU, else CPU | cpu | cuda | a list, e.g. cuda:0,cuda:1
 
 

@@ -148,23 +148,25 @@ def resolve_devices(device: str) -> list[torch.device]:
     return devices
 
 
-def top_k_lowest_first(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def top_k_lowest_first(scores: torch.Tensor, k: int, tie_rows_at_once: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k (scores, columns) of each row, best first; equal scores are ordered by column, lowest first.
 
     torch.topk leaves the order of ties unspecified, so results could change with the block size or
-    the device; here they are exact and repeatable. Ties only cost extra work in the rows that have
-    more than k scores at or above their k-th best.
+    the device; here they are exact and repeatable. Only rows whose (k+1)-th best equals their k-th
+    (a tie across the cut) are redone, `tie_rows_at_once` at a time, so memory stays near the tile's.
     """
-    values, columns = scores.topk(k, dim=1)  # (Q, k), best first, ties in any order
-    kth = values[:, -1:]
-    crowded = ((scores >= kth).sum(dim=1) > k).nonzero(as_tuple=True)[0]
-    if len(crowded):
-        tile, kth_crowded = scores[crowded], kth[crowded]
-        at_kth = tile == kth_crowded
-        wanted = k - (tile > kth_crowded).sum(dim=1, keepdim=True)
-        take = (tile > kth_crowded) | (at_kth & (at_kth.cumsum(dim=1) <= wanted))
-        columns = columns.clone()
-        columns[crowded] = take.nonzero(as_tuple=True)[1].view(len(crowded), k)
+    width = scores.shape[1]
+    values, columns = scores.topk(min(k + 1, width), dim=1)  # (Q, k+1), best first, ties in any order
+    kth = values[:, k - 1 : k]
+    crowded = (values[:, k] == values[:, k - 1]).nonzero(as_tuple=True)[0] if width > k else values[:, :0]
+    columns = columns[:, :k].clone()
+    for first in range(0, len(crowded), tie_rows_at_once):
+        rows = crowded[first : first + tie_rows_at_once]
+        tile, cut = scores[rows], kth[rows]
+        at_cut = tile == cut
+        wanted = k - (tile > cut).sum(dim=1, keepdim=True)
+        take = (tile > cut) | (at_cut & (at_cut.cumsum(dim=1) <= wanted))
+        columns[rows] = take.nonzero(as_tuple=True)[1].view(len(rows), k)
     columns = columns.sort(dim=1).values
     picked = scores.gather(1, columns)
     order = picked.sort(dim=1, descending=True, stable=True).indices
