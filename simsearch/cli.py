@@ -18,14 +18,15 @@ USAGE = """usage: simsearch COMMAND [group=choice ...] [key=value ...]
 commands:
   extract   embed a collection into a store (run.dir)
   index     build the FAISS index of a store
-  eval      Precision@K, Recall@K, mAP@K, MAP@R of a labelled store, every item a query
+  eval      hit@K, Precision@K, Recall@K, mAP@K, MAP@R of a labelled store: leave-one-out,
+            or its items against another store (eval.gallery=RUN_DIR)
   search    top-K neighbours of an item (query=ID or row) or a new image (query=PATH)
   finetune  train a projection head (and optionally the last stages) with a metric-learning loss
   compare   baseline versus fine-tuned on the same test split
   serve     JSON API and web page over a store
   config    print the resolved config
 
-groups: data=cifar10|fashion_mnist|folder|synthetic  model=resnet50  logger=wandb|none
+groups: data=cifar10|fashion_mnist|folder|synthetic|cub200|cars196|sop|inshop  model=resnet50  logger=wandb|none
 examples:
   simsearch extract data=folder data.root=~/photos model.image_size=224 run.dir=outputs/photos
   simsearch eval run.dir=outputs/cifar10-test
