@@ -167,8 +167,11 @@ def describe_gallery(gallery: Store) -> dict[str, Any]:
 
 def evaluate_embeddings(vectors: np.ndarray, labels: np.ndarray, classes: list[str], ks: list[int],
                         searcher: Any | None = None, query_chunk: int = 1024) -> dict[str, Any]:
-    """Leave-one-out metrics of unit-norm (N, D) vectors with (N,) labels; exact search unless given one."""
-    searcher = searcher or ExactTorchSearcher(vectors, "auto")
+    """Leave-one-out metrics of unit-norm (N, D) vectors with (N,) labels; exact search unless given one,
+    on this process's own GPU (one per rank under DDP) or the CPU."""
+    import torch
+
+    searcher = searcher or ExactTorchSearcher(vectors, f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
     return rank_and_score(vectors, labels, labels, classes, ks, searcher, query_chunk, leave_one_out=True)
 
 
