@@ -158,7 +158,10 @@ def top_k_lowest_first(scores: torch.Tensor, k: int, tie_rows_at_once: int = 64)
     width = scores.shape[1]
     values, columns = scores.topk(min(k + 1, width), dim=1)  # (Q, k+1), best first, ties in any order
     kth = values[:, k - 1 : k]
-    crowded = (values[:, k] == values[:, k - 1]).nonzero(as_tuple=True)[0] if width > k else values[:, :0]
+    if width > k:
+        crowded = (values[:, k] == values[:, k - 1]).nonzero(as_tuple=True)[0]
+    else:  # every column is taken: no cut to tie across
+        crowded = torch.zeros(0, dtype=torch.long, device=scores.device)
     columns = columns[:, :k].clone()
     for first in range(0, len(crowded), tie_rows_at_once):
         rows = crowded[first : first + tie_rows_at_once]
