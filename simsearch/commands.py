@@ -43,6 +43,9 @@ def eval(cfg: DictConfig) -> dict[str, Any]:  # noqa: A001 - the command is call
     print(metrics_table(metrics))
     print(f"Saved metrics: {store.dir / 'metrics.json'}")
     log_metrics(run, metrics, prefix="test/")
+    if run is not None:  # what was evaluated against what, beside the numbers
+        run.summary.update({"test/protocol": metrics["protocol"], "test/gallery": metrics.get("gallery", {}).get("dir"),
+                            "test/query_sample": metrics.get("query_sample")})
     finish(run)
     return metrics
 

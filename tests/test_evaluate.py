@@ -444,3 +444,14 @@ def test_evaluation_memory_is_bounded_by_chunk_and_block_not_by_the_store(tmp_pa
     growth_mb = (result["peak_kb"] - result["before_kb"]) / 1024
     assert result["queries"] == 64 and 0 <= result["hit@10"] <= 1
     assert growth_mb < store_mb / 4, f"evaluation grew RSS by {growth_mb:.0f} MB for a {store_mb:.0f} MB store"
+
+
+def test_query_gallery_eval_logs_metrics_and_the_gallery_to_wandb_offline(tmp_path):
+    queries, gallery, _ = query_gallery_stores(tmp_path, seed=2)
+    code = simsearch("eval", f"run.dir={queries.dir}", f"eval.gallery={gallery.dir}", "eval.k=[1,5]", "logger=wandb",
+                     f"logger.wandb.dir={tmp_path}")
+    assert code == 0
+    summary = offline_summary(next((tmp_path / "wandb").glob("offline-run-*/run-*.wandb")))
+    metrics = read_json(queries.dir / "metrics.json")
+    assert summary.get("test/hit@5") == pytest.approx(metrics["hit@5"]), sorted(summary)
+    assert summary["test/protocol"] == "query-gallery" and summary["test/gallery"] == str(gallery.dir.resolve())
