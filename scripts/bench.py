@@ -116,6 +116,100 @@ def bench_eval(sizes: list[int], dim: int, workdir: Path, full_plain_up_to: int)
     return rows
 
 
+def write_vector_store_in_chunks(store_dir: Path, n: int, dim: int, classes: int, chunk: int = 50_000) -> None:
+    """A labelled store of n clustered unit vectors, written chunk by chunk into a memory-mapped .npy:
+    never whole in RAM, so the store can be larger than the memory the benchmark may use."""
+    store_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(classes, dim)).astype(np.float32)
+    labels = rng.integers(0, classes, n)
+    embeddings = np.lib.format.open_memmap(store_dir / "embeddings.npy", mode="w+", dtype=np.float32, shape=(n, dim))
+    for start in range(0, n, chunk):
+        part = centres[labels[start : start + chunk]] + rng.normal(size=(min(chunk, n - start), dim)).astype(np.float32) * 4.0
+        embeddings[start : start + chunk] = part / np.linalg.norm(part, axis=1, keepdims=True)
+    embeddings.flush()
+    del embeddings
+    with open(store_dir / "items.jsonl", "w") as handle:
+        for start in range(0, n, chunk):
+            handle.write("".join(f'{{"id": "{i}", "index": {i}}}\n' for i in range(start, min(n, start + chunk))))
+    from simsearch.store import write_manifest
+
+    np.save(store_dir / "labels.npy", labels.astype(np.int64))
+    (store_dir / "skipped.jsonl").write_text("")
+    write_manifest(store_dir, {"count": n, "dim": dim, "dtype": "float32", "data": {"classes": [str(c) for c in range(classes)]},
+                               "model": {}})
+
+
+PLAIN_SAMPLED_EVAL = """
+import json, resource, sys, numpy as np
+store, rows_file, k = sys.argv[1], sys.argv[2], 10
+vectors = np.load(store + "/embeddings.npy")            # the whole store in RAM
+labels = np.load(store + "/labels.npy")
+rows = np.load(rows_file)
+hits = []
+for start in range(0, len(rows), 256):                  # plain numpy: similarities, argpartition, argsort
+    chunk = rows[start : start + 256]
+    scores = vectors[chunk] @ vectors.T
+    scores[np.arange(len(chunk)), chunk] = -np.inf       # leave-one-out
+    top = np.argpartition(-scores, k, axis=1)[:, :k]
+    top = np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1), axis=1)
+    hits.append(labels[top] == labels[chunk][:, None])
+hits = np.concatenate(hits)
+print(json.dumps({"precision@10": float(hits.mean()), "hit@10": float(hits.any(axis=1).mean())}))
+"""
+PEAK_RSS_OF_CHILD = ("import json, resource, subprocess, sys; out = subprocess.run(sys.argv[1:], check=True, capture_output=True, "
+                     "text=True).stdout.strip().splitlines(); print(json.dumps({'last_line': out[-1] if out else '', "
+                     "'peak_kb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))")
+
+
+def run_measuring_peak_rss(command: list[str]) -> tuple[float, float, str]:
+    """(seconds, peak RSS in MB, last line printed) of a command run in its own process."""
+    import subprocess
+
+    start = time.perf_counter()
+    output = subprocess.run([sys.executable, "-c", PEAK_RSS_OF_CHILD, *command], capture_output=True, text=True, check=True)
+    result = json.loads(output.stdout)
+    return time.perf_counter() - start, result["peak_kb"] / 1024, result["last_line"]
+
+
+def bench_eval_sampled(n: int, queries: int, dim: int, workdir: Path) -> list[Row]:
+    """`simsearch eval eval.queries=Q` on a store of n vectors (sampled queries, every item in the gallery):
+    peak RSS of the whole process against the store's size, beside a plain numpy evaluation that loads
+    the store whole (Precision@10 and hit@10 of the same sampled queries)."""
+    from simsearch.evaluate import sample_queries
+
+    store_dir = workdir / f"eval-sampled-{n}"
+    classes = max(10, n // 100)  # ~100 items a class, as CUB-200 (~60) and Cars196 (~80)
+    started = time.perf_counter()
+    write_vector_store_in_chunks(store_dir, n, dim, classes)
+    write_seconds = time.perf_counter() - started
+    store_mb = (store_dir / "embeddings.npy").stat().st_size / 2**20
+    script = Path(sys.executable).parent / "simsearch"
+    seconds, peak_mb, _ = run_measuring_peak_rss(
+        [str(script), "eval", f"run.dir={store_dir}", f"eval.queries={queries}", "eval.k=[1,10,100]", "logger=none",
+         "eval.device=auto"])
+    ours = json.loads((store_dir / "metrics.json").read_text())
+    _, torch_alone_mb, _ = run_measuring_peak_rss([sys.executable, "-c", "import torch"])  # the floor of any torch process
+    row: Row = {"section": "eval_sampled", "case": f"{queries} sampled queries x {n} items, d={dim}, {classes} classes",
+                "store_mb": round(store_mb, 1), "store_write_s": round(write_seconds, 1),
+                "simsearch_s": round(seconds, 1), "simsearch_peak_rss_mb": round(peak_mb, 1),
+                "import_torch_alone_rss_mb": round(torch_alone_mb, 1), "simsearch_above_torch_mb": round(peak_mb - torch_alone_mb, 1),
+                "P@10": round(ours["precision@10"], 4), "hit@10": round(ours["hit@10"], 4),
+                "metrics": "hit/P/R/mAP@{1,10,100}, MAP@R, R-precision (plain: P@10, hit@10)",
+                "device": "GPU" if torch.cuda.is_available() else "CPU"}
+    if queries * n * dim > 5e12:
+        row["note"] = "plain numpy way not run: hours on a CPU at this size"
+        return [row]
+    rows_file = workdir / "sampled-rows.npy"
+    np.save(rows_file, sample_queries(np.arange(n), queries, SCHEMA.run.seed)[0])
+    plain_seconds, plain_peak_mb, plain_line = run_measuring_peak_rss(
+        [sys.executable, "-c", PLAIN_SAMPLED_EVAL, str(store_dir), str(rows_file)])
+    plain = json.loads(plain_line)
+    row.update({"plain_numpy_s": round(plain_seconds, 1), "plain_peak_rss_mb": round(plain_peak_mb, 1),
+                "plain_P@10": round(plain["precision@10"], 4), "plain_hit@10": round(plain["hit@10"], 4)})
+    return [row]
+
+
 # ---------------------------------------------------------------- indexes
 
 
@@ -411,7 +505,7 @@ def bench_startup(store_size: int, repeats: int, workdir: Path) -> list[Row]:
              "vs_import_torch": f"{value / torch_seconds:.2f}x"} for name, value in seconds.items()]
 
 
-SECTIONS = {"eval", "index", "extract", "latency", "memory", "serve", "startup"}
+SECTIONS = {"eval", "eval_sampled", "index", "extract", "latency", "memory", "serve", "startup"}
 
 
 def hardware() -> dict[str, object]:
@@ -457,6 +551,11 @@ def main() -> None:
             quick = arguments.quick
             rows += bench_eval([2_000, 10_000] if quick else [10_000, 100_000], 2048, workdir,
                                full_plain_up_to=2_000 if quick else 10_000)
+        if "eval_sampled" in sections:  # CPU: 10^4 of 10^6 at d=256; GPU: 10^5 x 10^5 at d=2048
+            on_gpu = torch.cuda.is_available()
+            n, queries, dim = (100_000, 100_000, 2048) if on_gpu else (1_000_000, 10_000, 256)
+            rows += bench_eval_sampled(n // 10 if arguments.quick else n, queries // 10 if arguments.quick else queries,
+                                       dim, workdir)
         if "extract" in sections:
             on_gpu = torch.cuda.is_available()
             count = (20_000 if on_gpu else 512) if not arguments.quick else (2_048 if on_gpu else 96)

@@ -18,7 +18,8 @@ USAGE = """usage: simsearch COMMAND [group=choice ...] [key=value ...]
 commands:
   extract   embed a collection into a store (run.dir)
   index     build the FAISS index of a store
-  eval      Precision@K, Recall@K, mAP@K, MAP@R of a labelled store, every item a query
+  eval      hit@K, Precision@K, Recall@K, mAP@K, MAP@R of a labelled store: leave-one-out,
+            or its items against another store (eval.gallery=RUN_DIR)
   search    top-K neighbours of an item (query=ID or row), a new image (query=PATH) or a vector (query=V.npy)
   duplicates  groups of near-identical items (duplicates.against=OTHER_RUN_DIR: leakage into another store)
   map       the embeddings in 2-D (UMAP or t-SNE), coloured by label: embedding_map.png
@@ -27,7 +28,7 @@ commands:
   serve     JSON API and web page over a store
   config    print the resolved config
 
-groups: data=cifar10|fashion_mnist|folder|synthetic  model=resnet50|efficientnet_lite0  logger=wandb|none
+groups: data=cifar10|fashion_mnist|folder|synthetic|cub200|cars196|sop|inshop  model=resnet50|efficientnet_lite0  logger=wandb|none
 examples:
   simsearch extract data=folder data.root=~/photos model.image_size=224 run.dir=outputs/photos
   simsearch eval run.dir=outputs/cifar10-test

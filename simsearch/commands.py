@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -32,21 +33,33 @@ def index(cfg: DictConfig) -> dict[str, Any]:
 
 
 def eval(cfg: DictConfig) -> dict[str, Any]:  # noqa: A001 - the command is called eval
-    """Leave-one-out retrieval metrics of the store: metrics.json, a table, and W&B."""
+    """Retrieval metrics of the store in run.dir (leave-one-out, or against the store in eval.gallery):
+    metrics.json in run.dir, a table, and W&B."""
     from simsearch.evaluate import evaluate_store, metrics_table
 
     store = Store.open(cfg.run.dir)
+    gallery = Store.open(cfg.eval.gallery) if cfg.eval.gallery else None
     run = start_run(cfg, "eval")
-    metrics = evaluate_store(store, cfg.eval, cfg.index, cfg.run.seed)
+    metrics = evaluate_store(store, cfg.eval, cfg.index, cfg.run.seed, gallery=gallery)
     metrics["store"] = {k: store.manifest.get(k) for k in ("dataset", "split", "weights", "image_size", "count")}
     metrics["store"]["checkpoint"] = store.manifest.get("model", {}).get("checkpoint")
-    (store.dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_json_beside(store.dir / "metrics.json", metrics)
     save_config(cfg, store.dir / "eval_config.yaml")
     print(metrics_table(metrics))
     print(f"Saved metrics: {store.dir / 'metrics.json'}")
     log_metrics(run, metrics, prefix="test/")
+    if run is not None:  # what was evaluated against what, beside the numbers
+        run.summary.update({"test/protocol": metrics["protocol"], "test/gallery": metrics.get("gallery", {}).get("dir"),
+                            "test/query_sample": metrics.get("query_sample")})
     finish(run)
     return metrics
+
+
+def write_json_beside(path: Path, value: Any) -> None:
+    """Write JSON next to `path`, then replace it: a run killed mid-write leaves the old file whole."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(value, indent=2) + "\n")
+    os.replace(partial, path)
 
 
 def search(cfg: DictConfig) -> Any:
@@ -145,7 +158,7 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
     return train(cfg)
 
 
-COMPARED = ("precision@{k}", "recall@{k}", "map@{k}")
+COMPARED = ("hit@{k}", "precision@{k}", "recall@{k}", "map@{k}")
 
 
 def compare(cfg: DictConfig) -> dict[str, Any]:
@@ -208,14 +221,14 @@ def comparison_table(comparison: dict[str, Any], ks: list[int]) -> str:
 
 
 def comparison_chart(comparison: dict[str, Any], ks: list[int], path: Path) -> None:
-    """Grouped bars: P@K, R@K, mAP@K for every K, and MAP@R, baseline beside fine-tuned."""
+    """Grouped bars: hit@K, P@K, R@K, mAP@K for every K, MAP@R and R-precision, baseline beside fine-tuned."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    names = [n.format(k=k) for n in COMPARED for k in ks] + ["map@r"]
+    names = [n.format(k=k) for n in COMPARED for k in ks] + ["map@r", "r_precision"]
     x = np.arange(len(names))
     figure, axes = plt.subplots(figsize=(max(8, len(names) * 0.7), 4.5))
     for offset, (label, key) in ((-0.2, ("baseline", "baseline")), (0.2, ("fine-tuned", "finetuned"))):

@@ -29,11 +29,11 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "synthetic"  # cifar10 | fashion_mnist | folder | synthetic
+    name: str = "synthetic"  # cifar10 | fashion_mnist | folder | synthetic | cub200 | cars196 | sop | inshop
     root: str | None = None  # where the files are (or go, for downloads)
-    split: str = "test"  # train | test (datasets only)
+    split: str = "test"  # train | test (datasets only); inshop: train | query | gallery
     limit: int | None = None  # keep the first N items only
-    download: bool = False  # cifar10: fetch the archive when it is not in `root`
+    download: bool = False  # cifar10, cub200: fetch the archive when it is not in `root`
     labels: str = "folder"  # folder: top-level folder name is the label; none: no labels
     decode: str = "auto"  # folders' JPEGs: device (torchvision.io.decode_jpeg on the GPU) | loader (PIL in workers) | auto
     batch_size: int = 64  # images per step and device
@@ -88,8 +88,11 @@ class IndexConfig:
 class EvalConfig:
     k: list[int] = field(default_factory=lambda: [1, 5, 10, 20, 100])
     backend: str = "exact"  # exact: chunked brute force in torch | index: the run's FAISS index
-    query_chunk: int = 1024  # queries per block: memory is chunk x store size, never N x N
-    device: str = "auto"  # auto | cpu | cuda
+    gallery: str | None = None  # a second store's run dir: run.dir's items are queries against it; None: leave-one-out
+    queries: int | None = None  # a seeded sample (run.seed) of N queries, every item still in the gallery; None: all
+    query_chunk: int = 1024  # queries scored at once: memory is query_chunk x block_rows, never N x N
+    block_rows: int = 16_384  # store rows read (from disk, not mapped) and scored at once: 64 MB of scores a chunk
+    device: str = "auto"  # auto: every visible GPU, else CPU | cpu | cuda | a list, e.g. cuda:0,cuda:1
 
 
 @dataclass

@@ -255,7 +255,9 @@ class Subset(ImageCollection):
 def build_collection(data: DictConfig, image_size_px: int, seed: int = 0,
                      decode_on_device_by_default: bool = False) -> ImageCollection:
     """The collection a data config names, with `data.limit` applied."""
-    if data.split not in ("train", "test"):
+    from simsearch.datasets import SPLITS as BENCHMARK_SPLITS  # the metric-learning benchmarks
+
+    if data.split not in ("train", "test") and data.name not in BENCHMARK_SPLITS:
         raise SimsearchError(f"data.split must be train or test, not '{data.split}'")
     root = Path(data.root).expanduser() if data.root else None
     if data.name == "synthetic":
@@ -264,6 +266,11 @@ def build_collection(data: DictConfig, image_size_px: int, seed: int = 0,
         raise SimsearchError(f"data.root must be given for data={data.name}")
     elif data.name == "cifar10":
         collection = load_cifar10(root, data.split, data.download)
+    elif data.name in BENCHMARK_SPLITS:  # may download into a root not yet made
+        from simsearch.datasets import read_benchmark
+
+        on_device = data.decode == "device" or (data.decode == "auto" and decode_on_device_by_default)
+        collection = read_benchmark(data.name, root, data.split, image_size_px, data.download, on_device)
     elif not root.is_dir():
         raise SimsearchError(f"data.root={root} does not exist or is not a folder")
     elif data.name == "fashion_mnist":
@@ -280,7 +287,8 @@ def build_collection(data: DictConfig, image_size_px: int, seed: int = 0,
                 f"no images under {root} (looked recursively for {', '.join(sorted(IMAGE_SUFFIXES))})"
             )
     else:
-        raise SimsearchError(f"unknown data.name '{data.name}' (cifar10, fashion_mnist, folder, synthetic)")
+        raise SimsearchError(f"unknown data.name '{data.name}' (cifar10, fashion_mnist, folder, synthetic, "
+                             f"{', '.join(BENCHMARK_SPLITS)})")
     if data.limit is not None:
         if data.limit < 1:
             raise SimsearchError(f"data.limit must be at least 1, not {data.limit}")

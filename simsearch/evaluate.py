@@ -1,32 +1,39 @@
-"""Retrieval evaluation of a labelled store: every labelled item is a query against all the others.
+"""Retrieval evaluation of a labelled store: leave-one-out (every labelled item a query against all
+the others) or query/gallery (the items of one store ranked against a second store).
 
-Definitions, for a query q whose class has R_q other members in the store (q itself is excluded by
-its row, not by assuming it ranks first: an exact duplicate ties with it):
+Definitions, for a query q with R_q relevant items (leave-one-out: the other members of its class,
+q itself excluded by its row, not by assuming it ranks first, so an exact duplicate ties with it;
+query/gallery: the gallery items of its class, matched by class name, nothing excluded):
 
+    hit@K        = 1 if at least one relevant item is in the top K, else 0
+                   (the "Recall@K" of metric-learning papers; hit@1 = Precision@1)
     Precision@K  = hits in the top K / K
-    Recall@K     = hits in the top K / R_q                (all relevant items in the store)
+    Recall@K     = hits in the top K / R_q                (all relevant items; torchmetrics' RetrievalRecall)
     mAP@K        = mean over the hits i <= K of hits(1..i) / i, 0 when no hit
                    (torchmetrics' RetrievalMAP(top_k=K): divides by the hits retrieved, not by R_q)
     MAP@R        = (1 / R_q) * sum over i <= R_q of hit_i * hits(1..i) / i   (Musgrave et al., 2020)
     R-precision  = hits in the top R_q / R_q
 
-Queries without a label or without any other item of their class are left out of every average
-(as in pytorch-metric-learning) and counted in `queries_without_relevant`. Labels are read only here.
+Equal scores rank by gallery row, lowest first (exact search). Queries without a label or without
+any relevant item are left out of every average (as in pytorch-metric-learning) and counted in
+`queries_without_relevant`. Labels are read only here.
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from omegaconf import DictConfig
 
 from simsearch.errors import SimsearchError
-from simsearch.index import ExactTorchSearcher, FaissSearcher, open_index
+from simsearch.index import ExactTorchSearcher, FaissSearcher, StoredRows, open_index, take_rows
 from simsearch.store import Store
 
 log = logging.getLogger(__name__)
+MODEL_IDENTITY = ("name", "weights", "image_size", "mean", "std", "checkpoint")  # what makes two stores' vectors comparable
 
 
 def search_without_self(searcher: Any, queries: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -48,6 +55,7 @@ def per_query_metrics(hits: np.ndarray, relevant: np.ndarray, ks: list[int]) -> 
     metrics: dict[str, np.ndarray] = {}
     for K in ks:
         hits_k = cumulative[:, K - 1]
+        metrics[f"hit@{K}"] = (hits_k > 0).astype(float)
         metrics[f"precision@{K}"] = hits_k / K
         metrics[f"recall@{K}"] = hits_k / relevant
         ap_sum = (precision_at_each[:, :K] * hits[:, :K]).sum(axis=1)
@@ -58,57 +66,160 @@ def per_query_metrics(hits: np.ndarray, relevant: np.ndarray, ks: list[int]) -> 
     return metrics
 
 
-def _searcher_for(store: Store, eval_cfg: DictConfig, index_cfg: DictConfig, seed: int) -> Any:
+def _check_sizes(eval_cfg: DictConfig) -> None:
+    for key in ("query_chunk", "block_rows"):
+        if int(eval_cfg[key]) < 1:
+            raise SimsearchError(f"eval.{key} must be at least 1, not {eval_cfg[key]}")
+    if eval_cfg.queries is not None and int(eval_cfg.queries) < 1:
+        raise SimsearchError(f"eval.queries must be a positive number of queries (or null for all), not {eval_cfg.queries}")
+
+
+def _searcher_for(gallery: Store, eval_cfg: DictConfig, index_cfg: DictConfig, seed: int) -> Any:
     if eval_cfg.backend == "exact":
-        return ExactTorchSearcher(store.vectors(), eval_cfg.device)
+        return ExactTorchSearcher(StoredRows(gallery.dir / "embeddings.npy"), eval_cfg.device, int(eval_cfg.block_rows))
     if eval_cfg.backend == "index":
-        index, _ = open_index(store, index_cfg, seed)
+        index, _ = open_index(gallery, index_cfg, seed)
         return FaissSearcher(index, index_cfg.device, index_cfg.gpu_sharded, index_cfg.batch_size)
     raise SimsearchError(f"eval.backend must be exact or index, not '{eval_cfg.backend}'")
 
 
-def evaluate_store(store: Store, eval_cfg: DictConfig, index_cfg: DictConfig, seed: int = 0) -> dict[str, Any]:
-    """Leave-one-out retrieval metrics of a labelled store, overall and per class."""
+def class_names(store: Store) -> np.ndarray:
+    """The class name of every row ('' where unlabelled): what two separately built stores share."""
+    names = np.array([*store.classes, *(str(i) for i in range(len(store.classes), int(store.labels.max()) + 1))] or [""],
+                     dtype=object)
+    return np.where(store.labels >= 0, names[np.maximum(store.labels, 0)], "")
+
+
+def shared_labels(queries: Store, gallery: Store) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Both stores' labels renumbered into one list of class names (gallery's first), -1 where unlabelled."""
+    query_names, gallery_names = class_names(queries), class_names(gallery)
+    classes = list(dict.fromkeys(n for n in [*gallery_names, *query_names] if n != ""))
+    number = {name: i for i, name in enumerate(classes)}
+    number[""] = -1
+
+    def renumber(names: np.ndarray) -> np.ndarray:
+        return np.array([number[n] for n in names], dtype=np.int64)
+
+    return renumber(query_names), renumber(gallery_names), classes
+
+
+def check_comparable(queries: Store, gallery: Store) -> None:
+    """Query and gallery vectors must come from the same model to be compared at all."""
+    if queries.dim != gallery.dim:
+        raise SimsearchError(f"the query store {queries.dir} has dim {queries.dim} and the gallery {gallery.dir} "
+                             f"dim {gallery.dim}: embed both with the same model")
+    query_model, gallery_model = queries.manifest.get("model") or {}, gallery.manifest.get("model") or {}
+    if query_model and gallery_model:
+        keys = [*MODEL_IDENTITY, *(["seed"] if query_model.get("weights") == "random" else [])]
+        differ = [k for k in keys if query_model.get(k) != gallery_model.get(k)]
+        if differ:
+            raise SimsearchError(
+                f"the query store {queries.dir} and the gallery {gallery.dir} were embedded by different models "
+                f"(model.{differ[0]}: {query_model.get(differ[0])!r} vs {gallery_model.get(differ[0])!r}): "
+                "their vectors cannot be compared"
+            )
+
+
+def sample_queries(rows: np.ndarray, wanted: int | None, seed: int) -> tuple[np.ndarray, dict[str, Any] | None]:
+    """A seeded sample of `wanted` query rows (sorted), and what metrics.json says of it; all rows when None."""
+    if wanted is None or wanted >= len(rows):
+        return rows, None
+    chosen = np.sort(np.random.default_rng(seed).choice(rows, size=int(wanted), replace=False))
+    note = {"sampled": int(wanted), "of": int(len(rows)), "seed": int(seed),
+            "note": "a seeded sample of the queries; every item stays in the gallery"}
+    return chosen, note
+
+
+def evaluate_store(store: Store, eval_cfg: DictConfig, index_cfg: DictConfig, seed: int = 0,
+                   gallery: Store | None = None) -> dict[str, Any]:
+    """Retrieval metrics of a labelled store, overall and per class: leave-one-out, or its items as
+    queries against `gallery` (eval.gallery) when given. `eval.queries`: a seeded sample of queries."""
+    _check_sizes(eval_cfg)
     if not store.has_labels:
         raise SimsearchError(f"the store {store.dir} has no labels: evaluation needs a labelled collection")
-    searcher = _searcher_for(store, eval_cfg, index_cfg, seed)
-    log.info("evaluating %d items of %s with %s", len(store), store.dir, searcher.description)
-    metrics = evaluate_embeddings(store.embeddings, store.labels, store.classes, list(eval_cfg.k), searcher,
-                                  eval_cfg.query_chunk)
+    if gallery is None:
+        searcher = _searcher_for(store, eval_cfg, index_cfg, seed)
+        log.info("evaluating %d items of %s, leave-one-out, with %s", len(store), store.dir, searcher.description)
+        return rank_and_score(StoredRows(store.dir / "embeddings.npy"), store.labels, store.labels, store.classes,
+                              list(eval_cfg.k), searcher, int(eval_cfg.query_chunk), leave_one_out=True,
+                              sample=eval_cfg.queries, seed=seed)
+    if not gallery.has_labels:
+        raise SimsearchError(f"the gallery {gallery.dir} has no labels: query/gallery evaluation needs both labelled")
+    if Path(gallery.dir).resolve() == Path(store.dir).resolve():
+        raise SimsearchError("eval.gallery is the query store itself: leave eval.gallery out for leave-one-out evaluation")
+    check_comparable(store, gallery)
+    query_labels, gallery_labels, classes = shared_labels(store, gallery)
+    searcher = _searcher_for(gallery, eval_cfg, index_cfg, seed)
+    log.info("evaluating %d queries of %s against the %d items of %s with %s", len(store), store.dir, len(gallery),
+             gallery.dir, searcher.description)
+    metrics = rank_and_score(StoredRows(store.dir / "embeddings.npy"), query_labels, gallery_labels, classes,
+                             list(eval_cfg.k), searcher, int(eval_cfg.query_chunk), leave_one_out=False,
+                             sample=eval_cfg.queries, seed=seed)
+    metrics["gallery"] = describe_gallery(gallery)
     return metrics
+
+
+def describe_gallery(gallery: Store) -> dict[str, Any]:
+    return {"dir": str(Path(gallery.dir).resolve()), "count": len(gallery),
+            **{k: gallery.manifest.get(k) for k in ("dataset", "split")},
+            "embeddings_sha256": gallery.manifest.get("sha256", {}).get("embeddings.npy")}
 
 
 def evaluate_embeddings(vectors: np.ndarray, labels: np.ndarray, classes: list[str], ks: list[int],
                         searcher: Any | None = None, query_chunk: int = 1024) -> dict[str, Any]:
-    """Leave-one-out metrics of unit-norm (N, D) vectors with (N,) labels; exact search unless given one."""
+    """Leave-one-out metrics of unit-norm (N, D) vectors with (N,) labels; exact search unless given one,
+    on this process's own GPU (one per rank under DDP) or the CPU."""
+    import torch
+
+    searcher = searcher or ExactTorchSearcher(vectors, f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+    return rank_and_score(vectors, labels, labels, classes, ks, searcher, query_chunk, leave_one_out=True)
+
+
+def rank_and_score(queries: np.ndarray | StoredRows, query_labels: np.ndarray, gallery_labels: np.ndarray,
+                   classes: list[str], ks: list[int], searcher: Any, query_chunk: int = 1024, leave_one_out: bool = True,
+                   sample: int | None = None, seed: int = 0) -> dict[str, Any]:
+    """Rank the gallery for every evaluable query, chunk by chunk, and average the metrics.
+
+    Leave-one-out: queries and gallery are the same rows and a query's own row is never ranked.
+    """
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] < 1:
         raise SimsearchError(f"eval.k must be positive integers, not {ks}")
-    class_sizes = np.bincount(labels[labels >= 0]) if (labels >= 0).any() else np.zeros(1, dtype=np.int64)
-    relevant = np.where(labels >= 0, class_sizes[np.maximum(labels, 0)] - 1, 0)  # R_q, self excluded
-    query_rows = np.flatnonzero(relevant > 0)
-    if len(query_rows) == 0:
-        raise SimsearchError("no labelled item has another item of its class: nothing to evaluate")
-    others = len(labels) - 1
+    label_count = max(int(query_labels.max(initial=-1)), int(gallery_labels.max(initial=-1)), 0) + 1
+    class_sizes = np.bincount(gallery_labels[gallery_labels >= 0], minlength=label_count)
+    relevant = np.where(query_labels >= 0, class_sizes[np.maximum(query_labels, 0)] - int(leave_one_out), 0)  # R_q
+    evaluable = np.flatnonzero(relevant > 0)
+    if len(evaluable) == 0:
+        raise SimsearchError("no labelled query has a relevant item (another item of its class"
+                             + (")" if leave_one_out else " in the gallery)") + ": nothing to evaluate")
+    query_rows, sampling = sample_queries(evaluable, sample, seed)
+    others = len(gallery_labels) - int(leave_one_out)
     if ks[-1] > others:
-        log.warning("eval.k=%d is more than the %d other items: K is capped at %d", ks[-1], others, others)
+        log.warning("eval.k=%d is more than the %d items a query is ranked against: K is capped at %d", ks[-1], others, others)
         ks = sorted({min(k, others) for k in ks})
-    depth = min(max(ks[-1], int(relevant.max())), others)  # MAP@R needs every query's R_q neighbours
-    searcher = searcher or ExactTorchSearcher(vectors, "auto")
-    log.debug("evaluating %d queries against %d items, top %d, with %s", len(query_rows), len(labels), depth,
+    depth = min(max(ks[-1], int(relevant[query_rows].max())), others)  # MAP@R needs every query's R_q neighbours
+    log.debug("evaluating %d queries against %d items, top %d, with %s", len(query_rows), len(gallery_labels), depth,
               searcher.description)
-    labels_or_none = np.append(labels, -2)  # row -1 (no neighbour found) matches no label
+    labels_or_none = np.append(gallery_labels, -2)  # row -1 (no neighbour found) matches no label
     chunk = max(1, min(query_chunk, (1 << 26) // max(depth, 1)))  # bound the (chunk, depth) arrays
     values: dict[str, list[np.ndarray]] = {}
     for start in range(0, len(query_rows), chunk):
         rows = query_rows[start : start + chunk]
-        queries = np.asarray(vectors[rows], dtype=np.float32)
-        _, found = search_without_self(searcher, queries, rows, depth)
-        hits = labels_or_none[found] == labels[rows][:, None]
+        vectors = take_rows(queries, rows)
+        if leave_one_out:
+            _, found = search_without_self(searcher, vectors, rows, depth)
+        else:
+            _, found = searcher.search(vectors, depth)
+        hits = labels_or_none[found] == query_labels[rows][:, None]
         for name, value in per_query_metrics(hits, relevant[rows], ks).items():
             values.setdefault(name, []).append(value)
     per_query = {name: np.concatenate(parts) for name, parts in values.items()}
-    return summarise(per_query, labels[query_rows], classes, ks, len(labels), len(labels) - len(query_rows))
+    metrics = summarise(per_query, query_labels[query_rows], classes, ks, len(gallery_labels),
+                        len(query_labels) - len(evaluable))
+    metrics["protocol"] = "leave-one-out" if leave_one_out else "query-gallery"
+    if sampling:
+        metrics["query_sample"] = sampling
+    return metrics
 
 
 def summarise(per_query: dict[str, np.ndarray], query_labels: np.ndarray, classes: list[str], ks: list[int],
@@ -126,12 +237,17 @@ def summarise(per_query: dict[str, np.ndarray], query_labels: np.ndarray, classe
 
 def metrics_table(metrics: dict[str, Any]) -> str:
     """A short plain-text table of the overall metrics, then the original report's line."""
-    lines = [f"{'K':>5}  {'Precision@K':>11}  {'Recall@K':>9}  {'mAP@K':>7}"]
+    lines = [f"{'K':>5}  {'hit@K':>7}  {'Precision@K':>11}  {'Recall@K':>9}  {'mAP@K':>7}"]
     for K in metrics["k"]:
-        lines.append(f"{K:>5}  {metrics[f'precision@{K}']:>11.4f}  {metrics[f'recall@{K}']:>9.4f}  "
-                     f"{metrics[f'map@{K}']:>7.4f}")
+        lines.append(f"{K:>5}  {metrics[f'hit@{K}']:>7.4f}  {metrics[f'precision@{K}']:>11.4f}  "
+                     f"{metrics[f'recall@{K}']:>9.4f}  {metrics[f'map@{K}']:>7.4f}")
     lines.append(f"MAP@R: {metrics['map@r']:.4f}   R-precision: {metrics['r_precision']:.4f}   "
                  f"queries: {metrics['queries']} (left out, no relevant item: {metrics['queries_without_relevant']})")
+    if "query_sample" in metrics:
+        sample = metrics["query_sample"]
+        lines.append(f"queries: a seeded sample of {sample['sampled']} of {sample['of']} (seed {sample['seed']})")
+    if "gallery" in metrics:
+        lines.append(f"gallery: {metrics['gallery']['dir']} ({metrics['gallery']['count']} items)")
     if 10 in metrics["k"]:
         lines.append(f"Precision@10: {metrics['precision@10']:.2f}")
     return "\n".join(lines)

@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -66,45 +67,209 @@ def resolve_device(device: str) -> str:
     return "cuda" if device in ("gpu", "cuda") else device
 
 
-class ExactTorchSearcher:
-    """Exact inner-product search by blocked float32 matrix products, on CPU or GPU.
+class StoredRows:
+    """The (N, D) rows of a .npy file on disk, read a range at a time with plain file reads.
 
-    Queries are taken in chunks and the store in blocks, top-k kept per block and merged, so memory
-    is chunk x block, never N x N (the DINO kNN evaluation's scheme).
+    Deliberately not memory-mapped: the pages of a mapping stay in the process's resident set once
+    touched, so streaming a mapped store of 10^6 rows would grow RSS to the store's size. Read this
+    way, the file passes through the page cache and the process holds only the rows it asked for.
     """
 
-    def __init__(self, vectors: np.ndarray, device: str = "auto", block_rows: int = 65_536):
-        self.device = resolve_device(device)
-        self.block_rows = block_rows
-        self.blocks = [
-            torch.from_numpy(np.ascontiguousarray(vectors[start : start + block_rows], dtype=np.float32)).to(self.device)
-            for start in range(0, len(vectors), block_rows)
-        ]
-        self.count = len(vectors)
-        self.description = f"exact torch search on {self.device}"
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        try:
+            with open(self.path, "rb") as handle:
+                version = np.lib.format.read_magic(handle)
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, fortran_order, dtype = read_header(handle)
+                self.offset = handle.tell()
+        except (OSError, ValueError) as error:
+            raise SimsearchError(f"cannot read the embeddings {self.path}: {error}") from None
+        if fortran_order or len(shape) != 2 or dtype.kind != "f":
+            raise SimsearchError(f"{self.path} must hold a C-ordered (N, D) float array, not {dtype} {shape}")
+        self.shape, self.dtype = tuple(shape), dtype
+        self.row_bytes = shape[1] * dtype.itemsize
 
-    def search(
-        self, queries: np.ndarray, k: int, exclude_rows: np.ndarray | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        k = min(k, self.count)
-        query = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).to(self.device)
-        best_scores = torch.full((len(query), 0), float("-inf"), device=self.device)
-        best_rows = torch.zeros((len(query), 0), dtype=torch.long, device=self.device)
-        exclude = None if exclude_rows is None else torch.as_tensor(exclude_rows, device=self.device)
-        for number, block in enumerate(self.blocks):
-            offset = number * self.block_rows
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _read(self, handle: Any, start: int, count: int) -> np.ndarray:
+        data = os.pread(handle.fileno(), count * self.row_bytes, self.offset + start * self.row_bytes)
+        if len(data) != count * self.row_bytes:
+            raise SimsearchError(f"{self.path} is truncated: rows {start}..{start + count - 1} are missing")
+        return np.frombuffer(data, dtype=self.dtype).reshape(count, self.shape[1])
+
+    def block(self, start: int, stop: int) -> np.ndarray:
+        """Rows start..stop-1 as float32, (rows, D)."""
+        stop = min(stop, len(self))
+        with open(self.path, "rb") as handle:
+            return self._read(handle, start, max(0, stop - start)).astype(np.float32)
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """The given rows, in the given order, as float32; consecutive rows are read in one call."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
+            raise SimsearchError(f"rows outside 0..{len(self) - 1} asked of {self.path}")
+        order = np.argsort(rows, kind="stable")
+        ordered = rows[order]
+        out = np.empty((len(rows), self.shape[1]), dtype=np.float32)
+        run_starts = np.flatnonzero(np.diff(ordered, prepend=-2) != 1)
+        with open(self.path, "rb") as handle:
+            for first, last in zip(run_starts, [*run_starts[1:], len(ordered)]):
+                out[order[first:last]] = self._read(handle, int(ordered[first]), int(ordered[last - 1] - ordered[first] + 1))[
+                    ordered[first:last] - ordered[first]]
+        return out
+
+
+def read_rows(vectors: np.ndarray | StoredRows, start: int, stop: int) -> np.ndarray:
+    """Rows start..stop-1 of an array or a file as contiguous float32."""
+    if isinstance(vectors, StoredRows):
+        return vectors.block(start, stop)
+    return np.ascontiguousarray(vectors[start:stop], dtype=np.float32)
+
+
+def take_rows(vectors: np.ndarray | StoredRows, rows: np.ndarray) -> np.ndarray:
+    """The given rows of an array or a file as contiguous float32."""
+    if isinstance(vectors, StoredRows):
+        return vectors.take(rows)
+    return np.ascontiguousarray(vectors[rows], dtype=np.float32)
+
+
+def resolve_devices(device: str) -> list[torch.device]:
+    """'auto' or 'cuda': every visible GPU (the CPU when there is none for 'auto'); 'cpu'; or a
+    comma-separated list such as 'cuda:0,cuda:2' (or 'cpu,cpu', which runs the multi-device path on the CPU)."""
+    names = [name.strip() for name in str(device).split(",") if name.strip()]
+    if len(names) == 1 and names[0] in ("auto", "gpu", "cuda"):
+        if torch.cuda.is_available():
+            return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+        if names[0] != "auto":
+            raise SimsearchError(f"device={device} was asked for, but torch sees no GPU")
+        return [torch.device("cpu")]
+    try:
+        devices = [torch.device(name) for name in names]
+    except RuntimeError:
+        raise SimsearchError(f"device must be auto, cpu, cuda or a list such as cuda:0,cuda:1, not '{device}'") from None
+    if not devices:
+        raise SimsearchError("device must name at least one device (auto, cpu, cuda, cuda:0,cuda:1)")
+    for each in devices:
+        if each.type == "cuda" and (not torch.cuda.is_available() or (each.index or 0) >= torch.cuda.device_count()):
+            raise SimsearchError(f"device {each} was asked for, but torch sees {torch.cuda.device_count()} GPU(s)")
+        if each.type not in ("cpu", "cuda"):
+            raise SimsearchError(f"device {each} is not supported for exact search (cpu or cuda)")
+    return devices
+
+
+def top_k_lowest_first(scores: torch.Tensor, k: int, tie_rows_at_once: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k (scores, columns) of each row, best first; equal scores are ordered by column, lowest first.
+
+    torch.topk leaves the order of ties unspecified, so results could change with the block size or
+    the device; here they are exact and repeatable. Only rows whose (k+1)-th best equals their k-th
+    (a tie across the cut) are redone, `tie_rows_at_once` at a time, so memory stays near the tile's.
+    """
+    width = scores.shape[1]
+    values, columns = scores.topk(min(k + 1, width), dim=1)  # (Q, k+1), best first, ties in any order
+    kth = values[:, k - 1 : k]
+    if width > k:
+        crowded = (values[:, k] == values[:, k - 1]).nonzero(as_tuple=True)[0]
+    else:  # every column is taken: no cut to tie across
+        crowded = torch.zeros(0, dtype=torch.long, device=scores.device)
+    columns = columns[:, :k].clone()
+    for first in range(0, len(crowded), tie_rows_at_once):
+        rows = crowded[first : first + tie_rows_at_once]
+        tile, cut = scores[rows], kth[rows]
+        at_cut = tile == cut
+        wanted = k - (tile > cut).sum(dim=1, keepdim=True)
+        take = (tile > cut) | (at_cut & (at_cut.cumsum(dim=1) <= wanted))
+        columns[rows] = take.nonzero(as_tuple=True)[1].view(len(rows), k)
+    columns = columns.sort(dim=1).values
+    picked = scores.gather(1, columns)
+    order = picked.sort(dim=1, descending=True, stable=True).indices
+    return picked.gather(1, order), columns.gather(1, order)
+
+
+def merge_top_k(first: tuple[torch.Tensor, torch.Tensor], second: tuple[torch.Tensor, torch.Tensor],
+                k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge two top lists whose rows are all lower in `first` than in `second` (ties: lower row first)."""
+    scores = torch.cat([first[0], second[0]], dim=1)
+    rows = torch.cat([first[1], second[1]], dim=1)
+    best, positions = top_k_lowest_first(scores, min(k, scores.shape[1]))
+    return best, rows.gather(1, positions)
+
+
+class ExactTorchSearcher:
+    """Exact inner-product search by blocked float32 matrix products, on the CPU or on GPUs.
+
+    The store (an array, or a `StoredRows` file read block by block) is cut into blocks of
+    `block_rows`; queries come in chunks, each chunk is scored against one block at a time, its top-k
+    kept and merged, so memory is chunk x block, never N x N nor the whole store (DINOv2's kNN
+    scheme). With several devices, each holds a contiguous shard of the blocks (DINOv2's sharded
+    reference set), searches it in its own thread and the shards' top-k are merged by row. On GPUs
+    the blocks stay on their device when a shard fits in half its free memory; otherwise, and
+    always on the CPU, they are read again for every chunk. Ties are ranked by row, lowest first.
+    """
+
+    def __init__(self, vectors: np.ndarray | StoredRows, device: str = "auto", block_rows: int = 65_536):
+        if block_rows < 1:
+            raise SimsearchError(f"the block size must be at least 1 row, not {block_rows}")
+        self.vectors = vectors
+        self.devices = resolve_devices(device)
+        self.device = str(self.devices[0])
+        self.block_rows = block_rows
+        self.count = len(vectors)
+        blocks = list(range(0, self.count, block_rows))
+        per_device = -(-len(blocks) // len(self.devices)) if blocks else 0
+        self.shards = [(d, blocks[i * per_device : (i + 1) * per_device]) for i, d in enumerate(self.devices)]
+        self.shards = [(d, starts) for d, starts in self.shards if starts]
+        self.resident: dict[int, torch.Tensor] = {}
+        self.keep_blocks = self._shards_fit_on_gpus(per_device * block_rows * int(vectors.shape[1]) * 4)
+        where = ", ".join(str(d) for d in self.devices)
+        self.description = f"exact torch search on {where} ({len(blocks)} block(s) of {block_rows} rows)"
+
+    def _shards_fit_on_gpus(self, shard_bytes: int) -> bool:
+        if any(d.type != "cuda" for d in self.devices):
+            return False
+        return all(shard_bytes < torch.cuda.mem_get_info(d)[0] // 2 for d in self.devices)
+
+    def _block(self, start: int, device: torch.device) -> torch.Tensor:
+        if start in self.resident:
+            return self.resident[start]
+        block = torch.from_numpy(read_rows(self.vectors, start, start + self.block_rows)).to(device)
+        if self.keep_blocks:
+            self.resident[start] = block
+        return block
+
+    def _search_shard(self, device: torch.device, starts: list[int], queries: np.ndarray, k: int,
+                      exclude_rows: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor]:
+        query = torch.from_numpy(queries).to(device)
+        exclude = None if exclude_rows is None else torch.as_tensor(exclude_rows, device=device)
+        best: tuple[torch.Tensor, torch.Tensor] | None = None
+        for start in starts:
+            block = self._block(start, device)
             scores = query @ block.T  # (queries, block rows)
             if exclude is not None:  # a query's own row is removed by id, whatever it scores
-                inside = (exclude >= offset) & (exclude < offset + len(block))
-                scores[inside.nonzero(as_tuple=True)[0], exclude[inside] - offset] = float("-inf")
-            top_scores, top_rows = scores.topk(min(k, len(block)), dim=1)
-            best_scores = torch.cat([best_scores, top_scores], dim=1)
-            best_rows = torch.cat([best_rows, top_rows + offset], dim=1)
-            if best_scores.shape[1] > k:
-                best_scores, order = best_scores.topk(k, dim=1)
-                best_rows = best_rows.gather(1, order)
+                inside = (exclude >= start) & (exclude < start + len(block))
+                scores[inside.nonzero(as_tuple=True)[0], exclude[inside] - start] = float("-inf")
+            top_scores, top_columns = top_k_lowest_first(scores, min(k, len(block)))
+            found = (top_scores, top_columns + start)
+            best = found if best is None else merge_top_k(best, found, k)
+        return best
+
+    def search(self, queries: np.ndarray, k: int, exclude_rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(Q, D) queries -> scores and rows (Q, k), best first; `exclude_rows[i]` is never returned for query i."""
+        k = min(k, self.count)
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if not self.shards or k == 0:
+            return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
+        if len(self.shards) > 1:
+            with ThreadPoolExecutor(len(self.shards)) as pool:
+                results = list(pool.map(lambda shard: self._search_shard(*shard, queries, k, exclude_rows), self.shards))
+        else:
+            results = [self._search_shard(*shard, queries, k, exclude_rows) for shard in self.shards]
+        best_scores, best_rows = results[0][0].cpu(), results[0][1].cpu()
+        for scores, rows in results[1:]:  # shards hold increasing rows: merge in order
+            best_scores, best_rows = merge_top_k((best_scores, best_rows), (scores.cpu(), rows.cpu()), k)
         best_rows[best_scores == float("-inf")] = -1
-        return best_scores.cpu().numpy(), best_rows.cpu().numpy()
+        return best_scores.numpy(), best_rows.numpy()
 
 
 class FaissSearcher:

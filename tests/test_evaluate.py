@@ -1,18 +1,28 @@
 """Evaluation: metric values against hand-computed cases, a slow loop reference and torchmetrics."""
 
-from collections import defaultdict
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
-from torchmetrics.retrieval import RetrievalMAP, RetrievalPrecision, RetrievalRecall, RetrievalRPrecision
+from torchmetrics.retrieval import (
+    RetrievalHitRate,
+    RetrievalMAP,
+    RetrievalPrecision,
+    RetrievalRecall,
+    RetrievalRPrecision,
+)
 
 from simsearch.config import Config
 from simsearch.errors import SimsearchError
-from simsearch.evaluate import evaluate_store, per_query_metrics
-from simsearch.index import FAISS_GPU_MAX_K, FaissSearcher, build_index
-from tests.conftest import FASHION_MNIST, TINY, clustered, make_vector_store, read_json, simsearch
+from simsearch.evaluate import evaluate_store, per_query_metrics, sample_queries
+from simsearch.index import FAISS_GPU_MAX_K, ExactTorchSearcher, FaissSearcher, StoredRows, build_index
+from simsearch.store import Store, finish_store
+from tests.conftest import FASHION_MNIST, TINY, clustered, make_vector_store, read_json, simsearch, simsearch_subprocess
 from tests.wandb_records import offline_summary
 
 SCHEMA = OmegaConf.structured(Config)
@@ -23,27 +33,58 @@ def configs(backend="exact", ks=(1, 5, 10, 20, 100), factory="Flat"):
     return eval_cfg, OmegaConf.merge(SCHEMA.index, {"factory": factory, "device": "cpu"})
 
 
-def reference_metrics(embeddings: np.ndarray, labels: np.ndarray, ks: list[int]) -> dict[str, float]:
-    """The definitions in evaluate.py, written as plainly as possible: one query at a time."""
+def ranking_metrics(relevant: list[bool], ks: list[int]) -> dict[str, float] | None:
+    """Every metric of one query from its ranked list of relevance flags, written as plainly as possible."""
+    R = sum(relevant)
+    if R == 0:
+        return None
+    values = {}
+    for K in ks:
+        hits = sum(relevant[:K])
+        values[f"hit@{K}"] = 1.0 if hits > 0 else 0.0
+        values[f"precision@{K}"] = hits / K
+        values[f"recall@{K}"] = hits / R
+        precisions = [sum(relevant[: i + 1]) / (i + 1) for i in range(K) if relevant[i]]
+        values[f"map@{K}"] = sum(precisions) / len(precisions) if precisions else 0.0
+    values["map@r"] = sum(sum(relevant[: i + 1]) / (i + 1) for i in range(R) if relevant[i]) / R
+    values["r_precision"] = sum(relevant[:R]) / R
+    return values
+
+
+def mean_of(per_query: list[dict[str, float]]) -> dict[str, float]:
+    return {name: float(np.mean([q[name] for q in per_query])) for name in per_query[0]}
+
+
+def reference_per_query(embeddings: np.ndarray, labels: np.ndarray, ks: list[int]) -> dict[int, dict[str, float]]:
+    """Leave-one-out, one query at a time; equal scores rank by row (Python's sort is stable)."""
     embeddings = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
     similarity = embeddings @ embeddings.T
-    values = defaultdict(list)
+    result = {}
     for q in range(len(labels)):
-        others = [j for j in range(len(labels)) if j != q]
-        ranked = sorted(others, key=lambda j: -similarity[q, j])
-        relevant = [labels[j] == labels[q] for j in ranked]
-        R = sum(relevant)
-        if labels[q] < 0 or R == 0:
-            continue
-        for K in ks:
-            hits = sum(relevant[:K])
-            values[f"precision@{K}"].append(hits / K)
-            values[f"recall@{K}"].append(hits / R)
-            precisions = [sum(relevant[: i + 1]) / (i + 1) for i in range(K) if relevant[i]]
-            values[f"map@{K}"].append(sum(precisions) / len(precisions) if precisions else 0.0)
-        values["map@r"].append(sum(sum(relevant[: i + 1]) / (i + 1) for i in range(R) if relevant[i]) / R)
-        values["r_precision"].append(sum(relevant[:R]) / R)
-    return {name: float(np.mean(v)) for name, v in values.items()}
+        ranked = sorted((j for j in range(len(labels)) if j != q), key=lambda j: -similarity[q, j])
+        values = ranking_metrics([labels[j] == labels[q] for j in ranked], ks) if labels[q] >= 0 else None
+        if values is not None:
+            result[q] = values
+    return result
+
+
+def reference_metrics(embeddings: np.ndarray, labels: np.ndarray, ks: list[int]) -> dict[str, float]:
+    """The definitions in evaluate.py, averaged over the queries that have a relevant item."""
+    return mean_of(list(reference_per_query(embeddings, labels, ks).values()))
+
+
+def reference_query_gallery(queries: np.ndarray, query_names: list, gallery: np.ndarray, gallery_names: list,
+                            ks: list[int]) -> dict[str, float]:
+    """Query/gallery by brute force: every gallery item ranked for every query (ties by gallery row), no
+    exclusion, relevance by class name."""
+    per_query = []
+    for vector, name in zip(queries, query_names):
+        scores = gallery @ vector
+        ranked = sorted(range(len(gallery)), key=lambda j: -scores[j])
+        values = ranking_metrics([gallery_names[j] == name for j in ranked], ks) if name is not None else None
+        if values is not None:
+            per_query.append(values)
+    return mean_of(per_query)
 
 
 def torchmetrics_values(embeddings: np.ndarray, labels: np.ndarray, ks: list[int]) -> dict[str, float]:
@@ -58,7 +99,8 @@ def torchmetrics_values(embeddings: np.ndarray, labels: np.ndarray, ks: list[int
     indexes = query[keep]
     result = {}
     for K in ks:
-        for name, metric in (("precision", RetrievalPrecision), ("recall", RetrievalRecall), ("map", RetrievalMAP)):
+        for name, metric in (("precision", RetrievalPrecision), ("recall", RetrievalRecall), ("map", RetrievalMAP),
+                             ("hit", RetrievalHitRate)):
             result[f"{name}@{K}"] = float(metric(top_k=K, empty_target_action="skip")(preds, target, indexes))
     result["r_precision"] = float(RetrievalRPrecision(empty_target_action="skip")(preds, target, indexes))
     return result
@@ -75,9 +117,11 @@ def test_hand_computed_case_with_a_negative_score(tmp_path):
     # Through a store: the negative-score neighbour still ranks (torchmetrics on raw cosines would drop it).
     labels = np.array([0, 1, 0, 0])
     store = make_vector_store(tmp_path / "s", vectors, labels)
-    metrics = evaluate_store(store, *configs(ks=[3]))
-    assert metrics["per_class"]["c0"]["precision@3"] == pytest.approx(reference_metrics(vectors, labels, [3]) and
-                                                                      np.mean([2 / 3, 2 / 3, 2 / 3]))
+    metrics = evaluate_store(store, *configs(ks=[1, 3]))
+    # every c0 query has its two class-mates among its 3 others: 2/3 each, the loop reference agrees
+    assert reference_metrics(vectors, labels, [3])["precision@3"] == pytest.approx(2 / 3)
+    assert metrics["per_class"]["c0"]["precision@3"] == pytest.approx(2 / 3)
+    assert metrics["precision@3"] == pytest.approx(2 / 3) and metrics["hit@1"] == metrics["precision@1"] == pytest.approx(1 / 3)
     assert metrics["queries"] == 3 and metrics["queries_without_relevant"] == 1  # class 1 has one member
 
 
@@ -180,3 +224,234 @@ def test_real_images_metrics_agree_with_an_independent_implementation(tmp_path):
     for name, value in reference_metrics(embeddings.astype(np.float64), labels, [1, 10, 50]).items():
         assert metrics[name] == pytest.approx(value, abs=2e-3), name
     assert metrics["precision@10"] > 0.3  # real classes cluster even under a random network (chance: 0.1)
+
+
+# ---------------------------------------------------------------- ties, blocks, devices, query/gallery
+
+
+def sign_vectors(n: int, dim: int, seed: int) -> np.ndarray:
+    """Vectors of +-1, dim a power of 4: after normalising, every entry is +-1/sqrt(dim) (a power of 2) and every
+    cosine a multiple of 1/dim, exact in float32 whatever the order of summation, so ties are exact on any
+    blocking or device."""
+    return np.random.default_rng(seed).choice([-1.0, 1.0], size=(n, dim))
+
+
+def eval_configs(**eval_values):
+    eval_cfg, index_cfg = configs(ks=eval_values.pop("ks", (1, 2, 5, 10, 30)))
+    return OmegaConf.merge(eval_cfg, eval_values), index_cfg
+
+
+def brute_force_top(gallery: np.ndarray, queries: np.ndarray, k: int, exclude: np.ndarray | None = None) -> np.ndarray:
+    rows = []
+    for i, query in enumerate(queries):
+        scores = gallery @ query
+        rows.append(sorted((j for j in range(len(gallery)) if exclude is None or j != exclude[i]),
+                           key=lambda j: -scores[j])[:k])
+    return np.array(rows)
+
+
+@pytest.mark.parametrize("block_rows, device", [(1, "cpu"), (7, "cpu"), (16, "cpu,cpu,cpu"), (1000, "cpu,cpu")])
+def test_exact_searcher_ranks_ties_by_row_across_blocks_and_devices(tmp_path, block_rows, device):
+    vectors = sign_vectors(90, 16, seed=3)
+    vectors[40:50] = vectors[3]  # exact duplicates, and cosines in 17 values only: ties everywhere
+    vectors = (vectors / 4).astype(np.float32)
+    np.save(tmp_path / "v.npy", vectors)
+    for source in (vectors, StoredRows(tmp_path / "v.npy")):
+        searcher = ExactTorchSearcher(source, device, block_rows=block_rows)
+        queries, own = vectors[::4], np.arange(0, 90, 4)
+        assert (searcher.search(queries, 25)[1] == brute_force_top(vectors, queries, 25)).all()
+        scores, rows = searcher.search(queries, 89, exclude_rows=own)
+        assert (rows == brute_force_top(vectors, queries, 89, exclude=own)).all()
+        assert not (rows == own[:, None]).any() and (rows >= 0).all()
+        assert np.allclose(scores, np.take_along_axis(queries @ vectors.T, rows, axis=1))
+
+
+def test_stored_rows_reads_any_rows_without_mapping_the_file(tmp_path):
+    vectors = np.random.default_rng(0).normal(size=(50, 3)).astype(np.float16)
+    np.save(tmp_path / "v.npy", vectors)
+    stored = StoredRows(tmp_path / "v.npy")
+    assert len(stored) == 50 and stored.block(45, 60).shape == (5, 3)
+    rows = np.array([7, 3, 4, 5, 49, 3, 0])
+    assert stored.take(rows).dtype == np.float32 and (stored.take(rows) == vectors[rows].astype(np.float32)).all()
+    (tmp_path / "v.npy").write_bytes((tmp_path / "v.npy").read_bytes()[:-10])
+    with pytest.raises(SimsearchError, match="truncated"):
+        StoredRows(tmp_path / "v.npy").block(40, 50)
+
+
+@pytest.mark.parametrize("block_rows, device", [(16, "cpu"), (5, "cpu,cpu")])
+def test_leave_one_out_across_blocks_with_ties_equals_the_loop(tmp_path, block_rows, device):
+    vectors = sign_vectors(120, 16, seed=1)
+    labels = np.random.default_rng(1).integers(0, 5, size=120)
+    labels[:2] = -1
+    vectors[60:64] = vectors[10]  # exact duplicates of row 10, in other blocks and other classes
+    store = make_vector_store(tmp_path / "s", vectors, labels)
+    ks = [1, 2, 5, 10, 30]
+    ours = evaluate_store(store, *eval_configs(block_rows=block_rows, device=device, query_chunk=9, ks=ks))
+    reference = reference_metrics(vectors, labels, ks)
+    assert set(reference) <= set(ours) and ours["protocol"] == "leave-one-out"
+    for name, value in reference.items():
+        assert ours[name] == pytest.approx(value, abs=1e-9), name
+    assert ours["queries"] == 118 and ours["queries_without_relevant"] == 2
+    assert ExactTorchSearcher(store.vectors(), device, block_rows).search(store.vectors(slice(10, 11)), 5)[1][0, 0] == 10
+
+
+def query_gallery_stores(tmp_path, seed: int = 0, dim: int = 16):
+    """A query store and a gallery store built apart: different class lists and orders, classes present in
+    only one of them, unlabelled items, and vectors of the query store duplicated in the gallery."""
+    rng = np.random.default_rng(seed)
+    gallery_classes, query_classes = ["boot", "bag", "coat", "dress", "only_gallery"], ["only_query", "dress", "coat", "bag", "boot"]
+    gallery_vectors, gallery_labels = sign_vectors(70, dim, seed), rng.integers(0, 5, size=70)
+    query_vectors, query_labels = sign_vectors(40, dim, seed + 100), rng.integers(0, 5, size=40)
+    query_labels[:2] = -1
+    gallery_vectors[:5] = query_vectors[5:10]
+    gallery = make_vector_store(tmp_path / "gallery", gallery_vectors, gallery_labels, gallery_classes)
+    queries = make_vector_store(tmp_path / "queries", query_vectors, query_labels, query_classes)
+    names = lambda labels, classes: [classes[y] if y >= 0 else None for y in labels]  # noqa: E731
+    reference_inputs = (query_vectors / np.sqrt(dim), names(query_labels, query_classes),
+                        gallery_vectors / np.sqrt(dim), names(gallery_labels, gallery_classes))
+    return queries, gallery, reference_inputs
+
+
+@pytest.mark.parametrize("block_rows, device", [(65_536, "cpu"), (8, "cpu"), (9, "cpu,cpu")])
+def test_query_gallery_equals_brute_force_with_ties_and_names_matched(tmp_path, block_rows, device):
+    queries, gallery, reference_inputs = query_gallery_stores(tmp_path)
+    ks = [1, 2, 5, 10, 30]
+    ours = evaluate_store(queries, *eval_configs(block_rows=block_rows, device=device, ks=ks), gallery=gallery)
+    reference = reference_query_gallery(*reference_inputs, ks)
+    for name, value in reference.items():
+        assert ours[name] == pytest.approx(value, abs=1e-9), name
+    for K in ks:
+        assert ours[f"hit@{K}"] >= ours[f"precision@{K}"] and ours["hit@1"] == ours["precision@1"]
+    only_query = int((queries.labels == 0).sum())  # class "only_query" has nothing in the gallery
+    assert ours["queries_without_relevant"] == only_query + 2 and "only_query" not in ours["per_class"]
+    assert ours["protocol"] == "query-gallery" and ours["items"] == 70
+    assert ours["gallery"]["count"] == 70 and ours["gallery"]["dir"] == str((tmp_path / "gallery").resolve())
+
+
+def test_query_gallery_with_the_faiss_index_equals_brute_force(tmp_path):
+    rng = np.random.default_rng(5)
+    gallery = make_vector_store(tmp_path / "g", rng.normal(size=(80, 12)), rng.integers(0, 4, 80), ["a", "b", "c", "d"])
+    query_vectors, query_labels = rng.normal(size=(30, 12)), rng.integers(0, 4, 30)
+    queries = make_vector_store(tmp_path / "q", query_vectors, query_labels, ["d", "c", "b", "a"])
+    ours = evaluate_store(queries, *configs("index", ks=[1, 5, 20]), gallery=gallery)
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    reference = reference_query_gallery(unit(query_vectors), [["d", "c", "b", "a"][y] for y in query_labels],
+                                        gallery.vectors(), [["a", "b", "c", "d"][y] for y in gallery.labels], [1, 5, 20])
+    for name, value in reference.items():
+        assert ours[name] == pytest.approx(value, abs=1e-6), name
+
+
+def test_sampled_queries_are_seeded_recorded_and_ranked_against_every_item(tmp_path):
+    embeddings, labels = clustered(90, 4, dim=8, spread=1.5, seed=2)
+    store = make_vector_store(tmp_path / "s", embeddings, labels)
+    ours = evaluate_store(store, *eval_configs(queries=25, ks=[1, 5]), seed=7)
+    assert ours["queries"] == 25 and ours["items"] == 90
+    assert ours["query_sample"] == {"sampled": 25, "of": 90, "seed": 7,
+                                    "note": "a seeded sample of the queries; every item stays in the gallery"}
+    rows, _ = sample_queries(np.arange(90), 25, seed=7)
+    reference = reference_per_query(embeddings, labels, [1, 5])
+    for name, value in mean_of([reference[int(r)] for r in rows]).items():
+        assert ours[name] == pytest.approx(value, abs=1e-6), name
+    assert evaluate_store(store, *eval_configs(queries=25, ks=[1, 5]), seed=7) == ours
+    assert "query_sample" not in evaluate_store(store, *eval_configs(queries=500, ks=[1, 5]))
+
+
+def test_eval_command_query_gallery_writes_metrics_naming_the_gallery(tmp_path, capsys):
+    queries, gallery, reference_inputs = query_gallery_stores(tmp_path, seed=4)
+    code = simsearch("eval", f"run.dir={queries.dir}", f"eval.gallery={gallery.dir}", "logger=none", "eval.k=[1,5,10]",
+                     "eval.block_rows=16", "eval.device=cpu")
+    assert code == 0
+    metrics = read_json(queries.dir / "metrics.json")
+    assert metrics["gallery"]["dir"] == str(gallery.dir.resolve()) and metrics["protocol"] == "query-gallery"
+    assert metrics["gallery"]["embeddings_sha256"] == gallery.manifest["sha256"]["embeddings.npy"]
+    for name, value in reference_query_gallery(*reference_inputs, [1, 5, 10]).items():
+        assert metrics[name] == pytest.approx(value, abs=1e-9), name
+    assert f"gallery: {gallery.dir.resolve()}" in capsys.readouterr().out
+    assert not (gallery.dir / "metrics.json").exists() and not list(queries.dir.glob(".*partial"))
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["eval.gallery=nowhere"], "no store in nowhere"),
+    (["eval.gallery=queries"], "is the query store itself"),
+    (["eval.gallery=other_dim"], "dim 16 and the gallery"),
+    (["eval.queries=0"], "eval.queries must be a positive"),
+    (["eval.block_rows=0"], "eval.block_rows must be at least 1"),
+    (["eval.device=tpu"], "device must be auto, cpu, cuda"),
+])
+def test_eval_bad_input_is_one_line(tmp_path, arguments, message):
+    query_gallery_stores(tmp_path)
+    make_vector_store(tmp_path / "other_dim", np.eye(4), np.array([0, 1, 0, 1]))
+    result = simsearch_subprocess("eval", "run.dir=queries", "logger=none", *arguments, cwd=tmp_path)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_query_gallery_refuses_stores_of_different_models(tmp_path):
+    queries, gallery, _ = query_gallery_stores(tmp_path)
+    for store, weights in ((queries, "imagenet"), (gallery, "random")):
+        manifest = read_json(store.dir / "manifest.json")
+        manifest["model"] = {"name": "resnet50", "weights": weights, "image_size": 224}
+        (store.dir / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(SimsearchError, match="different models"):
+        evaluate_store(Store.open(queries.dir), *configs(), gallery=Store.open(gallery.dir))
+
+
+MEMORY_PROBE = """
+import json, sys
+import numpy as np
+from omegaconf import OmegaConf
+from simsearch.config import Config
+from simsearch.evaluate import evaluate_embeddings, evaluate_store
+from simsearch.store import Store
+
+# warm-up on a separate small array: torch's first matrix product maps its kernels and thread pools
+warm = np.random.default_rng(0).normal(size=(500, 8)).astype(np.float32)
+evaluate_embeddings(warm / np.linalg.norm(warm, axis=1, keepdims=True), np.arange(500) % 5, [], [1])
+store = Store.open(sys.argv[1])
+schema = OmegaConf.structured(Config)
+eval_cfg = OmegaConf.merge(schema.eval, {"k": [1, 10], "device": "cpu", "queries": 64, "query_chunk": 16,
+                                         "block_rows": 2048, "backend": "exact"})
+def high_water_kb():
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
+before = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS"))
+open("/proc/self/clear_refs", "w").write("5")  # reset the high-water mark to the current RSS
+metrics = evaluate_store(store, eval_cfg, schema.index)
+print(json.dumps({"before_kb": before, "peak_kb": high_water_kb(), "queries": metrics["queries"],
+                  "hit@10": metrics["hit@10"]}))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc/self/clear_refs")
+def test_evaluation_memory_is_bounded_by_chunk_and_block_not_by_the_store(tmp_path):
+    rows, dim = 60_000, 512  # a 123 MB store; chunk x block = 16 x 2,048 scores (128 kB)
+    store_dir = tmp_path / "big"
+    store_dir.mkdir()
+    embeddings = np.lib.format.open_memmap(store_dir / "embeddings.npy", mode="w+", dtype=np.float32, shape=(rows, dim))
+    rng = np.random.default_rng(0)
+    for start in range(0, rows, 10_000):
+        block = rng.normal(size=(10_000, dim)).astype(np.float32)
+        embeddings[start : start + 10_000] = block / np.linalg.norm(block, axis=1, keepdims=True)
+    embeddings.flush()
+    del embeddings
+    labels = rng.integers(0, 1_000, size=rows)
+    items = [{"id": str(i), "index": i, "label": str(y)} for i, y in enumerate(labels)]
+    finish_store(store_dir, labels, items, [], {"count": rows, "dim": dim, "dtype": "float32",
+                                                "data": {"classes": [str(c) for c in range(1_000)]}, "model": {}})
+    store_mb = (store_dir / "embeddings.npy").stat().st_size / 2**20
+    probe = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(store_dir)], capture_output=True, text=True, timeout=600)
+    assert probe.returncode == 0, probe.stderr
+    result = json.loads(probe.stdout.strip().splitlines()[-1])
+    growth_mb = (result["peak_kb"] - result["before_kb"]) / 1024
+    assert result["queries"] == 64 and 0 <= result["hit@10"] <= 1
+    assert growth_mb < store_mb / 4, f"evaluation grew RSS by {growth_mb:.0f} MB for a {store_mb:.0f} MB store"
+
+
+def test_query_gallery_eval_logs_metrics_and_the_gallery_to_wandb_offline(tmp_path):
+    queries, gallery, _ = query_gallery_stores(tmp_path, seed=2)
+    code = simsearch("eval", f"run.dir={queries.dir}", f"eval.gallery={gallery.dir}", "eval.k=[1,5]", "logger=wandb",
+                     f"logger.wandb.dir={tmp_path}")
+    assert code == 0
+    summary = offline_summary(next((tmp_path / "wandb").glob("offline-run-*/run-*.wandb")))
+    metrics = read_json(queries.dir / "metrics.json")
+    assert summary.get("test/hit@5") == pytest.approx(metrics["hit@5"]), sorted(summary)
+    assert summary["test/protocol"] == "query-gallery" and summary["test/gallery"] == str(gallery.dir.resolve())

@@ -35,14 +35,29 @@ def records(path: Path) -> list[bytes]:
     return result
 
 
-def offline_summary(run_file: Path) -> dict:
-    """Every summary key of the run, last value wins."""
+def complete_records(run_file: Path, wait_s: float = 60.0) -> list:
+    """The run's records once its exit record is written: wandb's service process may still be writing
+    the file for a moment after `run.finish()` returns (seen under load)."""
+    import time
+
     from wandb.proto import wandb_internal_pb2
 
+    deadline = time.monotonic() + wait_s
+    while True:
+        parsed = []
+        for raw in records(run_file):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(raw)
+            parsed.append(record)
+        if any(r.WhichOneof("record_type") == "exit" for r in parsed) or time.monotonic() > deadline:
+            return parsed
+        time.sleep(0.2)
+
+
+def offline_summary(run_file: Path) -> dict:
+    """Every summary key of the run, last value wins."""
     summary = {}
-    for raw in records(run_file):
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(raw)
+    for record in complete_records(run_file):
         if record.WhichOneof("record_type") == "summary":
             for item in record.summary.update:
                 key = item.key or "/".join(item.nested_key)
