@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,8 @@ from simsearch.config import save_config
 from simsearch.errors import SimsearchError
 from simsearch.store import Store
 from simsearch.tracking import finish, log_image, log_metrics, start_run
+
+log = logging.getLogger(__name__)
 
 
 def index(cfg: DictConfig) -> dict[str, Any]:
@@ -65,17 +68,21 @@ def search(cfg: DictConfig) -> Any:
     pixels = ItemImages(store)
     if kind == "item":
         result = search_item(store, searcher, target, cfg.search.k)
-        query_image, caption = pixels.image(target), f"{result.query['id']} ({result.query['label']})"
+        query_image, missing = pixels.image_or_placeholder(target)
+        caption = f"{result.query['id']} ({result.query['label']})"
+        if missing:
+            log.warning("the query's image cannot be shown: %s", missing)
         print(f"Query Image Index: {target}  id: {result.query['id']}  label: {result.query['label']}")
     else:
         query_image = read_query_image(target)
         result = search_image(store, searcher, QueryEncoder(store.manifest), query_image, cfg.search.k, str(target))
         caption = Path(target).name
         print(f"Query image: {target}")
-    print(result_table(result))
+    tiles = [pixels.image_or_placeholder(n.row) for n in result.neighbours]
+    print(result_table(result, [reason for _, reason in tiles]))
     if result.precision is not None:
         print(f"Precision@{cfg.search.k}: {result.precision:.2f}")
-    grid = draw_grid(query_image, caption, result, [pixels.image(n.row) for n in result.neighbours])
+    grid = draw_grid(query_image, caption, result, [image for image, _ in tiles])
     grid_path = store.dir / cfg.search.grid
     grid.save(grid_path)
     print(f"Saved image: {grid_path}")

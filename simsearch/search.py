@@ -12,7 +12,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image, ImageDraw, ImageFont
 
-from simsearch.data import ImageCollection, build_collection, decode_image, pil_to_uint8
+from simsearch.data import ImageCollection, UnreadableImage, build_collection, decode_image, pil_to_uint8
 from simsearch.errors import SimsearchError
 from simsearch.evaluate import search_without_self
 from simsearch.index import Searcher, resolve_device
@@ -62,11 +62,34 @@ class ItemImages:
     def image(self, row: int) -> Image.Image:
         path = self.path_of(row)
         if path is not None:
+            if not path.is_file():
+                raise UnreadableImage(f"{self.store.items[row]['path']} was moved or deleted since extraction")
             return decode_image(path)
         if self._collection is None:
             data = OmegaConf.create({**self.data, "limit": None})
             self._collection = build_collection(data, int(self.store.manifest["model"]["image_size"]))
         return self._collection.image(int(self.store.items[row]["index"]))
+
+
+    def image_or_placeholder(self, row: int) -> tuple[Image.Image, str | None]:
+        """The item's image, or a grey tile saying why it cannot be shown (file moved, deleted, unreadable,
+        outside the data root, dataset gone), with that reason: a result is never lost for its picture."""
+        try:
+            return self.image(row), None
+        except (UnreadableImage, SimsearchError, OSError) as error:
+            reason = str(error)
+            return placeholder_image(reason), reason
+
+
+def placeholder_image(reason: str, size_px: int = 160) -> Image.Image:
+    """A grey tile with the reason written on it, wrapped to fit."""
+    import textwrap
+
+    tile = Image.new("RGB", (size_px, size_px), (225, 225, 225))
+    draw = ImageDraw.Draw(tile)
+    text = "\n".join(textwrap.wrap(f"image unavailable: {reason}", width=max(8, size_px // 7))[:10])
+    draw.multiline_text((6, 6), text, fill=(90, 90, 90), font=_font(11), spacing=2)
+    return tile
 
 
 @dataclass
@@ -175,9 +198,12 @@ def draw_grid(query_image: Image.Image, query_caption: str, result: SearchResult
     return canvas
 
 
-def result_table(result: SearchResult) -> str:
+def result_table(result: SearchResult, missing: list[str | None] | None = None) -> str:
+    """One line per neighbour; `missing[i]`, when given, says why neighbour i's image cannot be shown."""
     lines = [f"{'rank':>4}  {'score':>7}  {'label':<14}  id"]
-    for n in result.neighbours:
+    for n, reason in zip(result.neighbours, missing or [None] * len(result.neighbours)):
         mark = "" if n.relevant is None else (" +" if n.relevant else " -")
-        lines.append(f"{n.rank:>4}  {n.score:>7.4f}  {str(n.label):<14}  {n.id}{mark}")
+        note = f"  (image unavailable: {reason})" if reason else ""
+        shown = n.id if n.id.isprintable() else repr(n.id)  # a newline in a file name stays on its line
+        lines.append(f"{n.rank:>4}  {n.score:>7.4f}  {str(n.label):<14}  {shown}{mark}{note}")
     return "\n".join(lines)
