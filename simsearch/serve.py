@@ -27,6 +27,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from omegaconf import DictConfig
 from PIL import Image
 from starlette.convertors import Convertor, register_url_convertor
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from simsearch.data import UnreadableImage, decode_image, to_rgb
 from simsearch.errors import SimsearchError
@@ -202,8 +203,8 @@ def create_app(cfg: DictConfig) -> FastAPI:
                 image = file_thumbnail(path, cfg.serve.thumbnail_px)
             return thumbnail_bytes(image, cfg.serve.thumbnail_px)
 
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+    @app.exception_handler(StarletteHTTPException)  # FastAPI's and Starlette's own (bad multipart, no route)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         log.warning("%s %s -> %d: %s", request.method, request.url.path, error.status_code, error.detail)
         return JSONResponse({"error": error.detail}, status_code=error.status_code)
 

@@ -110,7 +110,7 @@ def test_index_of_the_old_store_is_not_used_after_an_update(tmp_path, capsys):
 
 def test_killed_run_then_a_moved_file_resumes_to_a_fresh_store(tmp_path):
     root = tmp_path / "images"
-    write_folder(root, per_class=60)  # 180 files, batches of 4
+    write_folder(root, per_class=32)  # 96 files, 24 batches of 4
     common = ["extract", "data=folder", f"data.root={root}", "data.batch_size=4", *TINY]
     script = Path(sys.executable).parent / "simsearch"
     process = subprocess.Popen([str(script), *common, "run.dir=killed"], cwd=tmp_path,
@@ -121,7 +121,7 @@ def test_killed_run_then_a_moved_file_resumes_to_a_fresh_store(tmp_path):
         time.sleep(0.05)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
-    assert 4 <= len(list(shards.glob("*.safetensors"))) < 40, "the run must be killed mid-way"
+    assert 4 <= len(list(shards.glob("*.safetensors"))) < 22, "the run must be killed mid-way"
     assert json.loads((tmp_path / "killed" / ".lock").read_text())["pid"] == process.pid  # left behind, stale
     # the same file count, but the first files (already in shards) shift: the fault of matching by position
     shutil.move(root / "cats" / "000.png", root / "owls" / "999.png")
@@ -131,7 +131,7 @@ def test_killed_run_then_a_moved_file_resumes_to_a_fresh_store(tmp_path):
     assert "stale lock" in result.stderr and "resuming:" in result.stderr
     assert simsearch(*common, "run.dir=fresh") == 0
     resumed, fresh = Store.open(tmp_path / "killed"), Store.open(tmp_path / "fresh")
-    assert len(resumed) == 180 and 0 < resumed.manifest["embedded"] == 180
+    assert len(resumed) == 96 and resumed.manifest["embedded"] == 96 and resumed.manifest["reused"] == 0
     assert_same_store(resumed, fresh)
 
 
