@@ -350,3 +350,33 @@ def test_large_images_are_thumbnailed_once(folder_store, tmp_path, monkeypatch):
     with client_for(folder_store, "serve.thumbnail_px=128") as client:
         sizes = {Image.open(io.BytesIO(client.get("/items/red%2F00.png/image").content)).size for _ in range(3)}
     assert sizes == {(128, 85)} and len(calls) == 1
+
+
+def test_concurrent_requests_for_one_large_image_decode_it_once(folder_store, tmp_path, monkeypatch):
+    import threading
+
+    import simsearch.serve as serve_module
+
+    Image.new("RGB", (2000, 2000), (30, 30, 200)).save(tmp_path / "images" / "blue" / "00.png")
+    calls = []
+    original = serve_module.file_thumbnail
+    monkeypatch.setattr(serve_module, "file_thumbnail", lambda path, px: calls.append(path) or original(path, px))
+    with client_for(folder_store) as client:
+        codes = []
+        threads = [threading.Thread(target=lambda: codes.append(client.get("/items/blue%2F00.png/image").status_code))
+                   for _ in range(8)]
+        [thread.start() for thread in threads]
+        [thread.join() for thread in threads]
+    assert codes == [200] * 8 and len(calls) == 1
+
+
+def test_serve_on_a_store_where_the_index_cannot_be_saved(folder_store, monkeypatch):
+    import simsearch.index as index_module
+
+    def read_only(*args):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(index_module, "save_index", read_only)
+    with client_for(folder_store) as client:
+        assert client.get("/search", params={"item": "red/01.png", "k": 3}).status_code == 200
+    assert not (folder_store / "index.faiss").exists()
