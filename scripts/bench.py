@@ -505,7 +505,76 @@ def bench_startup(store_size: int, repeats: int, workdir: Path) -> list[Row]:
              "vs_import_torch": f"{value / torch_seconds:.2f}x"} for name, value in seconds.items()]
 
 
-SECTIONS = {"eval", "eval_sampled", "index", "extract", "latency", "memory", "serve", "startup"}
+def bench_incremental(count: int, workdir: Path) -> list[Row]:
+    """Add one image to a folder of `count`: `simsearch extract` into the existing store (incremental)
+    against a fresh extraction of the same folder (the plain way), same run, same arguments."""
+    from PIL import Image
+
+    folder = workdir / "incremental"
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        (folder / f"c{i % 4}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(folder / f"c{i % 4}" / f"{i:06d}.jpg")
+    common = ["data=folder", f"data.root={folder}", "model.weights=random", "model.image_size=64",
+              "data.batch_size=32", "data.num_workers=0"]
+    simsearch_extract(common + [f"run.dir={workdir / 'inc-store'}"])
+    Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(folder / "c0" / "added.jpg")
+    incremental_s, _ = timed(lambda: simsearch_extract(common + [f"run.dir={workdir / 'inc-store'}"]))
+    fresh_s, _ = timed(lambda: simsearch_extract(common + [f"run.dir={workdir / 'inc-fresh'}"]))
+    manifest = json.loads((workdir / "inc-store" / "manifest.json").read_text())
+    return [{"section": "incremental", "case": f"1 image added to {count} (64 px, random weights, cpu)",
+             "simsearch_s": round(incremental_s, 2), "fresh_extraction_s": round(fresh_s, 2),
+             "ratio": round(fresh_s / incremental_s, 1), "embedded": manifest["embedded"], "reused": manifest["reused"]}]
+
+
+THUMBNAIL_PROBE = """
+import resource, sys, threading
+from pathlib import Path
+from PIL import Image
+from simsearch.serve import ThumbnailCache, thumbnail_bytes
+from simsearch.data import decode_image
+from simsearch.search import ItemImages
+from simsearch.store import Store
+store = Store.open(sys.argv[1])
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+cache = ThumbnailCache(ItemImages(store), 256)
+# plain: what a server does without the cache: decode the whole image per request, then shrink it
+work = (lambda: cache.png(0)) if sys.argv[2] == "simsearch" else \
+    (lambda: thumbnail_bytes(decode_image(Path(store.manifest["data"]["root"]) / store.items[0]["path"]), 256))
+threads = [threading.Thread(target=work) for _ in range(8)]
+[t.start() for t in threads]; [t.join() for t in threads]
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+"""
+
+
+def bench_thumbnails(side_px: int, workdir: Path) -> list[Row]:
+    """Peak memory of 8 concurrent thumbnail requests for one side_px x side_px photo, each way in its own process."""
+    import subprocess
+
+    from PIL import Image
+
+    rows = []
+    for suffix in ("jpg", "png"):
+        folder = workdir / f"thumbs-{suffix}" / "a"
+        folder.mkdir(parents=True)
+        pixels = np.random.default_rng(0).integers(0, 256, (side_px, side_px, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"big.{suffix}", **({"compress_level": 1} if suffix == "png" else {}))
+        store_dir = workdir / f"thumbs-store-{suffix}"
+        simsearch_extract(["data=folder", f"data.root={folder.parent}", "model.weights=random", "model.image_size=32",
+                           "data.num_workers=0", f"run.dir={store_dir}"])
+        peaks = {}
+        for way in ("simsearch", "plain"):
+            started = time.perf_counter()
+            out = subprocess.run([sys.executable, "-c", THUMBNAIL_PROBE, str(store_dir), way], capture_output=True,
+                                 text=True, check=True).stdout
+            peaks[way] = (float(out.strip().splitlines()[-1]), time.perf_counter() - started)
+        rows.append({"section": "thumbnails", "case": f"8 concurrent requests, one {side_px} px {suffix.upper()}",
+                     "simsearch_extra_peak_mb": round(peaks["simsearch"][0]), "plain_extra_peak_mb": round(peaks["plain"][0]),
+                     "simsearch_s": round(peaks["simsearch"][1], 1), "plain_s": round(peaks["plain"][1], 1)})
+    return rows
+
+
+SECTIONS = {"eval", "eval_sampled", "extract", "incremental", "index", "latency", "memory", "serve", "startup", "thumbnails"}
 
 
 def hardware() -> dict[str, object]:
@@ -569,6 +638,10 @@ def main() -> None:
             rows += bench_startup(10_000 if arguments.quick else 100_000, 5, workdir)
         if "memory" in sections:
             rows += bench_memory([2_000, 20_000] if arguments.quick else [10_000, 100_000], workdir)
+        if "incremental" in sections:
+            rows += bench_incremental(400 if arguments.quick else 4_000, workdir)
+        if "thumbnails" in sections:
+            rows += bench_thumbnails(4_000 if arguments.quick else 9_000, workdir)
         if "index" in sections:
             sizes = arguments.index_sizes or ([10_000, 100_000] if arguments.quick else [100_000, 1_000_000])
             rows += bench_index(sizes, arguments.index_dim or (256 if arguments.quick else 2048), workdir)

@@ -99,16 +99,19 @@ def search(cfg: DictConfig) -> Any:
         result = search_image(store, searcher, QueryEncoder(store.manifest), query_image, cfg.search.k, str(target))
         caption = Path(target).name
         print(f"Query image: {target}")
-    print(result_table(result), flush=True)
+    tiles = [pixels.image_or_placeholder(n.row) for n in result.neighbours] if pixels.records_images else []
+    print(result_table(result, [reason for _, reason in tiles] or None), flush=True)
     if result.precision is not None:
         print(f"Precision@{cfg.search.k}: {result.precision:.2f}", flush=True)
-    try:
+    grid = None
+    if not pixels.records_images:  # the answer stands without its picture
+        log.warning("no grid drawn: the store %s records no images, only vectors", store.dir)
+    else:
         if kind == "item":
-            query_image = pixels.image(target)
-        grid = draw_grid(query_image, caption, result, [pixels.image(n.row) for n in result.neighbours])
-    except (SimsearchError, UnreadableImage) as error:  # the answer stands without its picture
-        log.warning("no grid drawn: %s", error)
-        grid = None
+            query_image, missing = pixels.image_or_placeholder(target)
+            if missing:
+                log.warning("the query's image cannot be shown: %s", missing)
+        grid = draw_grid(query_image, caption, result, [image for image, _ in tiles])
     grid_path = store.dir / cfg.search.grid
     if grid is not None:
         grid.save(grid_path)

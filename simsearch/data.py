@@ -9,6 +9,7 @@ images of mixed sizes are resized once in the loader so that they can be stacked
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,8 @@ class ImageCollection(Dataset):
 
     classes: list[str] = []
     labels: np.ndarray  # (N,) int64, -1 where unknown
+    split: str = "test"  # part of a dataset item's key
+    unlisted: list[dict[str, Any]] = []  # inputs found but not listed (folders: bad links), with the reason
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -62,8 +65,9 @@ class ImageCollection(Dataset):
         raise NotImplementedError
 
     def item_record(self, index: int) -> dict[str, Any]:
-        """What `items.jsonl` says of the item: at least `id`, and `path` or `index`."""
-        return {"id": str(index), "index": index}
+        """What `items.jsonl` says of the item: `id`, `path` or `index`, and `key`, the item's identity
+        within its source (a dataset's split and index): a stored vector is reused only by key."""
+        return {"id": str(index), "index": index, "key": f"{self.split}/{index}"}
 
     def pixels(self, index: int) -> torch.Tensor:
         return pil_to_uint8(self.image(index))
@@ -98,6 +102,12 @@ class ArrayCollection(ImageCollection):
 class FolderCollection(ImageCollection):
     """Every image file under a root, found recursively, in sorted path order.
 
+    Hidden files and folders (a name starting with `.`: `.thumbnails/`, `.DS_Store`) are ignored.
+    Symbolic links are followed while their target stays inside the root; a link that leaves the
+    root, a dangling link and a link loop are not read but recorded in `self.unlisted` with the
+    reason (they end up in skipped.jsonl). Each file's size and modification time are taken when the
+    folder is listed: with its relative path they are the item's key (see `item_record`).
+
     Files are resized to the model's input size in the loader, the one CPU step that cannot wait
     for the device: images of different sizes must share a size to be stacked into a batch. With
     `decode_on_device`, JPEG files travel as their bytes and are decoded and resized on the model's
@@ -108,10 +118,9 @@ class FolderCollection(ImageCollection):
         self.root = root
         self.size_px = size_px
         self.decode_on_device = decode_on_device
-        self.paths = sorted(
-            (p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),
-            key=lambda p: p.relative_to(root).as_posix(),
-        )
+        listed, self.unlisted = list_image_files(root)
+        self.paths = [path for path, _ in listed]
+        self.stats = [stat for _, stat in listed]  # (size in bytes, mtime in ns) when listed
         relative = [p.relative_to(root) for p in self.paths]
         folders = [r.parts[0] if len(r.parts) > 1 else None for r in relative]
         self.classes = sorted({f for f in folders if f is not None}) if with_labels else []
@@ -119,8 +128,10 @@ class FolderCollection(ImageCollection):
         self.labels = np.array([class_index.get(f, -1) for f in folders], dtype=np.int64)
 
     def item_record(self, index: int) -> dict[str, Any]:
+        """The key is path, size and mtime: a file changed in place or moved is a new item."""
         path = self.paths[index].relative_to(self.root).as_posix()
-        return {"id": path, "path": path}
+        size, mtime_ns = self.stats[index]
+        return {"id": path, "path": path, "key": f"{path}:{size}:{mtime_ns}"}
 
     def image(self, index: int) -> Image.Image:
         return decode_image(self.paths[index])
@@ -140,6 +151,70 @@ class FolderCollection(ImageCollection):
         except UnreadableImage as error:
             return {"pixels": self.placeholder(), "index": index, "valid": False, "reason": str(error)}
         return {"pixels": self.placeholder(), "index": index, "valid": True, "reason": "", "encoded": encoded}
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def list_image_files(root: Path) -> tuple[list[tuple[Path, tuple[int, int]]], list[dict[str, Any]]]:
+    """Image files under `root` in sorted relative-path order, each with (size, mtime_ns), and the
+    links that were not followed, each with the reason. One rule for links: followed while the
+    target is inside `root`, else recorded and left out."""
+    real_root = root.resolve()
+    files: list[tuple[Path, tuple[int, int]]] = []
+    unlisted: list[dict[str, Any]] = []
+    visited: set[Path] = {real_root}
+
+    def unlist(path: Path, reason: str) -> None:
+        relative = path.relative_to(root).as_posix()
+        unlisted.append({"id": relative, "path": relative, "reason": reason})
+
+    def target_of(path: Path) -> Path | None:
+        """The resolved target of a link inside the root, or None after recording why not."""
+        try:
+            target = path.resolve(strict=True)
+        except RuntimeError:
+            unlist(path, "symlink loop")
+            return None
+        except OSError as error:
+            if isinstance(error, FileNotFoundError):
+                unlist(path, "dangling symlink: its target does not exist")
+            else:
+                unlist(path, "symlink loop" if error.errno == 40 else f"unreadable symlink: {error}")
+            return None
+        if not target.is_relative_to(real_root):
+            unlist(path, f"symlink leaves data.root (to {target}): not followed")
+            return None
+        return target
+
+    def walk(folder: Path) -> None:
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as error:
+            unlist(folder, f"unreadable folder: {error.strerror or error}")
+            return
+        for entry in entries:
+            if _is_hidden(entry.name):
+                continue
+            path = folder / entry.name
+            target = target_of(path) if entry.is_symlink() else path
+            if target is None:
+                continue
+            if target.is_dir():
+                real = target.resolve()
+                if real in visited or real_root.is_relative_to(real):
+                    unlist(path, "symlink loop: a folder already listed")
+                    continue
+                visited.add(real)
+                walk(path)
+            elif path.suffix.lower() in IMAGE_SUFFIXES and target.is_file():
+                stat = target.stat()
+                files.append((path, (stat.st_size, stat.st_mtime_ns)))
+
+    walk(root)
+    files.sort(key=lambda item: item[0].relative_to(root).as_posix())
+    return files, unlisted
 
 
 def read_jpeg_bytes(path: Path) -> torch.Tensor:
@@ -231,7 +306,7 @@ class Subset(ImageCollection):
 
     def __init__(self, base: ImageCollection, limit: int):
         self.base = base
-        self.classes = base.classes
+        self.classes, self.split, self.unlisted = base.classes, base.split, base.unlisted
         self.labels = base.labels[:limit]
 
     def __getattr__(self, name: str) -> Any:  # root, paths, size_px... of the base
@@ -289,6 +364,7 @@ def build_collection(data: DictConfig, image_size_px: int, seed: int = 0,
     else:
         raise SimsearchError(f"unknown data.name '{data.name}' (cifar10, fashion_mnist, folder, synthetic, "
                              f"{', '.join(BENCHMARK_SPLITS)})")
+    collection.split = data.split
     if data.limit is not None:
         if data.limit < 1:
             raise SimsearchError(f"data.limit must be at least 1, not {data.limit}")

@@ -42,9 +42,20 @@ class BenchmarkCollection(FolderCollection):
                  decode_on_device: bool = False):
         self.root, self.size_px, self.decode_on_device = root, size_px, decode_on_device
         self.paths = [root / path for path in relative_paths]
+        self.stats = [file_stat(path) for path in self.paths]  # with the path, the item's key (see FolderCollection)
+        self.unlisted: list[dict] = []  # the annotation files name every item: none is left unlisted
         self.classes = list(dict.fromkeys(item_classes))  # in the order of the annotation file
         number = {name: i for i, name in enumerate(self.classes)}
         self.labels = np.array([number[name] for name in item_classes], dtype=np.int64)
+
+
+def file_stat(path: Path) -> tuple[int, int]:
+    """(size, mtime_ns) of a listed image; (-1, 0) for a missing one, which the loader then records as skipped."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return -1, 0
+    return stat.st_size, stat.st_mtime_ns
 
 
 def read_benchmark(name: str, root: Path, split: str, size_px: int, download: bool = False,

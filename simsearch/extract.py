@@ -1,13 +1,17 @@
 """Extraction: `Trainer.predict` streams per-rank shards to disk, then one merge writes the store.
 
-Each shard is one batch of one rank, written atomically (temp file + rename) as safetensors with the
-items' dataset indices beside their vectors, so the merge places every row by index: the distributed
-sampler's padding duplicates collapse, and an item missing from every shard is an error, not a hole.
+Every item has a key (a file's relative path, size and mtime; a dataset's split and index) and
+every vector is stored beside its key: in each shard (safetensors metadata) and in items.jsonl. A
+vector is reused only when its key and the run's fingerprint (model, preprocessing, seed, dtype,
+data source) match; nothing is matched by position. So:
 
-A killed run (kill -9, a preempted SLURM job) started again with the same command and run.dir embeds
-only the items that no complete shard of the same run holds: each shard carries a fingerprint of the
-data and model config, and a half-written shard (a .tmp file, or one that does not open) is ignored
-and its items redone.
+- a killed run (kill -9, a preempted SLURM job) started again embeds only the items no complete
+  shard of the same fingerprint holds, even if the folder changed in between;
+- an extraction into the run.dir of a store of the same fingerprint embeds only new or changed
+  items, drops removed ones and reuses the rest (incremental), giving the store a fresh run gives.
+
+The new store is written in `run.dir/.staging/` and swapped in with manifest.json last; until then
+the previous store stays readable, whatever happens to the run. One run at a time holds run.dir/.lock.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import os
 import re
 import shutil
 from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,21 +41,31 @@ from simsearch.data import ImageCollection, ImageDataModule
 from simsearch.errors import SimsearchError
 from simsearch.model import EmbeddingModule, build_embedder, resolve_model_config
 from simsearch.runtime import build_trainer
-from simsearch.store import finish_store, write_jsonl
+from simsearch.store import (
+    RunLock,
+    Store,
+    finish_interrupted_swap,
+    finish_store,
+    fresh_staging,
+    swap_in,
+)
 
 log = logging.getLogger(__name__)
 STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+COPY_CHUNK = 65_536  # reused rows copied per step: bounded memory for any store size
 
 
 class ShardWriter(BasePredictionWriter):
-    """Writes each predicted batch of each rank to `shards/attempt{A}-rank{R}-batch{B}.safetensors`."""
+    """Writes each predicted batch of each rank to `shards/attempt{A}-rank{R}-batch{B}.safetensors`,
+    with the items' keys in the metadata beside their vectors."""
 
-    def __init__(self, shard_dir: Path, dtype: torch.dtype, fingerprint: str, attempt: int):
+    def __init__(self, shard_dir: Path, dtype: torch.dtype, fingerprint: str, attempt: int, keys: list[str]):
         super().__init__(write_interval="batch")
         self.shard_dir = shard_dir
         self.dtype = dtype
         self.fingerprint = fingerprint
         self.attempt = attempt
+        self.keys = keys
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.shard_dir.mkdir(parents=True, exist_ok=True)
@@ -57,43 +73,65 @@ class ShardWriter(BasePredictionWriter):
     def write_on_batch_end(
         self, trainer, pl_module, prediction: dict[str, Any], batch_indices, batch, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        reasons = {
-            int(i): r for i, r, ok in zip(prediction["index"], prediction["reason"], prediction["valid"]) if not ok
-        }
+        indices = prediction["index"].cpu().tolist()
+        reasons = {int(i): r for i, r, ok in zip(indices, prediction["reason"], prediction["valid"]) if not ok}
         tensors = {
             "index": prediction["index"].cpu().to(torch.int64).contiguous(),
             "valid": prediction["valid"].cpu().to(torch.uint8).contiguous(),
             "embeddings": prediction["embeddings"].cpu().to(self.dtype).contiguous(),
         }
+        metadata = {"reasons": json.dumps(reasons), "fingerprint": self.fingerprint,
+                    "keys": json.dumps([self.keys[i] for i in indices])}
         name = f"attempt{self.attempt:03d}-rank{trainer.global_rank:04d}-batch{batch_idx:08d}.safetensors"
         path = self.shard_dir / name
         temporary = path.with_suffix(".tmp")
-        save_file(tensors, str(temporary), metadata={"reasons": json.dumps(reasons), "fingerprint": self.fingerprint})
+        save_file(tensors, str(temporary), metadata=metadata)
         os.replace(temporary, path)  # a shard is either complete or absent
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         trainer.strategy.barrier("simsearch-shards-written")
 
 
-def run_fingerprint(cfg: DictConfig, count: int, augment_seed: int | None) -> str:
-    """What makes two runs' shards interchangeable: the data, the model, the seed, the dtype."""
-    data = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k not in ("batch_size", "num_workers")}
+def _file_identity(path: str | None) -> list[Any] | None:
+    """A weights or checkpoint file's path, size and mtime: retraining into the same path is another model."""
+    if not path or not Path(path).expanduser().is_file():
+        return None
+    stat = Path(path).expanduser().stat()
+    return [str(Path(path).expanduser().resolve()), stat.st_size, stat.st_mtime_ns]
+
+
+def run_fingerprint(cfg: DictConfig, augment_seed: int | None) -> dict[str, str]:
+    """What makes two vectors of the same key interchangeable: the embedder (model, preprocessing,
+    seed, dtype, augmentation) and the source the keys are relative to (dataset or folder root)."""
     model = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k not in ("channels_last", "compile")}
-    payload = {"data": data, "model": model, "seed": cfg.run.seed, "dtype": cfg.store.dtype, "count": count,
-               "augment_seed": augment_seed}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+    embedder = {"model": model, "seed": cfg.run.seed, "dtype": cfg.store.dtype, "augment_seed": augment_seed,
+                "weights_file": _file_identity(cfg.model.weights), "checkpoint_file": _file_identity(cfg.model.checkpoint),
+                "decode": cfg.data.decode if cfg.data.name == "folder" else None}
+    data = cfg.data
+    root = str(Path(data.root).expanduser().resolve()) if data.root else None
+    source = {"name": data.name, "root": root, "split": data.split}
+    if data.name == "synthetic":  # item i is made from these and its index
+        source.update(root=None, num_classes=data.num_classes, native_size_px=data.native_size_px, seed=cfg.run.seed)
+    return {name: hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:20]
+            for name, value in (("embedder", embedder), ("source", source))}
+
+
+def shard_fingerprint(fingerprint: dict[str, str]) -> str:
+    return f"{fingerprint['embedder']}-{fingerprint['source']}"
 
 
 def complete_shards(shard_dir: Path, fingerprint: str) -> list[Path]:
-    """The shards of this run that open and hold one vector per index; anything else is ignored."""
+    """The shards of this fingerprint that open and hold one vector and one key per row; anything else is ignored."""
     shards = []
     for path in sorted(shard_dir.glob("*.safetensors")):
         try:
             with safe_open(str(path), framework="numpy") as shard:
-                if (shard.metadata() or {}).get("fingerprint") != fingerprint:
+                metadata = shard.metadata() or {}
+                if metadata.get("fingerprint") != fingerprint:
                     continue
                 rows = shard.get_slice("index").get_shape()[0]
-                if shard.get_slice("embeddings").get_shape()[0] != rows or shard.get_slice("valid").get_shape()[0] != rows:
+                if shard.get_slice("embeddings").get_shape()[0] != rows or shard.get_slice("valid").get_shape()[0] != rows \
+                        or len(json.loads(metadata["keys"])) != rows:
                     raise ValueError("tensors of different lengths")
         except Exception as error:  # truncated or corrupt: redo its items
             log.warning("ignoring the incomplete shard %s (%s): its items are embedded again", path.name, error)
@@ -107,45 +145,97 @@ def next_attempt(shard_dir: Path) -> int:
     return max(numbers, default=-1) + 1
 
 
-def _read_shard_keys(path: Path) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+def _read_shard_keys(path: Path) -> tuple[list[str], np.ndarray, list[str]]:
+    """A shard's keys, validity and reason of each row (by row, not by the index of the run that wrote it)."""
     with safe_open(str(path), framework="numpy") as shard:
-        reasons = {int(k): v for k, v in json.loads(shard.metadata().get("reasons", "{}")).items()}
-        return shard.get_tensor("index"), shard.get_tensor("valid").astype(bool), reasons
+        metadata = shard.metadata()
+        index = shard.get_tensor("index").tolist()
+        reasons = {int(k): v for k, v in json.loads(metadata.get("reasons", "{}")).items()}
+        return json.loads(metadata["keys"]), shard.get_tensor("valid").astype(bool), [reasons.get(i, "") for i in index]
 
 
-def merge_shards(shards: list[Path], count: int, dim: int, dtype: str, out_path: Path) -> tuple[np.ndarray, dict[int, str]]:
-    """Write `out_path` (.npy, rows in dataset order, unreadable items left out) from the shards.
+@dataclass
+class Plan:
+    """Where each item of the collection gets its vector: the previous store (by key), a shard of this
+    run or of a killed one (by key), or nowhere yet (to embed). Unreadable items of the previous store
+    are tried again: a file made readable by `chmod` keeps its key."""
 
-    Returns the indices of the rows written and the reason for each skipped index. Streams: one
-    shard in memory at a time, the output memory-mapped. Fails if any item is in no shard.
-    """
-    owner = np.full(count, -1, dtype=np.int64)  # which shard holds each index first
-    valid = np.zeros(count, dtype=bool)
-    reasons: dict[int, str] = {}
-    for number, path in enumerate(shards):
-        indices, ok, shard_reasons = _read_shard_keys(path)
-        first = owner[indices] < 0  # padding duplicates of the distributed sampler are dropped
-        owner[indices[first]] = number
-        valid[indices[first]] = ok[first]
-        reasons.update(shard_reasons)
-    missing = np.flatnonzero(owner < 0)
-    if len(missing):
-        raise RuntimeError(f"{len(missing)} of {count} items are in no shard (first: {missing[:5].tolist()})")
-    kept = np.flatnonzero(valid)
-    if len(kept) == 0:
-        return kept, {i: reasons.get(i, "unreadable") for i in range(count)}
-    row_of_index = np.cumsum(valid) - 1
-    temporary = out_path.with_suffix(".tmp.npy")
-    output = np.lib.format.open_memmap(temporary, mode="w+", dtype=dtype, shape=(len(kept), dim))
-    for number, path in enumerate(shards):
-        with safe_open(str(path), framework="numpy") as shard:
-            indices = shard.get_tensor("index")
-            take = (owner[indices] == number) & valid[indices]
-            output[row_of_index[indices[take]]] = shard.get_tensor("embeddings")[take]
+    keys: list[str]
+    previous_row: np.ndarray  # (N,) row in the previous store, -1 where none
+    shard_of: np.ndarray  # (N,) number of the shard holding the item, -1 where none
+    shard_row: np.ndarray  # (N,) row within that shard
+    skip_reason: dict[int, str] = field(default_factory=dict)  # unreadable items, by position
+    shards: list[Path] = field(default_factory=list)
+
+    @classmethod
+    def empty(cls, keys: list[str]) -> Plan:
+        count = len(keys)
+        return cls(keys, np.full(count, -1, np.int64), np.full(count, -1, np.int64), np.full(count, -1, np.int64))
+
+    def done(self) -> np.ndarray:
+        skipped = np.zeros(len(self.keys), dtype=bool)
+        skipped[list(self.skip_reason)] = True
+        return (self.previous_row >= 0) | (self.shard_of >= 0) | skipped
+
+    def reuse_previous(self, previous: Store) -> None:
+        position_of = {key: position for position, key in enumerate(self.keys)}
+        for row, item in enumerate(previous.items):
+            position = position_of.get(item.get("key"))
+            if position is not None:
+                self.previous_row[position] = row
+
+    def add_shards(self, shards: list[Path]) -> None:
+        position_of = {key: position for position, key in enumerate(self.keys)}
+        for path in shards:
+            number = len(self.shards)
+            self.shards.append(path)
+            keys, valid, reasons = _read_shard_keys(path)
+            for row, (key, ok, reason) in enumerate(zip(keys, valid.tolist(), reasons)):
+                position = position_of.get(key)  # keys of items no longer in the collection are dropped
+                if position is None or self.shard_of[position] >= 0 or self.previous_row[position] >= 0:
+                    continue  # the sampler's padding duplicates and items done already
+                if ok:
+                    self.shard_of[position], self.shard_row[position] = number, row
+                    self.skip_reason.pop(position, None)
+                else:
+                    self.skip_reason[position] = reason or "unreadable"
+
+
+def reusable_store(store_dir: Path, fingerprint: dict[str, str]) -> Store | None:
+    """The complete store already in run.dir, if its vectors can be reused by key (same fingerprint)."""
+    if not (store_dir / "manifest.json").is_file():
+        return None
+    try:
+        previous = Store.open(store_dir)
+    except SimsearchError as error:
+        log.warning("the store in %s cannot be reused (%s): every item is embedded again", store_dir, error)
+        return None
+    if previous.manifest.get("fingerprint") != fingerprint:
+        log.info("the store in %s was made with another model or data source: it is replaced", store_dir)
+        return None
+    return previous
+
+
+def merge_vectors(plan: Plan, previous: Store | None, dim: int, dtype: str, out_path: Path) -> np.ndarray:
+    """Write `out_path` (.npy, rows in collection order, unreadable items left out) from the previous
+    store's rows and the shards' rows; returns the positions written. Streams: one shard, or one chunk
+    of reused rows, in memory at a time; the output is memory-mapped."""
+    kept = np.flatnonzero((plan.previous_row >= 0) | (plan.shard_of >= 0))
+    row_of_position = np.full(len(plan.keys), -1, dtype=np.int64)
+    row_of_position[kept] = np.arange(len(kept))
+    output = np.lib.format.open_memmap(out_path, mode="w+", dtype=dtype, shape=(len(kept), dim))
+    reused = np.flatnonzero(plan.previous_row >= 0)
+    for start in range(0, len(reused), COPY_CHUNK):
+        positions = reused[start : start + COPY_CHUNK]
+        output[row_of_position[positions]] = previous.embeddings[plan.previous_row[positions]]
+    for number, path in enumerate(plan.shards):
+        positions = np.flatnonzero(plan.shard_of == number)
+        if len(positions):
+            with safe_open(str(path), framework="numpy") as shard:
+                output[row_of_position[positions]] = shard.get_tensor("embeddings")[plan.shard_row[positions]]
     output.flush()
     del output
-    os.replace(temporary, out_path)
-    return kept, {i: reasons.get(i, "unreadable") for i in np.flatnonzero(~valid).tolist()}
+    return kept
 
 
 def describe_store(cfg: DictConfig, collection: ImageCollection, count: int, dim: int, skipped: int) -> dict[str, Any]:
@@ -168,26 +258,47 @@ def describe_store(cfg: DictConfig, collection: ImageCollection, count: int, dim
     }
 
 
-def write_store(cfg: DictConfig, collection: ImageCollection, store_dir: Path, shards: list[Path]) -> dict[str, Any]:
-    """Merge the shards into a complete store at `store_dir` and write its manifest."""
-    dim = _embedding_dim(shards)
-    kept, reasons = merge_shards(shards, len(collection), dim, cfg.store.dtype, store_dir / "embeddings.npy")
-    skipped = [{**collection.item_record(i), "reason": reason} for i, reason in sorted(reasons.items())]
+def write_store(cfg: DictConfig, collection: ImageCollection, staging: Path, plan: Plan, previous: Store | None,
+                fingerprint: dict[str, str]) -> dict[str, Any]:
+    """Write the complete store into `staging` (manifest last) from the plan's sources."""
+    dim = previous.dim if previous is not None and (plan.previous_row >= 0).any() else _embedding_dim(plan.shards)
+    kept = merge_vectors(plan, previous, dim, cfg.store.dtype, staging / "embeddings.npy") if dim else np.zeros(0, int)
+    skipped = [{**collection.item_record(i), "reason": plan.skip_reason.get(i, "unreadable")}
+               for i in np.flatnonzero((plan.previous_row < 0) & (plan.shard_of < 0)).tolist()]
+    skipped += collection.unlisted
     if len(kept) == 0:
-        write_jsonl(store_dir / "skipped.jsonl", skipped)
-        raise SimsearchError(f"none of the {len(collection)} inputs could be read: see {store_dir / 'skipped.jsonl'}")
+        raise SimsearchError(f"none of the {len(collection)} inputs could be read: "
+                             + "; ".join(f"{s['id']}: {s['reason']}" for s in skipped[:3]))
     if skipped:
         log.warning("%d of %d inputs could not be read and were skipped: listed in %s",
-                    len(skipped), len(collection), store_dir / "skipped.jsonl")
+                    len(skipped), len(collection) + len(collection.unlisted), Path(cfg.run.dir) / "skipped.jsonl")
     labels = collection.labels[kept].astype(np.int64)
     classes = collection.classes
     items = [{**collection.item_record(int(i)), "label": classes[y] if 0 <= y < len(classes) else None}
              for i, y in zip(kept, labels.tolist())]
-    save_config(cfg, store_dir / "config.yaml")
-    description = describe_store(cfg, collection, len(kept), dim, len(skipped))
-    manifest = finish_store(store_dir, labels, items, skipped, description)
-    shutil.rmtree(store_dir / "shards", ignore_errors=True)
-    return manifest
+    save_config(cfg, staging / "config.yaml")
+    reused = int((plan.previous_row >= 0).sum())
+    description = {**describe_store(cfg, collection, len(kept), dim, len(skipped)), "fingerprint": fingerprint,
+                   "embedded": len(kept) - reused, "reused": reused}
+    return finish_store(staging, labels, items, skipped, description)
+
+
+def is_secondary_rank() -> bool:
+    """A process that a launcher (Lightning's DDP, torchrun, srun) started as a rank other than 0:
+    rank 0 holds the lock and writes the store for all."""
+    return any(os.environ.get(name, "0") not in ("", "0") for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
+
+
+def prepare_run_dir(store_dir: Path) -> None:
+    """run.dir must be a folder simsearch can write (made if missing)."""
+    if store_dir.exists() and not store_dir.is_dir():
+        raise SimsearchError(f"run.dir={store_dir} is a file, not a folder")
+    try:
+        store_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise SimsearchError(f"cannot create run.dir={store_dir}: {error.strerror or error}") from None
+    if not os.access(store_dir, os.W_OK | os.X_OK):
+        raise SimsearchError(f"run.dir={store_dir} is not writable")
 
 
 def extract(cfg: DictConfig, augment_seed: int | None = None) -> dict[str, Any]:
@@ -201,8 +312,15 @@ def extract(cfg: DictConfig, augment_seed: int | None = None) -> dict[str, Any]:
     if cfg.store.dtype not in STORE_DTYPES:
         raise SimsearchError(f"store.dtype must be float32 or float16, not '{cfg.store.dtype}'")
     store_dir = Path(cfg.run.dir)
-    store_dir.mkdir(parents=True, exist_ok=True)
-    (store_dir / "manifest.json").unlink(missing_ok=True)  # until the new store is complete
+    prepare_run_dir(store_dir)
+    with nullcontext() if is_secondary_rank() else RunLock(store_dir):
+        return extract_locked(cfg, store_dir, augment_seed)
+
+
+def extract_locked(cfg: DictConfig, store_dir: Path, augment_seed: int | None) -> dict[str, Any]:
+    """`extract` once the run owns run.dir: plan, embed what is missing, write beside, swap in."""
+    if not is_secondary_rank():
+        finish_interrupted_swap(store_dir)
     on_gpu = torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
     datamodule = ImageDataModule(cfg.data, cfg.model.image_size, cfg.run.seed, pin_memory=on_gpu,
                                  decode_on_device_by_default=on_gpu)
@@ -219,30 +337,45 @@ def extract(cfg: DictConfig, augment_seed: int | None = None) -> dict[str, Any]:
     if problems:
         raise SimsearchError("; and ".join(problems))
     collection = datamodule.collection
-    fingerprint = run_fingerprint(cfg, len(collection), augment_seed)
+    fingerprint = run_fingerprint(cfg, augment_seed)
+    plan = Plan.empty([collection.item_record(i)["key"] for i in range(len(collection))])
+    # augmented views are seeded by batch: only an unchanged, complete run's views are reused
+    previous = reusable_store(store_dir, fingerprint) if augment_seed is None else None
+    if previous is not None:
+        plan.reuse_previous(previous)
     shard_dir = store_dir / "shards"
-    done = np.zeros(len(collection), dtype=bool)
-    for path in complete_shards(shard_dir, fingerprint):
-        done[_read_shard_keys(path)[0]] = True
-    if done.any():
-        log.info("resuming: %d of %d items are already embedded in %s", done.sum(), len(done), shard_dir)
+    plan.add_shards(complete_shards(shard_dir, shard_fingerprint(fingerprint)))
+    done = plan.done()
+    if (plan.shard_of >= 0).any():
+        log.info("resuming: %d of %d items are already embedded in %s", (plan.shard_of >= 0).sum(), len(done), shard_dir)
     module = EmbeddingModule(embedder, cfg.model.channels_last, cfg.model.compile, augment_seed)
-    writer = ShardWriter(shard_dir, STORE_DTYPES[cfg.store.dtype], fingerprint, next_attempt(shard_dir))
+    writer = ShardWriter(shard_dir, STORE_DTYPES[cfg.store.dtype], shard_fingerprint(fingerprint),
+                         next_attempt(shard_dir), plan.keys)
     trainer = build_trainer(cfg, [writer])
-    if done.all():
-        log.info("every item is already embedded: merging the shards in %s", shard_dir)
-    datamodule.indices = items_to_embed(done, trainer.world_size)
-    trainer.predict(module, datamodule=datamodule, return_predictions=False)
-    return merge_on_rank_zero(trainer, lambda: write_store(cfg, collection, store_dir, complete_shards(shard_dir, fingerprint)),
-                              lambda manifest: log_extraction(cfg, manifest, augment_seed))
+    if not (done.all() and trainer.world_size == 1):  # several ranks always meet in predict: see items_to_embed
+        datamodule.indices = items_to_embed(done, trainer.world_size)
+        trainer.predict(module, datamodule=datamodule, return_predictions=False)
+
+    def write() -> dict[str, Any]:
+        nonlocal previous
+        known = set(plan.shards)
+        plan.add_shards([p for p in complete_shards(shard_dir, shard_fingerprint(fingerprint)) if p not in known])
+        staging = fresh_staging(store_dir)
+        manifest = write_store(cfg, collection, staging, plan, previous, fingerprint)
+        previous = None  # its memory map, before its files are replaced
+        swap_in(staging, store_dir)
+        shutil.rmtree(shard_dir, ignore_errors=True)
+        return manifest
+
+    return merge_on_rank_zero(trainer, write, lambda manifest: log_extraction(cfg, manifest, augment_seed))
 
 
 def items_to_embed(done: np.ndarray, world_size: int) -> np.ndarray | None:
-    """The items not in a complete shard (None: all of them), at least one per rank.
+    """The items still to embed (None: all of them), at least one per rank.
 
     Every rank runs the Trainer even when every item is already embedded: its process group gives the
-    ranks a barrier, so only global rank 0 merges. A rank with no item would fail in Lightning's sampler,
-    so already-embedded items fill up to one per rank; the merge drops them as duplicates.
+    ranks a barrier, so only global rank 0 writes the store. A rank with no item would fail in Lightning's
+    sampler, so items already done fill up to one per rank; the plan ignores their new vectors.
     """
     if not done.any():
         return None
@@ -277,13 +410,15 @@ def log_extraction(cfg: DictConfig, manifest: dict[str, Any], augment_seed: int 
     if augment_seed is not None:
         return  # cached fine-tuning views are an internal step
     run = start_run(cfg, "extract")
-    log_metrics(run, {"count": manifest["count"], "skipped": manifest["skipped"], "dim": manifest["dim"]}, prefix="extract/")
+    log_metrics(run, {key: manifest[key] for key in ("count", "skipped", "dim", "embedded", "reused")}, prefix="extract/")
     finish(run)
-    print(f"store of {manifest['count']} items (dim {manifest['dim']}, {manifest['skipped']} skipped): {cfg.run.dir}")
+    print(f"store of {manifest['count']} items (dim {manifest['dim']}, {manifest['skipped']} skipped; "
+          f"embedded {manifest['embedded']}, reused {manifest['reused']}): {cfg.run.dir}")
 
 
 def _embedding_dim(shards: list[Path]) -> int:
+    """The width of the shards' vectors; 0 when no shard holds any (every input unreadable)."""
     if not shards:
-        raise RuntimeError("no shard was written")
+        return 0
     with safe_open(str(shards[0]), framework="numpy") as shard:
         return int(shard.get_slice("embeddings").get_shape()[1])

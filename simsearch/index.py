@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 from simsearch.errors import SimsearchError
 from simsearch.lazy import LazyModule
-from simsearch.store import Store
+from simsearch.store import Store, write_text_atomically
 
 torch = LazyModule("torch")  # imported on first use: a search by item never needs it
 
@@ -351,14 +351,12 @@ def build_index(store: Store, index_cfg: DictConfig, seed: int = 0) -> tuple[Any
 
 
 def save_index(index: Any, info: dict[str, Any], store_dir: Path) -> None:
-    """Write index.faiss and index.json beside, then rename: a reader (which may have the old file
-    memory-mapped) sees the old index or the new one, never half of one."""
+    """index.faiss then index.json, each written beside and renamed: a killed save leaves no torn file."""
     faiss = import_faiss()
-    for name, write in (("index.faiss", lambda path: faiss.write_index(index, str(path))),
-                        ("index.json", lambda path: path.write_text(json.dumps(info, indent=2) + "\n"))):
-        temporary = store_dir / f".{name}.{os.getpid()}.tmp"
-        write(temporary)
-        os.replace(temporary, store_dir / name)
+    temporary = store_dir / f".index.faiss.{os.getpid()}.tmp"
+    faiss.write_index(index, str(temporary))
+    os.replace(temporary, store_dir / "index.faiss")
+    write_text_atomically(store_dir / "index.json", json.dumps(info, indent=2) + "\n")
 
 
 def load_index(store: Store, index_cfg: DictConfig) -> tuple[Any, dict[str, Any]] | None:
@@ -366,15 +364,25 @@ def load_index(store: Store, index_cfg: DictConfig) -> tuple[Any, dict[str, Any]
     path, info_path = store.dir / "index.faiss", store.dir / "index.json"
     if not (path.is_file() and info_path.is_file()):
         return None
-    info = json.loads(info_path.read_text())
-    if info.get("store_embeddings_sha256") != store.manifest.get("sha256", {}).get("embeddings.npy"):
+    try:
+        info = json.loads(info_path.read_text())
+    except (OSError, ValueError):
+        log.warning("index.json in %s is unreadable: rebuilding the index", store.dir)
+        return None
+    if not isinstance(info, dict) or info.get("store_embeddings_sha256") != store.manifest.get("sha256", {}).get("embeddings.npy"):
         log.warning("index.faiss in %s was built from other embeddings: rebuilding it", store.dir)
         return None
     if info.get("factory") != index_cfg.factory:
         return None
     faiss = import_faiss()
-    # memory-mapped where the index type allows (flat codes since FAISS 1.9): pages are read as searched
-    index = faiss.read_index(str(path), getattr(faiss, "IO_FLAG_MMAP_IFC", faiss.IO_FLAG_MMAP))
+    try:  # memory-mapped where the index type allows (flat codes since FAISS 1.9): pages are read as searched
+        index = faiss.read_index(str(path), getattr(faiss, "IO_FLAG_MMAP_IFC", faiss.IO_FLAG_MMAP))
+    except RuntimeError as error:  # truncated or damaged
+        log.warning("index.faiss in %s cannot be read (%s): rebuilding it", store.dir, str(error).splitlines()[0])
+        return None
+    if index.ntotal != len(store) or index.d != store.dim:
+        log.warning("index.faiss in %s holds other rows than the store: rebuilding it", store.dir)
+        return None
     _apply_search_params(index, index_cfg.search_params)
     info["search_params"] = index_cfg.search_params
     return index, info
@@ -387,7 +395,11 @@ def open_index(store: Store, index_cfg: DictConfig, seed: int = 0, save: bool = 
         return loaded
     index, info = build_index(store, index_cfg, seed)
     if save:
-        save_index(index, info, store.dir)
+        try:
+            save_index(index, info, store.dir)
+        except (OSError, RuntimeError) as error:  # a read-only store: search with the index in memory
+            log.warning("cannot save the index in %s (%s): it is rebuilt at every start", store.dir,
+                        str(error).splitlines()[0])
     return index, info
 
 

@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from simsearch.errors import SimsearchError
 from simsearch.evaluate import search_without_self
-from simsearch.images import FASHION_MNIST_FILES, SyntheticImages, decode_image, read_idx
+from simsearch.images import FASHION_MNIST_FILES, SyntheticImages, UnreadableImage, decode_image, read_idx
 from simsearch.index import Searcher, resolve_device
 from simsearch.store import Store
 
@@ -64,6 +64,11 @@ class ItemImages:
         self.root = Path(self.data["root"]).resolve() if self.data.get("root") else None
         self._dataset: Any = None  # anything with .image(index) -> PIL image
 
+    @property
+    def records_images(self) -> bool:
+        """False for a store of bare vectors (made from Python, say): it has no pixels to show."""
+        return self.data.get("name") not in (None, "vectors")
+
     def path_of(self, row: int) -> Path | None:
         """The file behind a row, guaranteed inside the data root; None for dataset items."""
         relative = self.store.items[row].get("path")
@@ -77,6 +82,8 @@ class ItemImages:
     def image(self, row: int) -> Image.Image:
         path = self.path_of(row)
         if path is not None:
+            if not path.is_file():
+                raise UnreadableImage(f"{self.store.items[row]['path']} was moved or deleted since extraction")
             return decode_image(path)
         if self._dataset is None:
             self._dataset = self._open_dataset()
@@ -96,6 +103,15 @@ class ItemImages:
 
         return build_collection(OmegaConf.create({**data, "limit": None}), int(self.store.manifest["model"]["image_size"]), seed)
 
+    def image_or_placeholder(self, row: int) -> tuple[Image.Image, str | None]:
+        """The item's image, or a grey tile saying why it cannot be shown (file moved, deleted, unreadable,
+        outside the data root, dataset gone), with that reason: a result is never lost for its picture."""
+        try:
+            return self.image(row), None
+        except (UnreadableImage, SimsearchError, OSError) as error:
+            reason = str(error)
+            return placeholder_image(reason), reason
+
 
 class ArrayImages:
     """Images held in one uint8 array, (N, H, W) grey or (N, H, W, 3)."""
@@ -105,6 +121,17 @@ class ArrayImages:
 
     def image(self, index: int) -> Image.Image:
         return Image.fromarray(self.images[index]).convert("RGB")
+
+
+def placeholder_image(reason: str, size_px: int = 160) -> Image.Image:
+    """A grey tile with the reason written on it, wrapped to fit."""
+    import textwrap
+
+    tile = Image.new("RGB", (size_px, size_px), (225, 225, 225))
+    draw = ImageDraw.Draw(tile)
+    text = "\n".join(textwrap.wrap(f"image unavailable: {reason}", width=max(8, size_px // 7))[:10])
+    draw.multiline_text((6, 6), text, fill=(90, 90, 90), font=_font(11), spacing=2)
+    return tile
 
 
 @dataclass
@@ -245,9 +272,12 @@ def draw_grid(query_image: Image.Image, query_caption: str, result: SearchResult
     return canvas
 
 
-def result_table(result: SearchResult) -> str:
+def result_table(result: SearchResult, missing: list[str | None] | None = None) -> str:
+    """One line per neighbour; `missing[i]`, when given, says why neighbour i's image cannot be shown."""
     lines = [f"{'rank':>4}  {'score':>7}  {'label':<14}  id"]
-    for n in result.neighbours:
+    for n, reason in zip(result.neighbours, missing or [None] * len(result.neighbours)):
         mark = "" if n.relevant is None else (" +" if n.relevant else " -")
-        lines.append(f"{n.rank:>4}  {n.score:>7.4f}  {str(n.label):<14}  {n.id}{mark}")
+        note = f"  (image unavailable: {reason})" if reason else ""
+        shown = n.id if n.id.isprintable() else repr(n.id)  # a newline in a file name stays on its line
+        lines.append(f"{n.rank:>4}  {n.score:>7.4f}  {str(n.label):<14}  {shown}{mark}{note}")
     return "\n".join(lines)

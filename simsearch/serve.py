@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import logging
+import threading
 import time
+from collections import OrderedDict
 from contextlib import asynccontextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -23,15 +26,69 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from omegaconf import DictConfig
 from PIL import Image
+from starlette.convertors import Convertor, register_url_convertor
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from simsearch.data import UnreadableImage, decode_image
+from simsearch.data import UnreadableImage, decode_image, to_rgb
 from simsearch.errors import SimsearchError
 from simsearch.index import open_searcher
-from simsearch.search import ItemImages, QueryEncoder, SearchResult, neighbours_of, search_item
+from simsearch.search import ItemImages, QueryEncoder, SearchResult, neighbours_of, placeholder_image, search_item
 from simsearch.store import Store
 
 log = logging.getLogger("simsearch.serve")
 PAGE = Path(__file__).parent / "web" / "index.html"
+THUMBNAIL_CACHE_ITEMS = 512  # thumbnails kept in memory (a few tens of KB each)
+THUMBNAIL_DECODES = 2  # large images decoded at once: 8 requests for a 9000 px image wait their turn
+MULTIPART_OVERHEAD_BYTES = 64 * 1024  # form fields and boundaries around an upload
+
+
+class AnyPathConvertor(Convertor):
+    """Item ids are relative paths, which may hold any character, newlines included."""
+
+    regex = r"[\s\S]+"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("anypath", AnyPathConvertor())
+
+
+class UploadLimit:
+    """ASGI middleware: a POST body over `max_bytes` is refused with 413 as it streams in, before the
+    multipart parser has spooled it anywhere; a declared Content-Length over the limit is refused unread."""
+
+    def __init__(self, app: Any, max_bytes: int, max_upload_mb: float):
+        self.app, self.max_bytes = app, max_bytes
+        self.message = f"upload over serve.max_upload_mb={max_upload_mb}"
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        if not declared.isdigit() or int(declared) > self.max_bytes:
+            return await self.refuse(send)
+        received = 0
+
+        async def counted() -> dict:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise HTTPException(413, self.message)
+            return message
+
+        await self.app(scope, counted, send)
+
+    async def refuse(self, send: Any) -> None:
+        body = json.dumps({"error": self.message}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
 
 
 class UploadBatcher:
@@ -88,13 +145,74 @@ def result_json(store: Store, result: SearchResult) -> dict[str, Any]:
 
 def thumbnail_bytes(image: Image.Image, size_px: int) -> bytes:
     image = image.copy()
-    if max(image.size) < 64:  # tiny dataset images (28, 32 px) are enlarged so they can be seen
+    if max(image.size) < min(64, size_px):  # tiny dataset images (28, 32 px) are enlarged so they can be seen
         scale = 64 // max(image.size) + 1
         image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
     image.thumbnail((size_px, size_px))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def file_thumbnail(path: Path, size_px: int) -> Image.Image:
+    """A file reduced to at most size_px per side while it is decoded (JPEG draft mode, Pillow's reducing
+    gap), so a 9000 x 9000 photo never sits in memory in full as RGB copies; EXIF rotation honoured."""
+    from PIL import ImageOps
+
+    try:
+        with Image.open(path) as image:
+            image.thumbnail((size_px, size_px), reducing_gap=2.0)
+            return to_rgb(ImageOps.exif_transpose(image))
+    except (ValueError, OSError, Image.DecompressionBombError):  # modes thumbnail cannot reduce: the full decoder
+        return decode_image(path)
+
+
+class ThumbnailCache:
+    """PNG thumbnails of the store's items, made once each and kept (least recently used out).
+
+    At most THUMBNAIL_DECODES images are decoded at a time, and concurrent requests for one item wait
+    for its first decoding instead of decoding it again: 8 requests for a 9000 x 9000 photo decode it
+    once. Failures (a moved file) are not cached: the file may come back.
+    """
+
+    def __init__(self, images: ItemImages, size_px: int):
+        self.images, self.size_px = images, size_px
+        self.cache: OrderedDict[int, bytes] = OrderedDict()
+        self.lock = threading.Lock()
+        self.decoding = threading.BoundedSemaphore(THUMBNAIL_DECODES)
+        self.row_locks: dict[int, threading.Lock] = {}
+
+    def cached(self, row: int) -> bytes | None:
+        with self.lock:
+            if row in self.cache:
+                self.cache.move_to_end(row)
+                return self.cache[row]
+            return None
+
+    def png(self, row: int) -> bytes:
+        if (found := self.cached(row)) is not None:
+            return found
+        with self.lock:
+            row_lock = self.row_locks.setdefault(row, threading.Lock())
+        with row_lock:
+            if (found := self.cached(row)) is not None:  # made while this request waited
+                return found
+            with self.decoding:
+                data = thumbnail_bytes(self.decode(row), self.size_px)
+            with self.lock:
+                self.cache[row] = data
+                while len(self.cache) > THUMBNAIL_CACHE_ITEMS:
+                    self.cache.popitem(last=False)
+                self.row_locks.pop(row, None)
+        return data
+
+    def decode(self, row: int) -> Image.Image:
+        path = self.images.path_of(row)
+        if path is None:
+            return self.images.image(row)
+        if not path.is_file():
+            raise UnreadableImage(f"{self.images.store.items[row]['path']} was moved or deleted since extraction")
+        return file_thumbnail(path, self.size_px)
 
 
 def create_app(cfg: DictConfig) -> FastAPI:
@@ -117,9 +235,11 @@ def create_app(cfg: DictConfig) -> FastAPI:
 
     app = FastAPI(title="simsearch", description=f"Image similarity search over {store.dir}", lifespan=lifespan)
     app.state.batcher = batcher
+    app.add_middleware(UploadLimit, max_bytes=max_bytes + MULTIPART_OVERHEAD_BYTES, max_upload_mb=cfg.serve.max_upload_mb)
+    thumbnails = ThumbnailCache(images, cfg.serve.thumbnail_px)
 
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+    @app.exception_handler(StarletteHTTPException)  # FastAPI's and Starlette's own (bad multipart, no route)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         log.warning("%s %s -> %d: %s", request.method, request.url.path, error.status_code, error.detail)
         return JSONResponse({"error": error.detail}, status_code=error.status_code)
 
@@ -157,19 +277,23 @@ def create_app(cfg: DictConfig) -> FastAPI:
                 "image_size": manifest.get("image_size"), "index": searcher.description, "device": encoder.device,
                 "labelled": store.has_labels, "max_k": max_k}
 
-    @app.get("/items/{item_id:path}/image", responses={200: {"content": {"image/png": {}}}})
+    @app.get("/items/{item_id:anypath}/image", responses={200: {"content": {"image/png": {}}}})
     def item_image(item_id: str) -> Response:
+        """The item's thumbnail; a file moved or deleted since extraction gets a placeholder tile with
+        the reason (header X-Simsearch-Unavailable), so a result list is never broken."""
         row = row_of(item_id)
         try:
-            image = images.image(row)
+            return Response(thumbnails.png(row), media_type="image/png", headers={"Cache-Control": "max-age=3600"})
         except SimsearchError as error:  # a path that leaves the data root
             raise HTTPException(403, str(error)) from None
         except (UnreadableImage, OSError) as error:
-            raise HTTPException(404, f"the image of {item_id!r} cannot be read: {error}") from None
-        return Response(thumbnail_bytes(image, cfg.serve.thumbnail_px), media_type="image/png",
-                        headers={"Cache-Control": "max-age=3600"})
+            reason = str(error)
+        tile = thumbnail_bytes(placeholder_image(reason, min(cfg.serve.thumbnail_px, 256)), cfg.serve.thumbnail_px)
+        header = reason.encode("ascii", "backslashreplace").decode()[:300].replace("\n", " ")
+        return Response(tile, media_type="image/png", headers={"Cache-Control": "no-store",
+                                                               "X-Simsearch-Unavailable": header})
 
-    @app.get("/items/{item_id:path}")
+    @app.get("/items/{item_id:anypath}")
     def item(item_id: str) -> dict[str, Any]:
         row = row_of(item_id)
         return {**store.items[row], "row": row, "label": store.label_name(row),

@@ -2,17 +2,26 @@
 
     embeddings.npy  (N, D) float32 | float16, row i = item i, unit norm
     labels.npy      (N,) int64, -1 where unknown
-    items.jsonl     one JSON object per row: id, path (files) or index (datasets), label name
+    items.jsonl     one JSON object per row: id, path (files) or index (datasets), key, label name
     skipped.jsonl   every input that could not be read, with the reason
-    manifest.json   count, dim, dtype, data, model, versions, time, sha256 of each file
+    manifest.json   count, dim, dtype, data, model, fingerprint, embedded/reused, versions, sha256 of each file
     config.yaml     the resolved config of the run that wrote it
+
+A store is replaced whole: a run writes the new one in `.staging/` beside it and moves its files in,
+manifest.json last (`swap_in`); a run holds `.lock` while it writes (`RunLock`). Readers verify the
+files against the manifest's checksums, hashing a file again only when its size or mtime changed
+since the last verification (`.verified.json`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import platform
+import shutil
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,8 +31,13 @@ import numpy as np
 
 from simsearch.errors import SimsearchError
 
-FORMAT_VERSION = 1
+log = logging.getLogger(__name__)
+FORMAT_VERSION = 2  # 2: items carry a `key`, the manifest a `fingerprint` and `embedded`/`reused`
 CHECKSUMMED = ("embeddings.npy", "labels.npy", "items.jsonl", "skipped.jsonl", "config.yaml")
+STAGING = ".staging"  # the next store, written beside the current one
+VERIFIED = ".verified.json"  # size, mtime and checksum of each file when it was last verified
+LOCK = ".lock"
+RACY_NS = 2_000_000_000  # a file modified this close to its verification is hashed again (git's racy rule)
 
 
 def sha256_of(path: Path, block_bytes: int = 1 << 22) -> str:
@@ -41,8 +55,19 @@ def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    records = []
     with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                raise SimsearchError(f"{path} is damaged: line {number} is not a JSON object") from None
+            if not isinstance(record, dict):
+                raise SimsearchError(f"{path} is damaged: line {number} is not a JSON object")
+            records.append(record)
+    return records
 
 
 def library_versions() -> dict[str, str]:
@@ -66,8 +91,14 @@ def write_manifest(store_dir: Path, description: dict[str, Any]) -> dict[str, An
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "sha256": {name: sha256_of(store_dir / name) for name in CHECKSUMMED if (store_dir / name).exists()},
     }
-    (store_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    write_text_atomically(store_dir / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
 
 
 def finish_store(store_dir: Path, labels: np.ndarray, items: list[dict[str, Any]], skipped: list[dict[str, Any]],
@@ -84,11 +115,46 @@ def create_store(store_dir: Path, embeddings: np.ndarray, labels: np.ndarray, it
                  description: dict[str, Any]) -> Store:
     """A store from arrays in memory (cached features, tests, imports from elsewhere)."""
     store_dir.mkdir(parents=True, exist_ok=True)
-    (store_dir / "manifest.json").unlink(missing_ok=True)
-    np.save(store_dir / "embeddings.npy", embeddings)
-    finish_store(store_dir, labels, items, [], {"count": len(embeddings), "dim": int(embeddings.shape[1]),
-                                                "dtype": str(embeddings.dtype), **description})
+    staging = fresh_staging(store_dir)
+    if (store_dir / "config.yaml").is_file():  # written by the caller beside the store
+        shutil.copy2(store_dir / "config.yaml", staging / "config.yaml")
+    np.save(staging / "embeddings.npy", embeddings)
+    finish_store(staging, labels, items, [], {"count": len(embeddings), "dim": int(embeddings.shape[1]),
+                                              "dtype": str(embeddings.dtype), **description})
+    swap_in(staging, store_dir)
     return Store.open(store_dir)
+
+
+def fresh_staging(store_dir: Path) -> Path:
+    """An empty `.staging/` in the store's directory (what an interrupted run left there is dropped)."""
+    staging = store_dir / STAGING
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    return staging
+
+
+def swap_in(staging: Path, store_dir: Path) -> None:
+    """Move a complete store from `staging` over the one in `store_dir`, file by file, manifest last.
+
+    Until the manifest moves, readers see the old manifest: a file already replaced fails its
+    checksum, so a reader mid-swap is refused with a sentence, never served rows of two stores.
+    Killed mid-swap, the next extraction (or `finish_interrupted_swap`) completes it.
+    """
+    for name in (*CHECKSUMMED, "manifest.json"):
+        if (staging / name).exists():
+            os.replace(staging / name, store_dir / name)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def finish_interrupted_swap(store_dir: Path) -> None:
+    """Complete a swap that a killed run began (a staged manifest means the staged store is complete);
+    drop a staging folder that never got that far."""
+    staging = store_dir / STAGING
+    if (staging / "manifest.json").is_file():
+        log.warning("completing the replacement of the store in %s that an earlier run began", store_dir)
+        swap_in(staging, store_dir)
+    elif staging.exists():
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 @dataclass
@@ -103,19 +169,21 @@ class Store:
     _row_of_id: dict[str, int] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def open(cls, store_dir: Path | str, verify: bool = False) -> Store:
+    def open(cls, store_dir: Path | str, verify: bool = True) -> Store:
+        """Open the store in `store_dir`; with `verify` (the default) its files must match the manifest's
+        checksums (hashed once, then again only when a file's size or mtime changes)."""
         store_dir = Path(store_dir)
-        manifest_path = store_dir / "manifest.json"
-        if not manifest_path.is_file():
-            raise SimsearchError(
-                f"no store in {store_dir} (manifest.json missing): run `simsearch extract run.dir={store_dir}` first"
-            )
-        manifest = json.loads(manifest_path.read_text())
+        manifest = read_manifest(store_dir)
         if verify:
             verify_checksums(store_dir, manifest)
-        embeddings = np.load(store_dir / "embeddings.npy", mmap_mode="r", allow_pickle=False)
-        labels = np.load(store_dir / "labels.npy", allow_pickle=False)
+        try:
+            embeddings = np.load(store_dir / "embeddings.npy", mmap_mode="r", allow_pickle=False)
+            labels = np.load(store_dir / "labels.npy", allow_pickle=False)
+        except (OSError, ValueError) as error:
+            raise SimsearchError(f"store {store_dir} cannot be read: {error}") from None
         items = read_jsonl(store_dir / "items.jsonl")
+        if embeddings.ndim != 2 or labels.ndim != 1:
+            raise SimsearchError(f"store {store_dir} is damaged: embeddings.npy must be 2-D and labels.npy 1-D")
         if not (len(embeddings) == len(labels) == len(items) == manifest["count"]):
             raise SimsearchError(
                 f"store {store_dir} is inconsistent: {len(embeddings)} embeddings, {len(labels)} labels, "
@@ -150,7 +218,7 @@ class Store:
         key = str(query)
         if key in self._row_of_id:
             return self._row_of_id[key]
-        if key.lstrip("-").isdigit() and 0 <= int(key) < len(self):
+        if key.isascii() and key.isdigit() and int(key) < len(self):  # "²", "-0", "+1" are not rows
             return int(key)
         raise SimsearchError(f"no item '{query}' in the store {self.dir} (ids or rows 0..{len(self) - 1})")
 
@@ -161,10 +229,121 @@ class Store:
         return self.classes[label] if label < len(self.classes) else str(label)
 
 
+def read_manifest(store_dir: Path) -> dict[str, Any]:
+    """manifest.json as a dict, or one sentence saying why there is no usable store here."""
+    path = store_dir / "manifest.json"
+    if not path.is_file():
+        if (store_dir / STAGING / "manifest.json").is_file():
+            raise SimsearchError(f"the store in {store_dir} is being replaced (or its run was killed mid-swap): "
+                                 f"wait for the run, or run the same `simsearch extract` again")
+        raise SimsearchError(
+            f"no store in {store_dir} (manifest.json missing): run `simsearch extract run.dir={store_dir}` first"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError, OSError) as error:
+        raise SimsearchError(f"{path} is not a readable manifest ({type(error).__name__}): extract the store again") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("count"), int) \
+            or not isinstance(manifest.get("sha256", {}), dict):
+        raise SimsearchError(f"{path} is not a simsearch manifest (no count or checksums): extract the store again")
+    return manifest
+
+
 def verify_checksums(store_dir: Path, manifest: dict[str, Any]) -> None:
+    """Every file the manifest lists matches its sha256; a file whose size and mtime are those of its last
+    verification (recorded in .verified.json) is not hashed again."""
+    cache_path = store_dir / VERIFIED
+    try:
+        cache = json.loads(cache_path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    cache = cache if isinstance(cache, dict) else {}
+    updated = {}
     for name, expected in manifest.get("sha256", {}).items():
         path = store_dir / name
-        if not path.is_file():
-            raise SimsearchError(f"store {store_dir} is incomplete: {name} is missing")
+        try:
+            stat = path.stat()
+        except OSError:
+            raise SimsearchError(f"store {store_dir} is incomplete: {name} is missing") from None
+        seen = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": expected}
+        if cache.get(name, {}).get("verified_ns", 0) - stat.st_mtime_ns > RACY_NS and \
+                {k: cache[name].get(k) for k in seen} == seen:
+            updated[name] = cache[name]
+            continue
         if sha256_of(path) != expected:
-            raise SimsearchError(f"store {store_dir} is corrupt: {name} does not match its checksum in manifest.json")
+            staged = " (a newer store is being swapped in: wait, or run the same extract again)" \
+                if (store_dir / STAGING / "manifest.json").is_file() else ""
+            raise SimsearchError(
+                f"store {store_dir} is corrupt: {name} does not match its checksum in manifest.json{staged}")
+        updated[name] = {**seen, "verified_ns": time.time_ns()}
+    if updated != cache:
+        try:
+            write_text_atomically(cache_path, json.dumps(updated, indent=1) + "\n")
+        except OSError:  # a read-only store is verified again next time
+            pass
+
+
+class RunLock:
+    """`run.dir/.lock`, held while a run writes there: one writer per run.dir.
+
+    Created atomically (a complete file linked into place, so it is never seen half-written) with
+    the owner's pid, host and start time. A lock whose pid is dead on this host is stale and taken
+    over with a warning; any other lock refuses the run with one sentence.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / LOCK
+        self.owner = {"pid": os.getpid(), "host": socket.gethostname(),
+                      "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+    def __enter__(self) -> RunLock:
+        temporary = self.path.with_name(f"{LOCK}.{os.getpid()}.tmp")
+        try:
+            temporary.write_text(json.dumps(self.owner) + "\n")
+            for _ in range(3):
+                try:
+                    os.link(temporary, self.path)
+                    return self
+                except FileExistsError:
+                    self._take_over_if_stale()
+        except PermissionError:
+            raise SimsearchError(f"run.dir={self.path.parent} is not writable") from None
+        finally:
+            temporary.unlink(missing_ok=True)
+        raise SimsearchError(f"cannot take the lock {self.path}")
+
+    def _take_over_if_stale(self) -> None:
+        try:
+            holder = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return  # released meanwhile: try again
+        except (OSError, ValueError):
+            holder = {}
+        if holder.get("host") == self.owner["host"] and not _alive(int(holder.get("pid", -1))):
+            log.warning("taking over the stale lock %s of pid %s (no longer running)", self.path, holder.get("pid"))
+            self.path.unlink(missing_ok=True)
+            return
+        raise SimsearchError(
+            f"another run (pid {holder.get('pid', '?')} on {holder.get('host', '?')}, since "
+            f"{holder.get('started', '?')}) is writing to {self.path.parent}: wait for it, or if it is gone, "
+            f"delete {self.path}"
+        )
+
+    def __exit__(self, *exc_info: Any) -> None:
+        try:
+            if json.loads(self.path.read_text()).get("pid") == self.owner["pid"]:
+                self.path.unlink()
+        except (OSError, ValueError):
+            pass
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True

@@ -277,3 +277,106 @@ def test_browser_searches_by_upload_and_by_click(tmp_path):
             assert shot.stat().st_size > 10_000
         finally:
             page.quit()
+
+
+# ---------------------------------------------------------------- hostile inputs (issue 11)
+
+
+@pytest.mark.parametrize("path", ["/items/%C2%B2", "/items/%C2%B2/image", "/search?item=%C2%B2", "/items/-0",
+                                  "/search?item=%EF%BC%91"])
+def test_non_ascii_and_signed_ids_are_404_not_500(folder_store, path):
+    with client_for(folder_store) as client:
+        response = client.get(path)
+        assert response.status_code == 404 and "no item" in response.json()["error"]
+
+
+def test_malformed_multipart_gets_the_documented_error_shape(folder_store):
+    with client_for(folder_store) as client:
+        response = client.post("/search", content=b"--nope\r\nbroken", headers={"content-type": "multipart/form-data"})
+        assert 400 <= response.status_code < 500 and set(response.json()) == {"error"}
+
+
+def test_an_oversized_upload_is_refused_while_it_streams_in(folder_store):
+    """Driven through the ASGI interface: the app must stop reading long before the body ends."""
+    from simsearch.serve import create_app
+
+    app = create_app(load_config([f"run.dir={folder_store}", "logger=none", "serve.device=cpu",
+                                  "serve.max_upload_mb=0.25"]))
+    chunk, chunks, pulled, sent = b"x" * 65536, 200, [], []
+    header = b"--b\r\ncontent-disposition: form-data; name=\"file\"; filename=\"x.png\"\r\n\r\n"
+
+    async def receive():
+        pulled.append(1)
+        more = len(pulled) < chunks
+        return {"type": "http.request", "body": header if len(pulled) == 1 else chunk, "more_body": more}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/search", "raw_path": b"/search", "query_string": b"",
+             "headers": [(b"content-type", b"multipart/form-data; boundary=b")], "http_version": "1.1",
+             "scheme": "http", "server": ("test", 80), "client": ("test", 1), "root_path": "", "app": app}
+    asyncio.run(app(scope, receive, send))
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    assert start["status"] == 413 and "max_upload_mb" in __import__("json").loads(body)["error"]
+    assert len(pulled) <= 6  # (0.25 MB + 64 KB) / 64 KB: never the 12.5 MB the client would send
+
+
+def test_newline_in_a_file_name_and_moved_files_get_images(folder_store, tmp_path):
+    from urllib.parse import quote
+
+    root = tmp_path / "images"
+    Image.new("RGB", (30, 30), (9, 200, 9)).save(root / "red" / "line\nbreak.png")
+    assert simsearch("extract", "data=folder", f"data.root={root}", *TINY, f"run.dir={folder_store}") == 0
+    (root / "blue" / "04.png").unlink()
+    with client_for(folder_store) as client:
+        response = client.get(f"/items/{quote('red/line' + chr(10) + 'break.png', safe='')}/image")
+        assert response.status_code == 200 and Image.open(io.BytesIO(response.content)).size == (90, 90)
+        assert client.get("/search", params={"item": "red/line\nbreak.png", "k": 3}).status_code == 200
+        moved = client.get("/items/blue%2F04.png/image")
+        assert moved.status_code == 200 and "moved or deleted" in moved.headers["x-simsearch-unavailable"]
+        Image.open(io.BytesIO(moved.content)).verify()
+
+
+def test_large_images_are_thumbnailed_once(folder_store, tmp_path, monkeypatch):
+    import simsearch.serve as serve_module
+
+    big = tmp_path / "images" / "red" / "00.png"
+    Image.new("RGB", (3000, 2000), (200, 30, 30)).save(big)
+    calls = []
+    original = serve_module.file_thumbnail
+    monkeypatch.setattr(serve_module, "file_thumbnail", lambda path, px: calls.append(path) or original(path, px))
+    with client_for(folder_store, "serve.thumbnail_px=128") as client:
+        sizes = {Image.open(io.BytesIO(client.get("/items/red%2F00.png/image").content)).size for _ in range(3)}
+    assert sizes == {(128, 85)} and len(calls) == 1
+
+
+def test_concurrent_requests_for_one_large_image_decode_it_once(folder_store, tmp_path, monkeypatch):
+    import threading
+
+    import simsearch.serve as serve_module
+
+    Image.new("RGB", (2000, 2000), (30, 30, 200)).save(tmp_path / "images" / "blue" / "00.png")
+    calls = []
+    original = serve_module.file_thumbnail
+    monkeypatch.setattr(serve_module, "file_thumbnail", lambda path, px: calls.append(path) or original(path, px))
+    with client_for(folder_store) as client:
+        codes = []
+        threads = [threading.Thread(target=lambda: codes.append(client.get("/items/blue%2F00.png/image").status_code))
+                   for _ in range(8)]
+        [thread.start() for thread in threads]
+        [thread.join() for thread in threads]
+    assert codes == [200] * 8 and len(calls) == 1
+
+
+def test_serve_on_a_store_where_the_index_cannot_be_saved(folder_store, monkeypatch):
+    import simsearch.index as index_module
+
+    def read_only(*args):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(index_module, "save_index", read_only)
+    with client_for(folder_store) as client:
+        assert client.get("/search", params={"item": "red/01.png", "k": 3}).status_code == 200
+    assert not (folder_store / "index.faiss").exists()
