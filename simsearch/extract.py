@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 from simsearch.config import save_config
 from simsearch.data import ImageCollection, ImageDataModule
 from simsearch.errors import SimsearchError
+from simsearch.inference import check_inference_mode, prepare_inference
 from simsearch.model import EmbeddingModule, build_embedder
 from simsearch.store import finish_store, write_jsonl
 
@@ -222,6 +223,7 @@ def extract(cfg: DictConfig, augment_seed: int | None = None) -> dict[str, Any] 
     cfg = OmegaConf.merge(cfg, {"model": model_with_checkpoint(cfg.model)})
     if cfg.store.dtype not in STORE_DTYPES:
         raise SimsearchError(f"store.dtype must be float32 or float16, not '{cfg.store.dtype}'")
+    check_inference_mode(cfg.model.inference)
     store_dir = Path(cfg.run.dir)
     store_dir.mkdir(parents=True, exist_ok=True)
     (store_dir / "manifest.json").unlink(missing_ok=True)  # until the new store is complete
@@ -250,10 +252,11 @@ def extract(cfg: DictConfig, augment_seed: int | None = None) -> dict[str, Any] 
         log.info("resuming: %d of %d items are already embedded in %s", done.sum(), len(done), shard_dir)
     if not done.all():
         datamodule.indices = np.flatnonzero(~done) if done.any() else None
+        precision = prepare_inference(embedder, cfg.model.inference, cfg.trainer.precision, cfg.model.channels_last, on_gpu)
         module = EmbeddingModule(embedder, cfg.model.channels_last, cfg.model.compile, augment_seed)
         writer = ShardWriter(shard_dir, STORE_DTYPES[cfg.store.dtype], fingerprint, next_attempt(shard_dir))
-        trainer = build_trainer(cfg, [writer])
-        trainer.predict(module, datamodule=datamodule, return_predictions=False)
+        trainer = build_trainer(OmegaConf.merge(cfg, {"trainer": {"precision": precision}}), [writer])
+        trainer.predict(module, dataloaders=datamodule.predict_dataloader(), return_predictions=False)
         if not trainer.is_global_zero:
             return None
     manifest = write_store(cfg, collection, store_dir, complete_shards(shard_dir, fingerprint))
