@@ -7,10 +7,10 @@ ARGS    ?=
 
 .PHONY: setup test test-all lint extract index eval search finetune compare serve bench results clean
 
-setup:  ## create .venv and install simsearch with its test and serve extras
+setup:  ## create .venv and install simsearch with its test, serve and weights extras
 	python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip
-	$(PYTHON) -m pip install --quiet -e '.[test,serve]'
+	$(PYTHON) -m pip install --quiet -e '.[test,serve,weights]'
 
 test:  ## the fast suite (what CI runs)
 	$(PYTHON) -m pytest -q -m "not slow" $(ARGS)

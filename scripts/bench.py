@@ -189,7 +189,7 @@ def loader_only_seconds(arguments: list[str]) -> float:
 def bench_extract(count: int, image_size: int, workdir: Path) -> list[Row]:
     from reference_pipeline import plain_embed, plain_model
 
-    from simsearch.model import build_backbone
+    from simsearch.model import backbone_spec, build_backbone
 
     rng = np.random.default_rng(0)
     # smooth random images (upsampled noise): closer to photos than white noise, cheap to make
@@ -197,7 +197,7 @@ def bench_extract(count: int, image_size: int, workdir: Path) -> list[Row]:
     images = np.asarray(torch.nn.functional.interpolate(torch.from_numpy(small).permute(0, 3, 1, 2).float(), size=32,
                                                         mode="bilinear").permute(0, 2, 3, 1).byte())
     weights = workdir / "resnet50-seed0.pth"
-    backbone = build_backbone("random", 0)
+    backbone = build_backbone(backbone_spec({"name": "resnet50", "weights": "random"}), 0).network
     state = {k: v for k, v in backbone.state_dict().items()}
     torch.save(state, weights)
     device = "cuda" if torch.cuda.is_available() else "cpu"

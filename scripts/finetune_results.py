@@ -61,8 +61,9 @@ def main() -> None:
         f"- Data: trained on {meta['train_rows']} items of the train split (of its first {comparison['data']['limit']}),"
         f" the other {meta['validation_rows']} held out for model selection; evaluated on {comparison['data']['items']}"
         f" items of the test split, every item a query against the rest.",
-        f"- Fine-tuning: loss `{meta['metadata']['loss']}`, head 2048-{meta['metadata']['head']['hidden_dim']}-"
-        f"{meta['metadata']['head']['dim']}, backbone frozen (unfreeze={meta['metadata']['unfreeze']}), "
+        f"- Fine-tuning: loss `{meta['metadata']['loss']}`, head {meta['metadata']['head']['in_dim']}-"
+        f"{meta['metadata']['head']['hidden_dim']}-{meta['metadata']['head']['dim']}, "
+        f"backbone frozen (unfreeze={meta['metadata']['unfreeze']}), "
         f"{meta['epochs_run']} epochs, best {meta['monitor']} = {meta['best_score']:.4f}.",
         "",
         "| metric | baseline | fine-tuned | change |",

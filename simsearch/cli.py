@@ -25,7 +25,7 @@ commands:
   serve     JSON API and web page over a store
   config    print the resolved config
 
-groups: data=cifar10|fashion_mnist|folder|synthetic  model=resnet50  logger=wandb|none
+groups: data=cifar10|fashion_mnist|folder|synthetic  model=resnet50|efficientnet_lite0  logger=wandb|none
 examples:
   simsearch extract data=folder data.root=~/photos model.image_size=224 run.dir=outputs/photos
   simsearch eval run.dir=outputs/cifar10-test

@@ -46,12 +46,15 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "resnet50"
-    weights: str = "imagenet"  # imagenet (IMAGENET1K_V2) | imagenet_v1 | random | path to a state dict
-    image_size: int = 224  # pixels per side fed to the network
-    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # ImageNet statistics
-    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
-    checkpoint: str | None = None  # a fine-tuned checkpoint (backbone + head), see `simsearch finetune`
+    name: str = "resnet50"  # any torchvision classification model, or timm/<name> for any timm model
+    weights: str = "imagenet"  # imagenet (the library's default pretrained) | imagenet_v1 | random (seeded) | a state-dict path
+    # null: the backbone's own, from its library's pretrained metadata (torchvision weights' transforms, timm's
+    # pretrained_cfg); a value overrides it. The resolved values are recorded in every manifest and checkpoint.
+    image_size: int | None = None  # pixels per side fed to the network (the whole image is resized, no crop)
+    mean: list[float] | None = None  # per-channel normalisation, in [0, 1] units
+    std: list[float] | None = None
+    interpolation: str | None = None  # bilinear | bicubic (antialiased)
+    checkpoint: str | None = None  # a fine-tuned checkpoint (backbone + head, self-describing), see `simsearch finetune`
     channels_last: bool = True  # NHWC convolutions: faster on GPU, and on CPU with oneDNN
     compile: bool = False  # torch.compile the network (GPU, long runs)
     # auto: frozen on a CPU (TorchScript, batch norm folded into the convolutions, oneDNN; 2-3x eager), eager on a
@@ -109,7 +112,7 @@ class FinetuneConfig:
     temperature: float = 0.1  # supcon and ntxent
     dim: int = 128  # size of the fine-tuned embedding
     hidden_dim: int = 512
-    unfreeze: int = 0  # 0: frozen backbone, features cached once (CPU-friendly); 1-4: last N ResNet stages trained
+    unfreeze: int = 0  # 0: frozen backbone, features cached once (CPU-friendly); N: the backbone's last N stages/blocks train too
     epochs: int = 20
     lr: float = 1e-3  # head
     backbone_lr: float = 1e-4  # unfrozen stages

@@ -432,3 +432,15 @@ class ImageDataModule:
             persistent_workers=False,
             prefetch_factor=4 if workers > 0 else None,
         )
+
+
+def augment(pixels: torch.Tensor, strong: bool) -> torch.Tensor:
+    """Per-image random resized crop and flip (and colour jitter when `strong`), uint8 in and out."""
+    from torchvision.transforms import v2
+
+    steps = [v2.RandomResizedCrop(pixels.shape[-2:], scale=(0.35 if strong else 0.6, 1.0), antialias=True),
+             v2.RandomHorizontalFlip()]
+    if strong:
+        steps += [v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), v2.RandomGrayscale(p=0.2)]
+    transform = v2.Compose(steps)
+    return torch.stack([transform(image) for image in pixels])

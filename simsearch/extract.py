@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,8 @@ from simsearch.config import save_config
 from simsearch.data import ImageCollection, ImageDataModule
 from simsearch.errors import SimsearchError
 from simsearch.inference import check_inference_mode, prepare_inference
-from simsearch.model import EmbeddingModule, build_embedder
+from simsearch.model import EmbeddingModule, build_embedder, resolve_model_config
+from simsearch.runtime import build_trainer
 from simsearch.store import finish_store, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -147,29 +149,6 @@ def merge_shards(shards: list[Path], count: int, dim: int, dtype: str, out_path:
     return kept, {i: reasons.get(i, "unreadable") for i in np.flatnonzero(~valid).tolist()}
 
 
-def resolve_precision(trainer_cfg: DictConfig) -> str:
-    if trainer_cfg.precision:
-        return trainer_cfg.precision
-    on_gpu = torch.cuda.is_available() and trainer_cfg.accelerator in ("auto", "gpu", "cuda")
-    return "bf16-mixed" if on_gpu else "32-true"
-
-
-def build_trainer(cfg: DictConfig, callbacks: list, **extra: Any) -> L.Trainer:
-    """A Trainer from `cfg.trainer`: devices, nodes, strategy (DDP, SLURM detected by Lightning), precision."""
-    trainer = cfg.trainer
-    return L.Trainer(
-        accelerator=trainer.accelerator,
-        devices=trainer.devices,
-        num_nodes=trainer.num_nodes,
-        strategy=trainer.strategy,
-        precision=resolve_precision(trainer),
-        callbacks=callbacks,
-        enable_progress_bar=trainer.enable_progress_bar,
-        enable_model_summary=False,
-        **{"logger": False, "enable_checkpointing": False, **extra},
-    )
-
-
 def describe_store(cfg: DictConfig, collection: ImageCollection, count: int, dim: int, skipped: int) -> dict[str, Any]:
     """What manifest.json records beyond the checksums: enough to rebuild the model and the data."""
     return {
@@ -212,15 +191,14 @@ def write_store(cfg: DictConfig, collection: ImageCollection, store_dir: Path, s
     return manifest
 
 
-def extract(cfg: DictConfig, augment_seed: int | None = None) -> dict[str, Any] | None:
-    """Embed `cfg.data` with `cfg.model` into a store at `cfg.run.dir`; returns the manifest on rank 0.
+def extract(cfg: DictConfig, augment_seed: int | None = None) -> dict[str, Any]:
+    """Embed `cfg.data` with `cfg.model` into a store at `cfg.run.dir`; returns its manifest on every rank.
 
-    `model.checkpoint` (a fine-tuned model) sets the image size and normalisation it was trained with.
+    `model.checkpoint` (a fine-tuned model) sets the backbone and preprocessing it was trained with; null
+    preprocessing keys take the backbone's own (`resolve_model_config`), and the manifest records them resolved.
     `augment_seed` embeds seeded random augmentations instead (the cached views of NT-Xent fine-tuning).
     """
-    from simsearch.finetune import model_with_checkpoint
-
-    cfg = OmegaConf.merge(cfg, {"model": model_with_checkpoint(cfg.model)})
+    cfg = OmegaConf.merge(cfg, {"model": resolve_model_config(cfg.model)})
     if cfg.store.dtype not in STORE_DTYPES:
         raise SimsearchError(f"store.dtype must be float32 or float16, not '{cfg.store.dtype}'")
     check_inference_mode(cfg.model.inference)
@@ -250,18 +228,38 @@ def extract(cfg: DictConfig, augment_seed: int | None = None) -> dict[str, Any] 
         done[_read_shard_keys(path)[0]] = True
     if done.any():
         log.info("resuming: %d of %d items are already embedded in %s", done.sum(), len(done), shard_dir)
-    if not done.all():
-        datamodule.indices = np.flatnonzero(~done) if done.any() else None
-        precision = prepare_inference(embedder, cfg.model.inference, cfg.trainer.precision, cfg.model.channels_last, on_gpu)
-        module = EmbeddingModule(embedder, cfg.model.channels_last, cfg.model.compile, augment_seed)
-        writer = ShardWriter(shard_dir, STORE_DTYPES[cfg.store.dtype], fingerprint, next_attempt(shard_dir))
-        trainer = build_trainer(OmegaConf.merge(cfg, {"trainer": {"precision": precision}}), [writer])
-        trainer.predict(module, dataloaders=datamodule.predict_dataloader(), return_predictions=False)
-        if not trainer.is_global_zero:
-            return None
-    manifest = write_store(cfg, collection, store_dir, complete_shards(shard_dir, fingerprint))
-    log_extraction(cfg, manifest, augment_seed)
-    return manifest
+    # Every rank runs the Trainer, even when every item is already in a shard (then each embeds one item
+    # again, dropped as a duplicate at the merge): its process group gives the ranks a barrier, so only
+    # global rank 0 merges and every rank returns the same manifest.
+    if done.all():
+        log.info("every item is already embedded: merging the shards in %s", shard_dir)
+        datamodule.indices = np.arange(1)
+    elif done.any():
+        datamodule.indices = np.flatnonzero(~done)
+    precision = prepare_inference(embedder, cfg.model.inference, cfg.trainer.precision, cfg.model.channels_last, on_gpu)
+    module = EmbeddingModule(embedder, cfg.model.channels_last, cfg.model.compile, augment_seed)
+    writer = ShardWriter(shard_dir, STORE_DTYPES[cfg.store.dtype], fingerprint, next_attempt(shard_dir))
+    trainer = build_trainer(OmegaConf.merge(cfg, {"trainer": {"precision": precision}}), [writer])
+    trainer.predict(module, dataloaders=datamodule.predict_dataloader(), return_predictions=False)
+    return merge_on_rank_zero(trainer, lambda: write_store(cfg, collection, store_dir, complete_shards(shard_dir, fingerprint)),
+                              lambda manifest: log_extraction(cfg, manifest, augment_seed))
+
+
+def merge_on_rank_zero(trainer: L.Trainer, write: Callable[[], dict[str, Any]],
+                       after: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Global rank 0 writes the store; every rank gets its manifest (or the same error) by broadcast."""
+    outcome: dict[str, Any] = {}
+    if trainer.is_global_zero:
+        try:
+            outcome["manifest"] = write()
+        except SimsearchError as error:
+            outcome["error"] = str(error)
+    outcome = trainer.strategy.broadcast(outcome, src=0)
+    if "error" in outcome:
+        raise SimsearchError(outcome["error"])
+    if trainer.is_global_zero:
+        after(outcome["manifest"])
+    return outcome["manifest"]
 
 
 def log_extraction(cfg: DictConfig, manifest: dict[str, Any], augment_seed: int | None) -> None:

@@ -1,16 +1,19 @@
-"""Fine-tuning: a projection head (and optionally the last ResNet stages) trained with a metric-learning
+"""Fine-tuning: a projection head (and optionally the backbone's last stages) trained with a metric-learning
 loss from pytorch-metric-learning, selected on a held-out part of the train split (never the test split).
 
 Two modes share one LightningModule and `Trainer.fit`:
 - `finetune.unfreeze=0`: the backbone stays frozen, its features of the train split are extracted
   once into a store (the cache) and the head trains on them: minutes on a CPU.
-- `finetune.unfreeze=N`: the last N ResNet stages train too, on augmented images: a GPU job.
+- `finetune.unfreeze=N`: the backbone's last N stage groups train too (ResNet layers, EfficientNet
+  stages, ViT blocks: `simsearch.model.stage_groups`), on augmented images: a GPU job.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +24,26 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
-from simsearch.data import ImageCollection, build_collection, collate
+from simsearch.data import ImageCollection, augment, build_collection, collate
 from simsearch.errors import SimsearchError
 from simsearch.evaluate import evaluate_embeddings
-from simsearch.model import EMBEDDING_DIM, Embedder, Preprocess, ProjectionHead, build_backbone
+from simsearch.extract import extract
+from simsearch.model import (
+    Embedder,
+    Preprocess,
+    ProjectionHead,
+    backbone_spec,
+    build_backbone,
+    checkpoint_metadata,
+    finetune_record,
+    load_finetuned_embedder,
+    resolve_model_config,
+    stage_groups,
+)
+from simsearch.runtime import build_trainer
 from simsearch.store import Store
 
 log = logging.getLogger(__name__)
-STAGES = ("layer1", "layer2", "layer3", "layer4")
-CHECKPOINT_FORMAT = 1
-SUPERVISED = ("triplet", "supcon")
 
 
 # ---------------------------------------------------------------- checks, made before any training
@@ -38,17 +51,17 @@ SUPERVISED = ("triplet", "supcon")
 
 def check_finetune_config(ft: DictConfig, labels: np.ndarray) -> None:
     """Every mistake that would otherwise surface mid-run, as one sentence, before any extraction."""
-    if ft.loss not in (*SUPERVISED, "ntxent"):
-        raise SimsearchError(f"finetune.loss must be triplet, supcon or ntxent, not '{ft.loss}'")
+    if ft.loss not in LOSSES:
+        raise SimsearchError(f"finetune.loss must be {', '.join(LOSSES)}, not '{ft.loss}'")
     if ft.loss == "triplet" and ft.miner not in ("batch_hard", "semi_hard"):
         raise SimsearchError(f"finetune.miner must be batch_hard or semi_hard, not '{ft.miner}'")
-    if not 0 <= ft.unfreeze <= len(STAGES):
-        raise SimsearchError(f"finetune.unfreeze must be 0..4 (ResNet stages), not {ft.unfreeze}")
+    if ft.unfreeze < 0:
+        raise SimsearchError(f"finetune.unfreeze must be 0 or a number of stages, not {ft.unfreeze}")
     if not 0 < ft.val_fraction < 1:
         raise SimsearchError(f"finetune.val_fraction must be between 0 and 1, not {ft.val_fraction}")
     if ft.monitor not in ("val/map@r", "val/precision@10"):
         raise SimsearchError(f"finetune.monitor must be val/map@r or val/precision@10, not '{ft.monitor}'")
-    if ft.loss in SUPERVISED:
+    if LOSSES[ft.loss].needs_labels:
         classes = len(np.unique(labels[labels >= 0]))
         if classes == 0:
             raise SimsearchError(
@@ -75,19 +88,48 @@ def split_rows(count: int, val_fraction: float, seed: int) -> tuple[np.ndarray, 
 # ---------------------------------------------------------------- losses
 
 
-def build_loss(ft: DictConfig) -> tuple[Any, Any | None]:
-    """(loss, miner) from pytorch-metric-learning, all on cosine similarity."""
+@dataclass(frozen=True)
+class LossKind:
+    """A loss of the registry: how to build it (with its miner), whether it needs labels, how many views."""
+
+    build: Callable[[DictConfig], tuple[Any, Any | None]]
+    needs_labels: bool
+    views: int  # augmented views of each image per step: 1 (labels give the positives) or 2 (a view's positive is its twin)
+
+
+def _triplet(ft: DictConfig) -> tuple[Any, Any]:
     from pytorch_metric_learning import distances, losses, miners
 
     cosine = distances.CosineSimilarity()
-    if ft.loss == "triplet":
-        loss = losses.TripletMarginLoss(margin=ft.margin, distance=cosine)
-        if ft.miner == "batch_hard":
-            return loss, miners.BatchHardMiner(distance=cosine)
-        return loss, miners.TripletMarginMiner(margin=ft.margin, type_of_triplets="semihard", distance=cosine)
-    if ft.loss == "supcon":
-        return losses.SupConLoss(temperature=ft.temperature), None
+    loss = losses.TripletMarginLoss(margin=ft.margin, distance=cosine)
+    if ft.miner == "batch_hard":
+        return loss, miners.BatchHardMiner(distance=cosine)
+    return loss, miners.TripletMarginMiner(margin=ft.margin, type_of_triplets="semihard", distance=cosine)
+
+
+def _supcon(ft: DictConfig) -> tuple[Any, None]:
+    from pytorch_metric_learning import losses
+
+    return losses.SupConLoss(temperature=ft.temperature), None
+
+
+def _ntxent(ft: DictConfig) -> tuple[Any, None]:
+    from pytorch_metric_learning import losses
+
     return losses.NTXentLoss(temperature=ft.temperature), None
+
+
+# pytorch-metric-learning losses, all on cosine similarity; a new loss is one entry here
+LOSSES = {
+    "triplet": LossKind(_triplet, needs_labels=True, views=1),
+    "supcon": LossKind(_supcon, needs_labels=True, views=1),
+    "ntxent": LossKind(_ntxent, needs_labels=False, views=2),
+}
+
+
+def build_loss(ft: DictConfig) -> tuple[Any, Any | None]:
+    """(loss, miner) of `finetune.loss`."""
+    return LOSSES[ft.loss].build(ft)
 
 
 def active_fraction(embeddings: torch.Tensor, labels: torch.Tensor, margin: float, triplets: Any = None) -> torch.Tensor:
@@ -145,18 +187,6 @@ def collate_labelled(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
-def augment(pixels: torch.Tensor, strong: bool) -> torch.Tensor:
-    """Per-image random resized crop and flip (and colour jitter when `strong`), uint8 in and out."""
-    from torchvision.transforms import v2
-
-    steps = [v2.RandomResizedCrop(pixels.shape[-2:], scale=(0.35 if strong else 0.6, 1.0), antialias=True),
-             v2.RandomHorizontalFlip()]
-    if strong:
-        steps += [v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), v2.RandomGrayscale(p=0.2)]
-    transform = v2.Compose(steps)
-    return torch.stack([transform(image) for image in pixels])
-
-
 # ---------------------------------------------------------------- the module
 
 
@@ -173,9 +203,10 @@ class MetricLearningModule(L.LightningModule):
         self.classes = classes
         self.metadata = metadata
         self.loss_fn, self.miner = build_loss(ft)
+        self.trainable_stages = unfrozen_stages(embedder.backbone, ft.unfreeze)
         self.embedder.backbone.requires_grad_(False)
-        for stage in STAGES[len(STAGES) - ft.unfreeze :]:
-            getattr(self.embedder.backbone, stage).requires_grad_(True)
+        for module in self.trainable_stages:
+            module.requires_grad_(True)
         self._val_embeddings: list[torch.Tensor] = []
         self._val_labels: list[torch.Tensor] = []
 
@@ -184,8 +215,8 @@ class MetricLearningModule(L.LightningModule):
         super().train(mode)
         if mode:
             self.embedder.backbone.eval()
-            for stage in STAGES[len(STAGES) - self.ft.unfreeze :]:
-                getattr(self.embedder.backbone, stage).train()
+            for module in self.trainable_stages:
+                module.train()
         return self
 
     def embed(self, batch: dict[str, Any], view: int | None = None, augmented: bool = False) -> torch.Tensor:
@@ -194,11 +225,11 @@ class MetricLearningModule(L.LightningModule):
             if features.ndim == 3:  # (B, views, D): cached augmented views for NT-Xent
                 features = features[:, view or 0]
             return self.embedder.embed_features(features)
-        pixels = augment(batch["pixels"], strong=self.ft.loss == "ntxent") if augmented else batch["pixels"]
+        pixels = augment(batch["pixels"], strong=LOSSES[self.ft.loss].views > 1) if augmented else batch["pixels"]
         return self.embedder(pixels)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        if self.ft.loss == "ntxent":  # two views of each image; a view's only positive is its twin
+        if LOSSES[self.ft.loss].views > 1:  # two views of each image; a view's only positive is its twin
             first = self.embed(batch, view=0, augmented=True)
             second = self.embed(batch, view=1, augmented=True)
             embeddings = torch.cat([first, second])
@@ -270,54 +301,18 @@ class MetricLearningModule(L.LightningModule):
 # ---------------------------------------------------------------- checkpoints
 
 
-def read_checkpoint(path: Path) -> dict[str, Any]:
-    """A simsearch checkpoint, loaded with weights_only=True (no code runs from the file)."""
-    if not path.is_file():
-        raise SimsearchError(f"no checkpoint at {path}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # corrupt or foreign files raise many types
-        raise SimsearchError(f"cannot read checkpoint {path}: {str(error).splitlines()[0]}") from None
-    meta = checkpoint.get("simsearch") if isinstance(checkpoint, dict) else None
-    if not meta or meta.get("format") != CHECKPOINT_FORMAT:
-        raise SimsearchError(f"{path} is not a simsearch fine-tuning checkpoint (written by `simsearch finetune`)")
-    if meta.get("backbone") != "resnet50":
-        raise SimsearchError(f"{path} holds a {meta.get('backbone')} backbone; simsearch embeds with resnet50")
-    return checkpoint
-
-
-def checkpoint_metadata(path: Path) -> dict[str, Any]:
-    return read_checkpoint(path)["simsearch"]
-
-
-def load_finetuned_embedder(path: Path, model: DictConfig | None = None) -> Embedder:
-    """Backbone + head exactly as trained, from a checkpoint of `simsearch finetune`."""
-    checkpoint = read_checkpoint(Path(path))
-    meta = checkpoint["simsearch"]
-    preprocess = Preprocess(meta["image_size"], meta["mean"], meta["std"])
-    embedder = Embedder(preprocess, build_backbone("random", meta["seed"]), ProjectionHead(**meta["head"]))
-    state = {k.removeprefix("embedder."): v for k, v in checkpoint["state_dict"].items() if k.startswith("embedder.")}
-    try:
-        embedder.load_state_dict(state)
-    except RuntimeError as error:
-        raise SimsearchError(f"checkpoint {path} does not match the network it describes: {str(error).splitlines()[0]}") from None
-    return embedder.eval()
-
-
-def model_with_checkpoint(model: DictConfig) -> DictConfig:
-    """The model config with the image size and normalisation the checkpoint was trained with."""
-    if not model.checkpoint:
-        return model
-    meta = checkpoint_metadata(Path(model.checkpoint))
-    updated = OmegaConf.merge(model, {"image_size": meta["image_size"], "mean": meta["mean"], "std": meta["std"],
-                                      "weights": meta["weights"], "checkpoint": str(Path(model.checkpoint).resolve())})
-    if updated.image_size != model.image_size:
-        log.info("model.image_size=%d from the checkpoint (trained at that size)", updated.image_size)
-    return updated
+def unfrozen_stages(backbone: torch.nn.Module, unfreeze: int) -> list[torch.nn.Module]:
+    """The modules of the backbone's last `unfreeze` stage groups (none when 0)."""
+    if unfreeze == 0:
+        return []
+    groups = stage_groups(backbone)
+    if unfreeze > len(groups):
+        raise SimsearchError(f"finetune.unfreeze={unfreeze}, but this backbone has {len(groups)} stage groups")
+    return [module for group in groups[len(groups) - unfreeze:] for module in group]
 
 
 def _compatible(meta: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
-    keys = ("backbone", "weights", "image_size", "head", "unfreeze", "loss")
+    keys = ("backbone", "head", "unfreeze", "loss")
     return [f"{k}: {meta.get(k)} != {wanted.get(k)}" for k in keys if meta.get(k) != wanted.get(k)]
 
 
@@ -330,16 +325,20 @@ def store_matches(store: Store, cfg: DictConfig) -> bool:
     root = str(Path(cfg.data.root).expanduser().resolve()) if cfg.data.root else None
     same_data = all(data.get(k) == cfg.data[k] for k in ("name", "split", "limit", "num_items", "num_classes",
                                                           "native_size_px", "labels")) and data.get("root") == root
-    same_model = (model.get("weights") == cfg.model.weights and model.get("image_size") == cfg.model.image_size
-                  and list(model.get("mean", [])) == list(cfg.model.mean) and list(model.get("std", [])) == list(cfg.model.std)
-                  and not model.get("checkpoint") and (cfg.model.weights != "random" or model.get("seed") == cfg.run.seed))
+    wanted = resolve_model_config(cfg.model)
+    same_model = (all(model.get(k) == wanted[k] for k in ("name", "weights", "image_size", "interpolation"))
+                  and list(model.get("mean", [])) == list(wanted.mean) and list(model.get("std", [])) == list(wanted.std)
+                  and not model.get("checkpoint") and (wanted.weights != "random" or model.get("seed") == cfg.run.seed))
     return same_data and same_model and store.manifest.get("dtype") == "float32"
 
 
 def extract_or_reuse(cfg: DictConfig, augment_seed: int | None = None) -> Store:
-    """The store at cfg.run.dir if it matches cfg, else a new extraction."""
-    from simsearch.extract import extract
+    """The store at cfg.run.dir if it matches cfg, else a new extraction.
 
+    Under DDP every rank decides the same: from the same files and config, and only a rank that found no
+    matching store changes them (removing the manifest), which makes any other rank find none either. The
+    extraction is written by global rank 0; every rank opens it after the broadcast of its manifest.
+    """
     try:
         store = Store.open(cfg.run.dir)
         if store_matches(store, cfg):
@@ -357,7 +356,7 @@ def cached_features(cfg: DictConfig) -> tuple[torch.Tensor, Store]:
     base_cfg = OmegaConf.merge(cfg, {"run": {"dir": str(cache_dir)}, "store": {"dtype": "float32"},
                                      "model": {"checkpoint": None}, "logger": {"wandb": {"enabled": False}}})
     store = extract_or_reuse(base_cfg)
-    if cfg.finetune.loss != "ntxent":
+    if LOSSES[cfg.finetune.loss].views == 1:
         return torch.from_numpy(store.vectors()), store
     views = []
     for view in range(max(2, cfg.finetune.views)):
@@ -378,7 +377,7 @@ def loaders(cfg: DictConfig, labels: np.ndarray, train_rows: np.ndarray, val_row
         train_set, val_set, gather = CachedFeatures(features, labels, train_rows), CachedFeatures(features, labels, val_rows), None
     else:
         train_set, val_set, gather = LabelledImages(collection, train_rows), LabelledImages(collection, val_rows), collate_labelled
-    if ft.loss in SUPERVISED:
+    if LOSSES[ft.loss].needs_labels:
         sampler = MPerClassSampler(labels[train_rows], ft.m_per_class, ft.batch_size, length_before_new_iter=len(train_rows))
         train = DataLoader(train_set, batch_size=ft.batch_size, sampler=sampler, drop_last=True, collate_fn=gather,
                            num_workers=cfg.data.num_workers if features is None else 0)
@@ -394,31 +393,30 @@ def loaders(cfg: DictConfig, labels: np.ndarray, train_rows: np.ndarray, val_row
 
 def finetune(cfg: DictConfig) -> dict[str, Any]:
     """Train a head (and optionally stages) on the train split; keep the best checkpoint by validation."""
-    from simsearch.extract import build_trainer
     from simsearch.tracking import finish, start_run
 
     ft = cfg.finetune
     cfg = OmegaConf.merge(cfg, {"data": {"split": "train"}, "model": {"checkpoint": None}})
+    cfg = OmegaConf.merge(cfg, {"model": resolve_model_config(cfg.model)})
     collection = build_collection(cfg.data, cfg.model.image_size, cfg.run.seed)  # cheap: no image is decoded
     check_finetune_config(ft, collection.labels)
+    spec = backbone_spec(cfg.model)
+    backbone = build_backbone(spec, cfg.run.seed)  # before any extraction: weights and stage groups are checked
+    unfrozen_stages(backbone.network, ft.unfreeze)
     if ft.unfreeze == 0:
         features, store = cached_features(cfg)
         labels, classes, collection = store.labels, store.classes, None
     else:
         features, labels, classes = None, collection.labels, collection.classes
     train_rows, val_rows = split_rows(len(labels), ft.val_fraction, cfg.run.seed)
-    train_rows = train_rows[labels[train_rows] >= 0] if ft.loss in SUPERVISED else train_rows
+    train_rows = train_rows[labels[train_rows] >= 0] if LOSSES[ft.loss].needs_labels else train_rows
     if len(val_rows) < 11:
         raise SimsearchError(f"finetune.val_fraction={ft.val_fraction} holds out {len(val_rows)} items; validation "
                              "Precision@10 needs at least 11: raise it, or use more data")
-    metadata = {
-        "format": CHECKPOINT_FORMAT, "backbone": "resnet50", "weights": cfg.model.weights, "seed": cfg.run.seed,
-        "image_size": cfg.model.image_size, "mean": list(cfg.model.mean), "std": list(cfg.model.std),
-        "head": {"in_dim": EMBEDDING_DIM, "hidden_dim": ft.hidden_dim, "dim": ft.dim}, "unfreeze": ft.unfreeze,
-        "loss": ft.loss, "train_data": {"name": cfg.data.name, "split": "train", "rows": len(train_rows),
-                                        "validation_rows": len(val_rows)},
-        "config": OmegaConf.to_container(cfg, resolve=True),
-    }
+    metadata = finetune_record(spec, cfg.run.seed, backbone.width, ft.hidden_dim, ft.dim, ft.unfreeze, ft.loss,
+                               train_data={"name": cfg.data.name, "split": "train", "rows": len(train_rows),
+                                           "validation_rows": len(val_rows)},
+                               config=OmegaConf.to_container(cfg, resolve=True))
     checkpoint_dir = Path(ft.checkpoint_dir) / ft.name
     last = checkpoint_dir / "last.ckpt"
     resume_from = last if ft.resume and last.is_file() else None
@@ -429,9 +427,8 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
                                  "use finetune.resume=false or another finetune.name")
         log.info("resuming from %s", last)
     torch.manual_seed(cfg.run.seed)
-    head = ProjectionHead(EMBEDDING_DIM, ft.hidden_dim, ft.dim)
-    embedder = Embedder(Preprocess(cfg.model.image_size, list(cfg.model.mean), list(cfg.model.std)),
-                        build_backbone(cfg.model.weights, cfg.run.seed), head)
+    head = ProjectionHead(backbone.width, ft.hidden_dim, ft.dim)
+    embedder = Embedder(Preprocess.from_spec(spec.preprocessing), backbone.network, head)
     module = MetricLearningModule(embedder, ft, classes, metadata)
     train_loader, val_loader = loaders(cfg, labels, train_rows, val_rows, features, collection)
     best = ModelCheckpoint(dirpath=checkpoint_dir, filename="best-epoch{epoch:03d}-map_r{val/map@r:.4f}",
@@ -486,8 +483,8 @@ def project_store(baseline: Store, checkpoint: Path, out_dir: Path, cfg: DictCon
 
 
 def base_model_config(cfg: DictConfig, checkpoint: Path) -> DictConfig:
-    """cfg with the model a checkpoint started from (its weights, seed, image size): the fair baseline."""
+    """cfg with the model a checkpoint started from (its backbone, weights, seed, preprocessing): the fair baseline."""
     meta = checkpoint_metadata(checkpoint)
+    spec = meta["backbone"]
     return OmegaConf.merge(cfg, {"run": {"seed": meta["seed"]}, "model": {
-        "weights": meta["weights"], "image_size": meta["image_size"], "mean": meta["mean"], "std": meta["std"],
-        "checkpoint": None}})
+        "name": spec["name"], "weights": spec["weights"], **spec["preprocessing"], "checkpoint": None}})

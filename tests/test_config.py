@@ -5,12 +5,15 @@ from omegaconf import OmegaConf
 
 from simsearch.config import load_config
 from simsearch.errors import SimsearchError
+from simsearch.model import resolve_model_config
 from tests.conftest import simsearch
 
 
 def test_defaults_reproduce_the_reference_experiment():
     cfg = load_config([])
-    assert (cfg.data.name, cfg.data.split, cfg.model.weights, cfg.model.image_size) == ("cifar10", "test", "imagenet", 224)
+    assert (cfg.data.name, cfg.data.split, cfg.model.name, cfg.model.weights) == ("cifar10", "test", "resnet50", "imagenet")
+    model = resolve_model_config(cfg.model)  # null preprocessing: IMAGENET1K_V2's own transforms
+    assert (model.image_size, list(model.mean), model.interpolation) == (224, [0.485, 0.456, 0.406], "bilinear")
     assert cfg.run.dir == "outputs/cifar10-test"
     assert list(cfg.eval.k) == [1, 5, 10, 20, 100]
 

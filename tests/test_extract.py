@@ -148,7 +148,7 @@ def test_missing_imagenet_weights_offline_say_where_to_put_them(monkeypatch, cap
 def test_wrong_state_dict_is_refused(tmp_path, capsys):
     torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "other.pth")
     assert simsearch("extract", "data=synthetic", *TINY, "model.weights=other.pth") == 2
-    assert "not a torchvision ResNet-50 state dict" in capsys.readouterr().err
+    assert "not a torchvision resnet50 state dict" in capsys.readouterr().err
 
 
 def write_cifar10(root: Path, per_batch: int = 6) -> np.ndarray:

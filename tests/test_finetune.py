@@ -112,9 +112,9 @@ def test_unfrozen_stage_trains_end_to_end(tmp_path):
     assert simsearch("finetune", *SMALL, "finetune.unfreeze=1", "finetune.epochs=1", "run.dir=ft") == 0
     best = read_json(tmp_path / "checkpoints" / "synthetic-triplet-unfreeze1" / "finetune.json")["best_checkpoint"]
     state = torch.load(best, weights_only=True, map_location="cpu")["state_dict"]
-    from simsearch.model import build_backbone
+    from simsearch.model import backbone_spec, build_backbone
 
-    original = build_backbone("random", 0).state_dict()
+    original = build_backbone(backbone_spec({"name": "resnet50", "weights": "random", "image_size": 32}), 0).network.state_dict()
     assert not torch.equal(state["embedder.backbone.layer4.0.conv1.weight"], original["layer4.0.conv1.weight"])
     assert torch.equal(state["embedder.backbone.layer1.0.conv1.weight"], original["layer1.0.conv1.weight"])
 

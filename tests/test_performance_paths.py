@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torchvision.transforms import v2
 
-from simsearch.model import Preprocess, build_backbone
+from simsearch.model import Preprocess, backbone_spec, build_backbone
 from tests.conftest import TINY, simsearch
 from tests.test_extract import write_cifar10
 
@@ -28,7 +28,7 @@ def test_reference_pipeline_and_simsearch_agree_on_embeddings(tmp_path):
     from reference_pipeline import plain_embed, plain_model
 
     images = write_cifar10(tmp_path / "cifar", per_batch=8)
-    state = build_backbone("random", 0).state_dict()
+    state = build_backbone(backbone_spec({"name": "resnet50", "weights": "random"}), 0).network.state_dict()
     torch.save(state, tmp_path / "weights.pth")
     assert simsearch("extract", "data=cifar10", f"data.root={tmp_path / 'cifar'}", "data.download=false", *TINY,
                      f"model.weights={tmp_path / 'weights.pth'}", "model.image_size=64", "run.dir=out") == 0
