@@ -33,8 +33,9 @@ from safetensors.torch import save_file
 from simsearch.config import save_config
 from simsearch.data import ImageCollection, ImageDataModule
 from simsearch.errors import SimsearchError
-from simsearch.inference import check_inference_mode, prepare_inference
-from simsearch.model import EmbeddingModule, build_embedder, resolve_model_config
+from simsearch.model import build_embedder, resolve_model_config
+from simsearch.model.inference import check_inference_mode, prepare_inference
+from simsearch.model.module import EmbeddingModule
 from simsearch.runtime import build_trainer
 from simsearch.store import finish_store, write_jsonl
 

@@ -76,6 +76,7 @@ def freeze_network(network: nn.Module, example: torch.Tensor, dtype: torch.dtype
         # TorchScript is deprecated in favour of torch.compile, which on a CPU needs a C++ compiler and tens of
         # seconds per process; where TorchScript is gone, the AttributeError sends the run to the eager path.
         warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # what they warn of, the comparison checks
         traced = torch.jit.trace(network, example.to(dtype), check_trace=False)
         return FrozenNetwork(torch.jit.freeze(traced), dtype)
 
@@ -135,5 +136,6 @@ def prepare_inference(embedder: nn.Module, mode: str, precision: str | None, cha
         log.warning("model.inference=%s: the backbone runs eagerly because %s", mode, reason)
         return eager_precision
     embedder.backbone = backbone
-    log.info("inference: frozen TorchScript backbone (batch norm folded, oneDNN), %s", str(dtype).removeprefix("torch."))
+    log.info("inference: frozen TorchScript backbone (weights inlined, batch norm folded, ops fused), %s",
+             str(dtype).removeprefix("torch."))
     return "32-true"
