@@ -130,7 +130,7 @@ def prepare_inference(embedder: nn.Module, mode: str, precision: str | None, cha
     if dtype is None:
         log.warning("model.inference=%s: trainer.precision=%s cannot be frozen; the network runs eagerly", mode, precision)
         return eager_precision
-    images = check_images(embedder.preprocess, 3, channels_last)
+    images = check_images(embedder.preprocess, 2, channels_last)  # traced on one, compared on two
     backbone, reason = frozen_or_eager(embedder.backbone.eval(), images, dtype)
     if reason:
         log.warning("model.inference=%s: the backbone runs eagerly because %s", mode, reason)
