@@ -3,9 +3,10 @@
 `torch.jit.freeze` inlines the weights, folds every batch norm into the convolution before it and
 fuses conv + add + relu, so oneDNN runs one kernel where eager PyTorch runs three. Measured on 2 cores
 of an AMD EPYC (docs/BENCHMARKS.md): 1.3x eager channels-last for fp32, and with bf16 weights on a CPU
-with native bf16 (AVX512-BF16 or AMX) about 1.5x eager bf16 autocast. oneDNN Graph fusion
-(`torch.jit.enable_onednn_fusion`) and `torch.compile` were measured too: no faster here, and they
-take tens of seconds to prepare, which a whole `simsearch extract` process pays on every run.
+with native bf16 (AVX512-BF16 or AMX) 2.5x eager fp32 and about 1.4x eager bf16 autocast. oneDNN
+Graph fusion (`torch.jit.enable_onednn_fusion`) was measured too: no faster here, and slower to
+prepare, which a whole `simsearch extract` process pays on every run. `torch.compile` needs a C++
+compiler at run time and compiles in every process; it stays the GPU option (`model.compile`).
 
 `model.inference`: `auto` (frozen on a CPU, eager on a GPU, where bf16 autocast, channels-last and
 `model.compile` apply), `frozen`, or `eager`. A backbone that cannot be traced, or whose frozen copy
