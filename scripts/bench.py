@@ -280,20 +280,29 @@ def loader_only_seconds(arguments: list[str]) -> float:
     return time.perf_counter() - start
 
 
+def smooth_images(count: int, seed: int = 0) -> np.ndarray:
+    """(count, 32, 32, 3) uint8 CIFAR-shaped images of upsampled noise: closer to photos than white noise, cheap to make."""
+    small = np.random.default_rng(seed).integers(0, 256, (count, 8, 8, 3), dtype=np.uint8)
+    upsampled = torch.nn.functional.interpolate(torch.from_numpy(small).permute(0, 3, 1, 2).float(), size=32, mode="bilinear")
+    return np.asarray(upsampled.permute(0, 2, 3, 1).byte())
+
+
+def random_resnet50_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Seeded random ResNet-50 weights (fc removed) saved at `path`: speed does not depend on the values."""
+    from reference_pipeline import plain_model
+
+    state = dict(plain_model(seed=0).state_dict())
+    torch.save(state, path)
+    return state
+
+
 def bench_extract(count: int, image_size: int, workdir: Path) -> list[Row]:
+    """In-process extraction throughput of simsearch's variants against the reference pipeline, same weights."""
     from reference_pipeline import plain_embed, plain_model
 
-    from simsearch.model import backbone_spec, build_backbone
-
-    rng = np.random.default_rng(0)
-    # smooth random images (upsampled noise): closer to photos than white noise, cheap to make
-    small = rng.integers(0, 256, (count, 8, 8, 3), dtype=np.uint8)
-    images = np.asarray(torch.nn.functional.interpolate(torch.from_numpy(small).permute(0, 3, 1, 2).float(), size=32,
-                                                        mode="bilinear").permute(0, 2, 3, 1).byte())
+    images = smooth_images(count)
     weights = workdir / "resnet50-seed0.pth"
-    backbone = build_backbone(backbone_spec({"name": "resnet50", "weights": "random"}), 0).network
-    state = {k: v for k, v in backbone.state_dict().items()}
-    torch.save(state, weights)
+    state = random_resnet50_weights(weights)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     reference = plain_model({**state, "fc.weight": torch.zeros(1000, 2048), "fc.bias": torch.zeros(1000)})
     folder = workdir / "jpegs"
@@ -306,8 +315,10 @@ def bench_extract(count: int, image_size: int, workdir: Path) -> list[Row]:
     common = [f"model.weights={weights}", f"model.image_size={image_size}", "data.batch_size=64", "data.num_workers=2"]
     write_cifar_batches(workdir / "cifar", images)
     rows = []
-    # on a CPU the default is fp32 (the reference's output); bf16 autocast is the opt-in fast row
-    variants = [("", [])] + ([] if device == "cuda" else [(", bf16-mixed", ["trainer.precision=bf16-mixed"])])
+    # on a CPU the default is the frozen network, in bf16 where the CPU has it natively (simsearch.model.inference)
+    variants = [(", default", [])] + ([] if device == "cuda" else [
+        (", frozen fp32", ["trainer.precision=32-true"]),
+        (", eager fp32 (the default before fused inference)", ["model.inference=eager", "trainer.precision=32-true"])])
     for case, ours_args, plain_input in (
         ("CIFAR-shaped 32x32 uint8", ["data=cifar10", f"data.root={workdir / 'cifar'}", "data.download=false"], images),
         ("JPEG folder (96 px files)", ["data=folder", f"data.root={folder}", "data.labels=none"], paths),
@@ -316,14 +327,100 @@ def bench_extract(count: int, image_size: int, workdir: Path) -> list[Row]:
         plain_embed(reference, plain_input[:64], image_size, device=device)
         plain_s, plain = timed(lambda p=plain_input: plain_embed(reference, p, image_size, device=device))
         loader_s = loader_only_seconds(common + ours_args)
-        for variant, extra in variants:
-            arguments = common + ours_args + extra + [f"run.dir={workdir / 'ours'}"]
+        for number, (variant, extra) in enumerate(variants):  # a fresh run.dir each: no store is reused
+            arguments = common + ours_args + extra + [f"run.dir={workdir / f'ours-{case[:4]}-{number}'}"]
             ours_s, ours = timed(lambda a=arguments: simsearch_extract(a))
             cosine = np.sum(ours.astype(np.float64) * plain, axis=1)
             rows.append({"section": "extract", "case": f"{case}, {count} images at {image_size} px, {device}{variant}",
                          "simsearch_img_per_s": round(count / ours_s, 1), "reference_img_per_s": round(count / plain_s, 1),
                          "ratio": round(plain_s / ours_s, 2), "min_cosine_vs_reference": round(float(cosine.min()), 5),
                          "loader_only_img_per_s": round(count / loader_s, 1)})
+    return rows
+
+
+def run_process(command: list[str], cwd: Path) -> float:
+    """Wall-clock seconds of a whole process, from its start to its exit."""
+    import subprocess
+
+    start = time.perf_counter()
+    result = subprocess.run(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seconds = time.perf_counter() - start
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command[:3])} ... failed: {result.stderr[-2000:]}")
+    return seconds
+
+
+def process_inputs(count: int, folder: Path) -> tuple[Path, Path, Path]:
+    """The same images as a CIFAR-10 test split (for simsearch) and as .npy (for the reference), and random weights."""
+    folder.mkdir()
+    images = smooth_images(count, seed=1)
+    write_cifar_batches(folder / "cifar", images)
+    np.save(folder / "images.npy", images)
+    random_resnet50_weights(folder / "resnet50.pth")
+    return folder / "cifar", folder / "images.npy", folder / "resnet50.pth"
+
+
+def bench_whole_process(count: int, rounds: int, workdir: Path) -> list[Row]:
+    """`simsearch extract` with default settings, as a user runs it (a new process: imports, model, W&B offline,
+    the store), against a whole `scripts/reference_pipeline.py` process on the same images and weights at 224 px;
+    the two alternate, `rounds` times each, and the median of each is compared."""
+    folder = workdir / "process"
+    cifar, images, weights = process_inputs(count, folder)
+    plain_command = [sys.executable, str(Path(__file__).resolve().parent / "reference_pipeline.py"), "--npy", str(images),
+                     "--weights", str(weights), "--out", str(folder / "plain.npy")]
+    times: dict[str, list[float]] = {"simsearch": [], "reference": []}
+    for number in range(rounds):
+        times["reference"].append(run_process(plain_command, folder))
+        ours_command = [str(Path(sys.executable).parent / "simsearch"), "extract", f"data.root={cifar}",
+                        f"model.weights={weights}", f"run.dir={folder / f'store-{number}'}"]  # a fresh store each round
+        times["simsearch"].append(run_process(ours_command, folder))
+    ours, plain = float(np.median(times["simsearch"])), float(np.median(times["reference"]))
+    cosine = np.sum(np.load(folder / f"store-{rounds - 1}" / "embeddings.npy").astype(np.float64)
+                    * np.load(folder / "plain.npy"), axis=1)
+    return [{"section": "process", "case": f"whole process, {count} CIFAR-shaped images at 224 px, default settings",
+             "simsearch_s": round(ours, 1), "reference_s": round(plain, 1), "ratio": round(plain / ours, 2),
+             "min_cosine_vs_reference": round(float(cosine.min()), 5), "rounds": rounds,
+             "all_simsearch_s": [round(t, 1) for t in times["simsearch"]],
+             "all_reference_s": [round(t, 1) for t in times["reference"]]}]
+
+
+def seconds_to_first_shard(command: list[str], run_dir: Path, cwd: Path) -> float:
+    """Seconds from starting `command` until a shard (an embedded batch) is on disk under `run_dir`."""
+    import subprocess
+
+    start = time.perf_counter()
+    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = None
+    while process.poll() is None and first is None:
+        if any(run_dir.rglob("*.safetensors")):
+            first = time.perf_counter() - start
+        time.sleep(0.01)
+    process.wait()
+    if process.returncode != 0 or first is None:
+        raise RuntimeError(f"{' '.join(command[:3])} ... ended ({process.returncode}) before a shard was seen")
+    return first
+
+
+def bench_startup(workdir: Path) -> list[Row]:
+    """Start-up: from the command to the first image embedded (a collection of one image, its shard on disk),
+    beside the imports alone and a whole reference process for the same image."""
+    folder = workdir / "startup"
+    cifar, images, weights = process_inputs(1, folder)
+    python = sys.executable
+    command = [str(Path(python).parent / "simsearch"), "extract", f"data.root={cifar}", f"model.weights={weights}"]
+    first = [seconds_to_first_shard(command + [f"run.dir={folder / f'startup-{n}'}"], folder / f"startup-{n}", folder)
+             for n in range(3)]
+    imports = [run_process([python, "-c", "import simsearch.cli, simsearch.extract"], folder) for _ in range(3)]
+    torch_imports = [run_process([python, "-c", "import torch, torchvision.models"], folder) for _ in range(3)]
+    plain = [run_process([python, str(Path(__file__).resolve().parent / "reference_pipeline.py"), "--npy", str(images),
+                          "--weights", str(weights)], folder) for _ in range(3)]
+    rows = []
+    for case, times in (("simsearch extract: command to first image embedded (224 px, default settings)", first),
+                        ("python -c 'import simsearch.cli, simsearch.extract' (what extract imports)", imports),
+                        ("python -c 'import torch, torchvision.models' (the floor: both pipelines pay it)", torch_imports),
+                        ("reference pipeline: whole process for the same image", plain)):
+        rows.append({"section": "startup", "case": case, "median_s": round(float(np.median(times)), 2),
+                     "all_s": [round(t, 2) for t in times]})
     return rows
 
 
@@ -472,7 +569,7 @@ def bench_serve(store_size: int, requests: dict[str, int], workdir: Path) -> lis
     return rows
 
 
-def bench_startup(store_size: int, repeats: int, workdir: Path) -> list[Row]:
+def bench_search_startup(store_size: int, repeats: int, workdir: Path) -> list[Row]:
     """Wall time of whole `simsearch search` processes by item and by vector (no torch, the index
     memory-mapped) against a process that only runs `import torch`, median of `repeats` each."""
     import statistics
@@ -501,7 +598,7 @@ def bench_startup(store_size: int, repeats: int, workdir: Path) -> list[Row]:
             times.append(time.perf_counter() - start)
         seconds[name] = statistics.median(times)
     torch_seconds = seconds["python -c 'import torch'"]
-    return [{"section": "startup", "command": name, "store": store_size, "median_s": round(value, 3),
+    return [{"section": "search_startup", "command": name, "store": store_size, "median_s": round(value, 3),
              "vs_import_torch": f"{value / torch_seconds:.2f}x"} for name, value in seconds.items()]
 
 
@@ -574,7 +671,8 @@ def bench_thumbnails(side_px: int, workdir: Path) -> list[Row]:
     return rows
 
 
-SECTIONS = {"eval", "eval_sampled", "extract", "incremental", "index", "latency", "memory", "serve", "startup", "thumbnails"}
+SECTIONS = {"eval", "eval_sampled", "extract", "incremental", "index", "latency", "memory", "process", "search_startup", "serve",
+            "startup", "thumbnails"}
 
 
 def hardware() -> dict[str, object]:
@@ -607,6 +705,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for the JSON results")
     parser.add_argument("--index-sizes", type=lambda t: [int(float(x)) for x in t.split(",")], default=None,
                         help="vector counts for the index section, e.g. 1e5,1e6 (default: 1e5,1e6; --quick: 1e4,1e5)")
+    parser.add_argument("--process-images", type=int, default=480,
+                        help="images of the whole-process comparison (default 480; --quick: 160, one round)")
+    parser.add_argument("--process-rounds", type=int, default=2, help="whole-process runs of each pipeline, alternating")
     parser.add_argument("--index-dim", type=int, default=None, help="vector size for the index section (default 2048; --quick 256)")
     arguments = parser.parse_args()
     sections = [s for s in arguments.sections.split(",") if s]
@@ -629,13 +730,18 @@ def main() -> None:
             on_gpu = torch.cuda.is_available()
             count = (20_000 if on_gpu else 512) if not arguments.quick else (2_048 if on_gpu else 96)
             rows += bench_extract(count, 224, workdir)
+        if "process" in sections:
+            rows += bench_whole_process(160 if arguments.quick else arguments.process_images,
+                                        1 if arguments.quick else arguments.process_rounds, workdir)
+        if "startup" in sections:
+            rows += bench_startup(workdir)
         if "latency" in sections:
             rows += bench_latency(10_000, 30 if arguments.quick else 100, workdir)
         if "serve" in sections:
             rows += bench_serve(10_000, {"item": 200 if arguments.quick else 1000, "upload": 48 if arguments.quick else 200},
                                 workdir)
-        if "startup" in sections:
-            rows += bench_startup(10_000 if arguments.quick else 100_000, 5, workdir)
+        if "search_startup" in sections:
+            rows += bench_search_startup(10_000 if arguments.quick else 100_000, 5, workdir)
         if "memory" in sections:
             rows += bench_memory([2_000, 20_000] if arguments.quick else [10_000, 100_000], workdir)
         if "incremental" in sections:

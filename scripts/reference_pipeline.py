@@ -2,7 +2,11 @@
 torchvision transforms per image in DataLoader workers (Resize(224), ToTensor, Normalize), an fp32
 ResNet-50 with the fc layer replaced, batches in eval mode, L2-normalise, numpy cosine similarity.
 
-    python scripts/reference_pipeline.py --images 256 --weights random   # embeds CIFAR-shaped images, prints img/s
+    python scripts/reference_pipeline.py --images 256                    # random CIFAR-shaped images, prints img/s
+    python scripts/reference_pipeline.py --npy images.npy --weights W.pth --out plain.npy   # uint8 (N, H, W, 3) images
+
+The second form is the whole-process yardstick of `scripts/bench.py` (section `process`): the same input
+and weights as a `simsearch extract` process, its embeddings saved to compare with.
 """
 
 from __future__ import annotations
@@ -67,15 +71,26 @@ def plain_similarity(embeddings: np.ndarray) -> np.ndarray:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--images", type=int, default=256, help="how many random images (without --npy)")
+    parser.add_argument("--npy", type=Path, help="embed these uint8 (N, H, W, 3) images instead")
+    parser.add_argument("--weights", type=Path, help="a ResNet-50 state dict (fc included or not); default: seeded random")
+    parser.add_argument("--out", type=Path, help="save the embeddings here (.npy)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     arguments = parser.parse_args()
-    images = np.random.default_rng(0).integers(0, 256, (arguments.images, 32, 32, 3), dtype=np.uint8)
-    model = plain_model()
-    plain_embed(model, images[:16], device=arguments.device)
+    if arguments.npy:
+        images = np.load(arguments.npy, allow_pickle=False)
+    else:
+        images = np.random.default_rng(0).integers(0, 256, (arguments.images, 32, 32, 3), dtype=np.uint8)
+    state = None
+    if arguments.weights:
+        state = torch.load(arguments.weights, map_location="cpu", weights_only=True)
+        state = {"fc.weight": torch.zeros(1000, 2048), "fc.bias": torch.zeros(1000), **state}
+    model = plain_model(state)
     start = time.perf_counter()
     embeddings = plain_embed(model, images, device=arguments.device)
     seconds = time.perf_counter() - start
+    if arguments.out:
+        np.save(arguments.out, embeddings)
     print(f"{len(embeddings)} images in {seconds:.1f} s: {len(embeddings) / seconds:.1f} images/s on {arguments.device}")
 
 

@@ -14,7 +14,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
 from omegaconf import DictConfig
@@ -404,12 +403,13 @@ class Selection(Dataset):
         return self.collection[int(self.indices[position])]
 
 
-class ImageDataModule(L.LightningDataModule):
-    """Serves one collection to `Trainer.predict`, in order; the sampler Lightning adds under DDP splits it."""
+class ImageDataModule:
+    """Serves one collection to `Trainer.predict`, in order; the sampler Lightning adds under DDP splits it.
+
+    A plain class (not a LightningDataModule): importing the data stage must not import Lightning."""
 
     def __init__(self, data: DictConfig, image_size_px: int, seed: int = 0, pin_memory: bool = False,
                  decode_on_device_by_default: bool = False):
-        super().__init__()
         self.decode_on_device_by_default = decode_on_device_by_default
         self.data = data
         self.image_size_px = image_size_px

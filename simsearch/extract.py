@@ -39,7 +39,9 @@ from safetensors.torch import save_file
 from simsearch.config import save_config
 from simsearch.data import ImageCollection, ImageDataModule
 from simsearch.errors import SimsearchError
-from simsearch.model import EmbeddingModule, build_embedder, resolve_model_config
+from simsearch.model import build_embedder, resolve_model_config
+from simsearch.model.inference import check_inference_mode, prepare_inference
+from simsearch.model.module import EmbeddingModule
 from simsearch.runtime import build_trainer
 from simsearch.store import (
     RunLock,
@@ -103,7 +105,8 @@ def _file_identity(path: str | None) -> list[Any] | None:
 def run_fingerprint(cfg: DictConfig, augment_seed: int | None) -> dict[str, str]:
     """What makes two vectors of the same key interchangeable: the embedder (model, preprocessing,
     seed, dtype, augmentation) and the source the keys are relative to (dataset or folder root)."""
-    model = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k not in ("channels_last", "compile")}
+    execution = ("channels_last", "compile", "inference")  # how the same network runs, not which network
+    model = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k not in execution}
     embedder = {"model": model, "seed": cfg.run.seed, "dtype": cfg.store.dtype, "augment_seed": augment_seed,
                 "weights_file": _file_identity(cfg.model.weights), "checkpoint_file": _file_identity(cfg.model.checkpoint),
                 "decode": cfg.data.decode if cfg.data.name == "folder" else None}
@@ -311,6 +314,7 @@ def extract(cfg: DictConfig, augment_seed: int | None = None) -> dict[str, Any]:
     cfg = OmegaConf.merge(cfg, {"model": resolve_model_config(cfg.model)})
     if cfg.store.dtype not in STORE_DTYPES:
         raise SimsearchError(f"store.dtype must be float32 or float16, not '{cfg.store.dtype}'")
+    check_inference_mode(cfg.model.inference)
     store_dir = Path(cfg.run.dir)
     prepare_run_dir(store_dir)
     with nullcontext() if is_secondary_rank() else RunLock(store_dir):
@@ -348,13 +352,14 @@ def extract_locked(cfg: DictConfig, store_dir: Path, augment_seed: int | None) -
     done = plan.done()
     if (plan.shard_of >= 0).any():
         log.info("resuming: %d of %d items are already embedded in %s", (plan.shard_of >= 0).sum(), len(done), shard_dir)
+    precision = prepare_inference(embedder, cfg.model.inference, cfg.trainer.precision, cfg.model.channels_last, on_gpu)
     module = EmbeddingModule(embedder, cfg.model.channels_last, cfg.model.compile, augment_seed)
     writer = ShardWriter(shard_dir, STORE_DTYPES[cfg.store.dtype], shard_fingerprint(fingerprint),
                          next_attempt(shard_dir), plan.keys)
-    trainer = build_trainer(cfg, [writer])
+    trainer = build_trainer(OmegaConf.merge(cfg, {"trainer": {"precision": precision}}), [writer])
     if not (done.all() and trainer.world_size == 1):  # several ranks always meet in predict: see items_to_embed
         datamodule.indices = items_to_embed(done, trainer.world_size)
-        trainer.predict(module, datamodule=datamodule, return_predictions=False)
+        trainer.predict(module, dataloaders=datamodule.predict_dataloader(), return_predictions=False)
 
     def write() -> dict[str, Any]:
         nonlocal previous

@@ -23,7 +23,6 @@ from simsearch.model.checkpoint import (
 )
 from simsearch.model.embedder import (
     Embedder,
-    EmbeddingModule,
     Preprocess,
     ProjectionHead,
     backbone_spec,
@@ -39,3 +38,12 @@ __all__ = [
     "checkpoint_backbone", "checkpoint_metadata", "default_preprocessing", "finetune_record", "load_finetuned_embedder",
     "load_state_dict_file", "read_checkpoint", "register_family", "resolve_model_config", "stage_groups",
 ]
+
+
+def __getattr__(name: str):
+    """`EmbeddingModule` on first use: it imports Lightning, which the model stage otherwise does not need."""
+    if name == "EmbeddingModule":
+        from simsearch.model.module import EmbeddingModule
+
+        return EmbeddingModule
+    raise AttributeError(f"module 'simsearch.model' has no attribute '{name}'")
