@@ -357,6 +357,8 @@ def extract_locked(cfg: DictConfig, store_dir: Path, augment_seed: int | None) -
     writer = ShardWriter(shard_dir, STORE_DTYPES[cfg.store.dtype], shard_fingerprint(fingerprint),
                          next_attempt(shard_dir), plan.keys)
     trainer = build_trainer(OmegaConf.merge(cfg, {"trainer": {"precision": precision}}), [writer])
+    if done.all():
+        log.info("every item is already embedded (reused or in shards): writing the store")
     if not (done.all() and trainer.world_size == 1):  # several ranks always meet in predict: see items_to_embed
         datamodule.indices = items_to_embed(done, trainer.world_size)
         trainer.predict(module, dataloaders=datamodule.predict_dataloader(), return_predictions=False)

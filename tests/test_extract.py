@@ -1,6 +1,7 @@
 """Extraction through the `simsearch extract` entry point: synthetic, folders, weights, datasets, DDP."""
 
 import gzip
+import json
 import pickle
 import struct
 from pathlib import Path
@@ -289,7 +290,7 @@ def test_fully_resumed_ddp_extraction_is_merged_once(tmp_path):
     from safetensors.torch import save_file
 
     from simsearch.config import load_config
-    from simsearch.extract import run_fingerprint
+    from simsearch.extract import run_fingerprint, shard_fingerprint
     from simsearch.model import resolve_model_config
 
     common = ["data=synthetic", "data.num_items=11", "data.batch_size=4", *TINY]
@@ -304,7 +305,8 @@ def test_fully_resumed_ddp_extraction_is_merged_once(tmp_path):
         save_file({"index": rows, "valid": torch.ones(len(rows), dtype=torch.uint8),
                    "embeddings": torch.from_numpy(one.embeddings[rows.numpy()])},
                   str(shards / f"attempt000-rank0000-batch{batch:08d}.safetensors"),
-                  metadata={"fingerprint": run_fingerprint(cfg, 11, None), "reasons": "{}"})
+                  metadata={"fingerprint": shard_fingerprint(run_fingerprint(cfg, None)), "reasons": "{}",
+                            "keys": json.dumps([one.items[i]["key"] for i in rows.tolist()])})
     ddp = simsearch_subprocess("extract", *common, "run.dir=two", "trainer.devices=2", "trainer.strategy=ddp", cwd=tmp_path)
     assert ddp.returncode == 0, ddp.stderr
     assert "every item is already embedded" in ddp.stderr
