@@ -51,7 +51,7 @@ def test_finetune_caches_features_reuses_them_and_keeps_the_best_checkpoint(tmp_
     assert simsearch("finetune", *SMALL, "finetune.epochs=2", "run.dir=ft") == 0
     cache = Store.open(tmp_path / "ft" / "train-features")
     assert cache.manifest["split"] == "train"
-    summary = read_json(tmp_path / "checkpoints" / "synthetic-triplet-unfreeze0" / "finetune.json")
+    summary = read_json(tmp_path / "checkpoints" / "synthetic-supcon-unfreeze0" / "finetune.json")
     assert summary["best_checkpoint"].endswith(".ckpt") and 0 <= summary["best_score"] <= 1
     assert (summary["train_rows"], summary["validation_rows"]) == (60, 20)
     # the checkpoint is plain tensors and primitives: it loads with weights_only=True
@@ -67,7 +67,7 @@ def test_finetune_caches_features_reuses_them_and_keeps_the_best_checkpoint(tmp_
 
 def test_resume_continues_from_the_saved_epoch(tmp_path, caplog):
     caplog.set_level("INFO")
-    last_path = tmp_path / "checkpoints" / "synthetic-triplet-unfreeze0" / "last.ckpt"
+    last_path = tmp_path / "checkpoints" / "synthetic-supcon-unfreeze0" / "last.ckpt"
     assert simsearch("finetune", *SMALL, "finetune.epochs=2", "finetune.patience=50", "run.dir=ft") == 0
     first = torch.load(last_path, weights_only=True, map_location="cpu")
     caplog.clear()
@@ -80,7 +80,7 @@ def test_resume_continues_from_the_saved_epoch(tmp_path, caplog):
 
 def test_best_checkpoint_round_trips_into_extract_and_compare(tmp_path):
     assert simsearch("finetune", *SMALL, "finetune.epochs=2", "run.dir=ft") == 0
-    best = read_json(tmp_path / "checkpoints" / "synthetic-triplet-unfreeze0" / "finetune.json")["best_checkpoint"]
+    best = read_json(tmp_path / "checkpoints" / "synthetic-supcon-unfreeze0" / "finetune.json")["best_checkpoint"]
     assert simsearch("extract", *SMALL, f"model.checkpoint={best}", "run.dir=tuned") == 0
     tuned = Store.open(tmp_path / "tuned")
     assert tuned.dim == 16 and tuned.manifest["model"]["checkpoint"] == best
@@ -110,7 +110,7 @@ def test_ntxent_with_frozen_backbone_uses_cached_augmented_views(tmp_path):
 
 def test_unfrozen_stage_trains_end_to_end(tmp_path):
     assert simsearch("finetune", *SMALL, "finetune.unfreeze=1", "finetune.epochs=1", "run.dir=ft") == 0
-    best = read_json(tmp_path / "checkpoints" / "synthetic-triplet-unfreeze1" / "finetune.json")["best_checkpoint"]
+    best = read_json(tmp_path / "checkpoints" / "synthetic-supcon-unfreeze1" / "finetune.json")["best_checkpoint"]
     state = torch.load(best, weights_only=True, map_location="cpu")["state_dict"]
     from simsearch.model import backbone_spec, build_backbone
 
