@@ -11,7 +11,7 @@ Every row but raw pixels is made by the `simsearch` CLI (extract, finetune, comp
 come from the product; this script only runs the commands, times them and writes the table. hit@10 (a
 query with at least one relevant item in its top 10) is computed here from each store's vectors.
 
-    python scripts/finetune_results.py                           # every row, the sizes below (CPU: ~1-2 h)
+    python scripts/finetune_results.py            # every row at the sizes of docs/RESULTS.md (2 shared CPU cores: ~1 h)
     python scripts/finetune_results.py --rows lite0_e2e --e2e-train-limit 60000 --e2e-epochs 10   # a full run
     python scripts/finetune_results.py --table-only               # rewrite docs/RESULTS.md from measured rows
 
@@ -44,6 +44,7 @@ ROWS = {
     "lite0_e2e": "Lite0 fine-tuned end to end (all stages, augmentation)",
 }
 QUIET = ["logger=none", "trainer.enable_progress_bar=false"]
+NOTES = "<!-- Below: notes written by people; scripts/finetune_results.py keeps them as they are. -->"
 
 
 def hardware() -> str:
@@ -229,12 +230,12 @@ def main() -> None:
     parser.add_argument("--table-only", action="store_true", help="measure nothing; rewrite the table")
     parser.add_argument("--image-size", type=int, default=64, help="pixels per side for every network")
     parser.add_argument("--data-root", default="/usr/share/datasets/fashion-mnist")
-    parser.add_argument("--head-train-limit", type=int, default=60000, help="train-split items for lite0_head")
+    parser.add_argument("--head-train-limit", type=int, default=10000, help="train-split items for lite0_head")
     parser.add_argument("--head-set", nargs="*", default=[], help="extra key=value for the head's finetune")
-    parser.add_argument("--e2e-train-limit", type=int, default=6000, help="train-split items for lite0_e2e")
-    parser.add_argument("--e2e-epochs", type=int, default=4)
+    parser.add_argument("--e2e-train-limit", type=int, default=5000, help="train-split items for lite0_e2e")
+    parser.add_argument("--e2e-epochs", type=int, default=3)
     parser.add_argument("--e2e-set", nargs="*", default=[], help="extra key=value for the end-to-end finetune")
-    parser.add_argument("--num-workers", type=int, default=1, help="data.num_workers of end-to-end training")
+    parser.add_argument("--num-workers", type=int, default=0, help="data.num_workers of end-to-end training")
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "results", help="stores and checkpoints")
     parser.add_argument("--table", type=Path, default=ROOT / "docs" / "RESULTS.md")
     args = parser.parse_args()
@@ -247,7 +248,9 @@ def main() -> None:
         write_json(args.out / "rows" / f"{key}.json", row)
         print(json.dumps(row["scores"]), flush=True)
     measured = {p.stem: json.loads(p.read_text()) for p in sorted((args.out / "rows").glob("*.json"))}
-    args.table.write_text(render(measured) + "\n")
+    old = args.table.read_text() if args.table.is_file() else ""
+    notes = old[old.index(NOTES):] if NOTES in old else f"{NOTES}\n"  # written by people: kept as it is
+    args.table.write_text(render(measured) + "\n\n" + notes)
     print(f"Wrote {args.table}")
 
 
