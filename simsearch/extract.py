@@ -226,20 +226,31 @@ def extract(cfg: DictConfig, augment_seed: int | None = None) -> dict[str, Any]:
         done[_read_shard_keys(path)[0]] = True
     if done.any():
         log.info("resuming: %d of %d items are already embedded in %s", done.sum(), len(done), shard_dir)
-    # Every rank runs the Trainer, even when every item is already in a shard (then each embeds one item
-    # again, dropped as a duplicate at the merge): its process group gives the ranks a barrier, so only
-    # global rank 0 merges and every rank returns the same manifest.
-    if done.all():
-        log.info("every item is already embedded: merging the shards in %s", shard_dir)
-        datamodule.indices = np.arange(1)
-    elif done.any():
-        datamodule.indices = np.flatnonzero(~done)
     module = EmbeddingModule(embedder, cfg.model.channels_last, cfg.model.compile, augment_seed)
     writer = ShardWriter(shard_dir, STORE_DTYPES[cfg.store.dtype], fingerprint, next_attempt(shard_dir))
     trainer = build_trainer(cfg, [writer])
+    if done.all():
+        log.info("every item is already embedded: merging the shards in %s", shard_dir)
+    datamodule.indices = items_to_embed(done, trainer.world_size)
     trainer.predict(module, datamodule=datamodule, return_predictions=False)
     return merge_on_rank_zero(trainer, lambda: write_store(cfg, collection, store_dir, complete_shards(shard_dir, fingerprint)),
                               lambda manifest: log_extraction(cfg, manifest, augment_seed))
+
+
+def items_to_embed(done: np.ndarray, world_size: int) -> np.ndarray | None:
+    """The items not in a complete shard (None: all of them), at least one per rank.
+
+    Every rank runs the Trainer even when every item is already embedded: its process group gives the
+    ranks a barrier, so only global rank 0 merges. A rank with no item would fail in Lightning's sampler,
+    so already-embedded items fill up to one per rank; the merge drops them as duplicates.
+    """
+    if not done.any():
+        return None
+    pending = np.flatnonzero(~done)
+    if len(pending) >= world_size:
+        return pending
+    filler = np.flatnonzero(done)[: world_size - len(pending)]
+    return np.sort(np.concatenate([pending, filler]))
 
 
 def merge_on_rank_zero(trainer: L.Trainer, write: Callable[[], dict[str, Any]],

@@ -282,3 +282,33 @@ def test_shards_of_another_config_are_not_merged(tmp_path):
     assert complete_shards(shard_dir, "mine") == []
     assert simsearch("extract", *common, "run.dir=out", "run.seed=1") == 0
     assert_unit_norm(Store.open(tmp_path / "out").embeddings)  # the zero vectors of the foreign shard were not used
+
+
+def test_fully_resumed_ddp_extraction_is_merged_once(tmp_path):
+    """Every item already in a shard: under DDP only global rank 0 merges, and every rank gets its manifest."""
+    from safetensors.torch import save_file
+
+    from simsearch.config import load_config
+    from simsearch.extract import run_fingerprint
+    from simsearch.model import resolve_model_config
+
+    common = ["data=synthetic", "data.num_items=11", "data.batch_size=4", *TINY]
+    assert simsearch("extract", *common, "run.dir=one") == 0
+    one = Store.open(tmp_path / "one")
+    cfg = load_config([*common, "run.dir=two"])
+    cfg.model = resolve_model_config(cfg.model)
+    shards = tmp_path / "two" / "shards"
+    shards.mkdir(parents=True)
+    for batch, start in enumerate(range(0, 11, 4)):  # the shards a killed run left, complete
+        rows = torch.arange(start, min(start + 4, 11))
+        save_file({"index": rows, "valid": torch.ones(len(rows), dtype=torch.uint8),
+                   "embeddings": torch.from_numpy(one.embeddings[rows.numpy()])},
+                  str(shards / f"attempt000-rank0000-batch{batch:08d}.safetensors"),
+                  metadata={"fingerprint": run_fingerprint(cfg, 11, None), "reasons": "{}"})
+    ddp = simsearch_subprocess("extract", *common, "run.dir=two", "trainer.devices=2", "trainer.strategy=ddp", cwd=tmp_path)
+    assert ddp.returncode == 0, ddp.stderr
+    assert "every item is already embedded" in ddp.stderr
+    assert ddp.stdout.count("store of 11 items") == 1  # one merge, by rank 0
+    two = Store.open(tmp_path / "two", verify=True)
+    assert two.items == one.items
+    np.testing.assert_allclose(two.embeddings, one.embeddings, atol=1e-6)

@@ -29,14 +29,13 @@ from simsearch.model.embedder import (
     backbone_spec,
     build_backbone,
     build_embedder,
-    check_model_config,
     resolve_model_config,
 )
 from simsearch.model.weights import load_state_dict_file
 
 __all__ = [
     "CHECKPOINT_FORMAT", "FAMILIES", "Backbone", "BackboneSpec", "Embedder", "EmbeddingModule", "Preprocess",
-    "Preprocessing", "ProjectionHead", "backbone_spec", "build_backbone", "build_embedder", "check_model_config",
+    "Preprocessing", "ProjectionHead", "backbone_spec", "build_backbone", "build_embedder",
     "checkpoint_backbone", "checkpoint_metadata", "default_preprocessing", "finetune_record", "load_finetuned_embedder",
     "load_state_dict_file", "read_checkpoint", "register_family", "resolve_model_config", "stage_groups",
 ]

@@ -92,7 +92,7 @@ def split_name(name: str) -> tuple[str, str]:
     prefix, sep, arch = name.partition("/")
     if not sep:
         return "torchvision", name
-    if prefix not in FAMILIES or prefix == "torchvision" or not arch:
+    if prefix not in FAMILIES or not arch:
         raise SimsearchError(f"model.name={name}: write a torchvision name (resnet50) or timm/<name> (timm/vit_small_patch16_224)")
     return prefix, arch
 

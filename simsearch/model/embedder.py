@@ -118,7 +118,7 @@ def resolve_model_config(model: DictConfig) -> DictConfig:
         return resolved
     defaults = default_preprocessing(model.name)
     return OmegaConf.merge(model, {
-        "image_size": model.image_size or defaults.image_size,
+        "image_size": model.image_size if model.image_size is not None else defaults.image_size,
         "mean": list(model.mean) if model.mean is not None else list(defaults.mean),
         "std": list(model.std) if model.std is not None else list(defaults.std),
         "interpolation": model.interpolation or defaults.interpolation,
@@ -133,6 +133,12 @@ def backbone_spec(model: DictConfig | dict[str, Any]) -> BackboneSpec:
         model = OmegaConf.merge(OmegaConf.structured(ModelConfig), model)
     model = resolve_model_config(model) if _unresolved(model) else model
     family, _ = check_name(model.name)
+    for key in ("mean", "std"):
+        if len(model[key]) != 3 or (key == "std" and min(model[key]) <= 0):
+            kind = "positive numbers" if key == "std" else "numbers"
+            raise SimsearchError(f"model.{key} must be three {kind} (R, G, B), not {list(model[key])}")
+    if int(model.image_size) < 1:
+        raise SimsearchError(f"model.image_size must be positive, not {model.image_size}")
     preprocessing = Preprocessing(int(model.image_size), tuple(model.mean), tuple(model.std),
                                   str(model.get("interpolation") or "bilinear"))
     return BackboneSpec(str(model.name), family, str(model.weights), preprocessing)
@@ -202,14 +208,3 @@ class EmbeddingModule(L.LightningModule):
             "reason": batch["reason"],
             "embeddings": self.embedder(pixels),
         }
-
-
-def check_model_config(model: DictConfig) -> None:
-    """A wrong model name fails here with one sentence, before any data is read."""
-    if not model.checkpoint:
-        check_name(model.name)
-    if model.get("image_size") is not None and model.image_size < 1:
-        raise SimsearchError(f"model.image_size must be positive, not {model.image_size}")
-
-
-

@@ -115,7 +115,7 @@ def torchvision_imagenet(arch: str, weights: str) -> dict[str, torch.Tensor]:
 
 def timm_imagenet(arch: str, network: nn.Module) -> dict[str, torch.Tensor]:
     """A packaged state dict when one is installed (offline), else timm's pretrained weights (Hugging Face hub)."""
-    packaged = PACKAGED_IMAGENET.get(arch)
+    packaged = PACKAGED_IMAGENET.get(arch.partition(".")[0])  # tf_efficientnet_lite0.in1k: the same weights
     if packaged is not None:
         try:
             return packaged(network)
@@ -123,6 +123,9 @@ def timm_imagenet(arch: str, network: nn.Module) -> dict[str, torch.Tensor]:
             pass  # not installed: timm's own download below
     from timm.models import load_pretrained
 
+    source = {key: network.pretrained_cfg.get(key) for key in ("hf_hub_id", "url", "file")}
+    if not any(source.values()):  # timm would warn and go on with random weights
+        raise SimsearchError(f"timm has no pretrained weights for {arch}: use model.weights=random or a state-dict path")
     try:
         load_pretrained(network, num_classes=getattr(network, "num_classes", 1000))
     except Exception as error:  # huggingface_hub raises many types offline
