@@ -119,8 +119,8 @@ def row_pixels(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def frozen_row(args: argparse.Namespace, model: list[str], store_dir: Path) -> dict[str, Any]:
-    common = ["data=fashion_mnist", f"data.root={args.data_root}", "data.split=test",
-              f"model.image_size={args.image_size}", f"run.dir={store_dir}", *QUIET, *model]
+    common = ["data=fashion_mnist", f"data.root={args.data_root}", "data.split=test", f"run.dir={store_dir}",
+              *QUIET, *model]
     commands = [simsearch("extract", *common), simsearch("eval", *common)]
     return {"scores": store_scores(store_dir), "image_size": args.image_size, "commands": commands}
 
@@ -130,7 +130,8 @@ def lite0(args: argparse.Namespace) -> list[str]:
 
 
 def row_resnet50(args: argparse.Namespace) -> dict[str, Any]:
-    return frozen_row(args, ["model=resnet50", "model.weights=random"], args.out / "resnet50-random")
+    model = ["model=resnet50", "model.weights=random", f"model.image_size={args.image_size}"]
+    return frozen_row(args, model, args.out / "resnet50-random")
 
 
 def row_lite0(args: argparse.Namespace) -> dict[str, Any]:
@@ -192,6 +193,11 @@ def training_note(row: dict[str, Any]) -> str:
             f"epochs, loss {trained['loss']}, unfreeze={trained['unfreeze']}, best {trained['best_validation']}")
 
 
+def shown(command: list[str] | str) -> str:
+    """A command as typed in the repository root: paths under it are relative."""
+    return (shlex.join(command) if isinstance(command, list) else command).replace(f"{ROOT}/", "")
+
+
 def render(rows: dict[str, dict[str, Any]]) -> str:
     lines = [
         "# Measured results",
@@ -219,8 +225,7 @@ def render(rows: dict[str, dict[str, Any]]) -> str:
         if row is None:
             continue
         lines += [f"### {title}", "", f"- Measured {row['date']} on {row['hardware']}; {row['minutes']:.1f} min "
-                  "(commands and evaluation).", *[f"- `{shlex.join(c) if isinstance(c, list) else c}`"
-                                                  for c in row["commands"]], ""]
+                  "(commands and evaluation).", *[f"- `{shown(c)}`" for c in row["commands"]], ""]
     return "\n".join(lines)
 
 
@@ -244,7 +249,7 @@ def main() -> None:
         print(f"== {key}: {ROWS[key]}", flush=True)
         started = time.time()
         row = RUNNERS[key](args)
-        row.update(minutes=(time.time() - started) / 60, hardware=hardware(), date=time.strftime("%Y-%m-%d %H:%M"))
+        row.update(minutes=(time.time() - started) / 60, hardware=hardware(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
         write_json(args.out / "rows" / f"{key}.json", row)
         print(json.dumps(row["scores"]), flush=True)
     measured = {p.stem: json.loads(p.read_text()) for p in sorted((args.out / "rows").glob("*.json"))}
