@@ -259,7 +259,7 @@ class MetricLearningModule(L.LightningModule):
             log.warning("epoch %d: the embeddings are collapsing (mean pairwise cosine %.3f > %.2f): "
                         "lower finetune.lr or raise finetune.temperature/margin", self.current_epoch, cosine,
                         self.ft.collapse_cosine)
-        if active == 0.0:
+        if active == 0.0 and self.ft.loss == "triplet":  # SupCon and NT-Xent still learn with every margin met
             log.warning("epoch %d: no triplet or pair is active: the loss has nothing left to learn from "
                         "(raise finetune.margin, or use finetune.miner=batch_hard)", self.current_epoch)
 

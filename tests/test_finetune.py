@@ -2,6 +2,7 @@
 
 import gzip
 import struct
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -44,6 +45,18 @@ def test_each_loss_lowers_on_clustered_features(loss, miner):
         optimizer.step()
         losses.append(float(loss_value.detach()))
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
+
+
+@pytest.mark.parametrize("loss, warned", [("triplet", True), ("supcon", False)])
+def test_the_no_active_triplet_warning_is_for_triplet_losses_only(loss, warned, caplog):
+    """SupCon (the default) still learns when every triplet meets the margin: no warning that it cannot."""
+    ft = OmegaConf.merge(SCHEMA.finetune, {"loss": loss})
+    embedder = Embedder(Preprocess(32, [0.5] * 3, [0.5] * 3), torch.nn.Identity(), ProjectionHead(8, 8, 4))
+    module = MetricLearningModule(embedder, ft, ["a", "b"], {})
+    module.trainer = SimpleNamespace(current_epoch=3, callback_metrics={
+        "train/active_fraction": torch.tensor(0.0), "train/mean_pairwise_cosine": torch.tensor(0.1)})
+    module.on_train_epoch_end()
+    assert ("nothing left to learn" in caplog.text) is warned
 
 
 def test_finetune_caches_features_reuses_them_and_keeps_the_best_checkpoint(tmp_path, caplog):
