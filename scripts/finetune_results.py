@@ -237,7 +237,7 @@ def main() -> None:
     parser.add_argument("--data-root", default="/usr/share/datasets/fashion-mnist")
     parser.add_argument("--head-train-limit", type=int, default=10000, help="train-split items for lite0_head")
     parser.add_argument("--head-set", nargs="*", default=[], help="extra key=value for the head's finetune")
-    parser.add_argument("--e2e-train-limit", type=int, default=10000, help="train-split items for lite0_e2e")
+    parser.add_argument("--e2e-train-limit", type=int, default=20000, help="train-split items for lite0_e2e")
     parser.add_argument("--e2e-epochs", type=int, default=3)
     parser.add_argument("--e2e-set", nargs="*", default=[], help="extra key=value for the end-to-end finetune")
     parser.add_argument("--num-workers", type=int, default=0, help="data.num_workers of end-to-end training")
