@@ -56,5 +56,8 @@ serve:
 bench:  ## benchmarks against the plain reference pipeline; BENCH_ARGS="--quick" for a short run
 	$(PYTHON) scripts/bench.py $(BENCH_ARGS)
 
+results:  ## docs/RESULTS.md: every row on Fashion-MNIST (CPU: 1-2 h); RESULTS_ARGS="--rows pixels lite0" for some
+	$(PYTHON) scripts/finetune_results.py $(RESULTS_ARGS)
+
 clean:
 	rm -rf outputs wandb lightning_logs .pytest_cache

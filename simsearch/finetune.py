@@ -259,7 +259,7 @@ class MetricLearningModule(L.LightningModule):
             log.warning("epoch %d: the embeddings are collapsing (mean pairwise cosine %.3f > %.2f): "
                         "lower finetune.lr or raise finetune.temperature/margin", self.current_epoch, cosine,
                         self.ft.collapse_cosine)
-        if active == 0.0:
+        if active == 0.0 and self.ft.loss == "triplet":  # SupCon and NT-Xent still learn with every margin met
             log.warning("epoch %d: no triplet or pair is active: the loss has nothing left to learn from "
                         "(raise finetune.margin, or use finetune.miner=batch_hard)", self.current_epoch)
 
@@ -276,6 +276,9 @@ class MetricLearningModule(L.LightningModule):
         metrics = evaluate_embeddings(embeddings, labels, self.classes, [10])
         for name in ("precision@10", "map@r", "r_precision"):
             self.log(f"val/{name}", metrics[name], prog_bar=name != "r_precision", sync_dist=False, rank_zero_only=False)
+        # one line per epoch, also without a progress bar or logger (long CPU runs, batch jobs)
+        log.info("epoch %d: val/precision@10 %.4f, val/map@r %.4f", self.current_epoch, metrics["precision@10"],
+                 metrics["map@r"])
 
     def all_gather_validation(self, embeddings: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Under DDP every rank evaluates the whole validation set (padding duplicates included)."""

@@ -2,6 +2,7 @@
 
 import gzip
 import struct
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -46,12 +47,24 @@ def test_each_loss_lowers_on_clustered_features(loss, miner):
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
 
 
+@pytest.mark.parametrize("loss, warned", [("triplet", True), ("supcon", False)])
+def test_the_no_active_triplet_warning_is_for_triplet_losses_only(loss, warned, caplog):
+    """SupCon (the default) still learns when every triplet meets the margin: no warning that it cannot."""
+    ft = OmegaConf.merge(SCHEMA.finetune, {"loss": loss})
+    embedder = Embedder(Preprocess(32, [0.5] * 3, [0.5] * 3), torch.nn.Identity(), ProjectionHead(8, 8, 4))
+    module = MetricLearningModule(embedder, ft, ["a", "b"], {})
+    module.trainer = SimpleNamespace(current_epoch=3, callback_metrics={
+        "train/active_fraction": torch.tensor(0.0), "train/mean_pairwise_cosine": torch.tensor(0.1)})
+    module.on_train_epoch_end()
+    assert ("nothing left to learn" in caplog.text) is warned
+
+
 def test_finetune_caches_features_reuses_them_and_keeps_the_best_checkpoint(tmp_path, caplog):
     caplog.set_level("INFO")
     assert simsearch("finetune", *SMALL, "finetune.epochs=2", "run.dir=ft") == 0
     cache = Store.open(tmp_path / "ft" / "train-features")
     assert cache.manifest["split"] == "train"
-    summary = read_json(tmp_path / "checkpoints" / "synthetic-triplet-unfreeze0" / "finetune.json")
+    summary = read_json(tmp_path / "checkpoints" / "synthetic-supcon-unfreeze0" / "finetune.json")
     assert summary["best_checkpoint"].endswith(".ckpt") and 0 <= summary["best_score"] <= 1
     assert (summary["train_rows"], summary["validation_rows"]) == (60, 20)
     # the checkpoint is plain tensors and primitives: it loads with weights_only=True
@@ -67,7 +80,7 @@ def test_finetune_caches_features_reuses_them_and_keeps_the_best_checkpoint(tmp_
 
 def test_resume_continues_from_the_saved_epoch(tmp_path, caplog):
     caplog.set_level("INFO")
-    last_path = tmp_path / "checkpoints" / "synthetic-triplet-unfreeze0" / "last.ckpt"
+    last_path = tmp_path / "checkpoints" / "synthetic-supcon-unfreeze0" / "last.ckpt"
     assert simsearch("finetune", *SMALL, "finetune.epochs=2", "finetune.patience=50", "run.dir=ft") == 0
     first = torch.load(last_path, weights_only=True, map_location="cpu")
     caplog.clear()
@@ -80,7 +93,7 @@ def test_resume_continues_from_the_saved_epoch(tmp_path, caplog):
 
 def test_best_checkpoint_round_trips_into_extract_and_compare(tmp_path):
     assert simsearch("finetune", *SMALL, "finetune.epochs=2", "run.dir=ft") == 0
-    best = read_json(tmp_path / "checkpoints" / "synthetic-triplet-unfreeze0" / "finetune.json")["best_checkpoint"]
+    best = read_json(tmp_path / "checkpoints" / "synthetic-supcon-unfreeze0" / "finetune.json")["best_checkpoint"]
     assert simsearch("extract", *SMALL, f"model.checkpoint={best}", "run.dir=tuned") == 0
     tuned = Store.open(tmp_path / "tuned")
     assert tuned.dim == 16 and tuned.manifest["model"]["checkpoint"] == best
@@ -110,7 +123,7 @@ def test_ntxent_with_frozen_backbone_uses_cached_augmented_views(tmp_path):
 
 def test_unfrozen_stage_trains_end_to_end(tmp_path):
     assert simsearch("finetune", *SMALL, "finetune.unfreeze=1", "finetune.epochs=1", "run.dir=ft") == 0
-    best = read_json(tmp_path / "checkpoints" / "synthetic-triplet-unfreeze1" / "finetune.json")["best_checkpoint"]
+    best = read_json(tmp_path / "checkpoints" / "synthetic-supcon-unfreeze1" / "finetune.json")["best_checkpoint"]
     state = torch.load(best, weights_only=True, map_location="cpu")["state_dict"]
     from simsearch.model import backbone_spec, build_backbone
 
