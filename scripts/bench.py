@@ -193,7 +193,7 @@ def bench_eval_sampled(n: int, queries: int, dim: int, workdir: Path) -> list[Ro
     row: Row = {"section": "eval_sampled", "case": f"{queries} sampled queries x {n} items, d={dim}, {classes} classes",
                 "store_mb": round(store_mb, 1), "store_write_s": round(write_seconds, 1),
                 "simsearch_s": round(seconds, 1), "simsearch_peak_rss_mb": round(peak_mb, 1),
-                "import_torch_alone_rss_mb": round(torch_alone_mb, 1), "simsearch_above_torch_mb": round(peak_mb - torch_alone_mb, 1),
+                "peak_rss_over_store": round(peak_mb / store_mb, 3), "import_torch_alone_rss_mb": round(torch_alone_mb, 1),
                 "P@10": round(ours["precision@10"], 4), "hit@10": round(ours["hit@10"], 4),
                 "metrics": "hit/P/R/mAP@{1,10,100}, MAP@R, R-precision (plain: P@10, hit@10)",
                 "device": "GPU" if torch.cuda.is_available() else "CPU"}

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +12,7 @@ from PIL import Image
 from simsearch.config import save_config
 from simsearch.errors import SimsearchError
 from simsearch.images import UnreadableImage
-from simsearch.store import Store
+from simsearch.store import Store, write_json_atomically
 from simsearch.tracking import finish, log_image, log_metrics, start_run
 
 log = logging.getLogger(__name__)
@@ -43,7 +41,7 @@ def eval(cfg: DictConfig) -> dict[str, Any]:  # noqa: A001 - the command is call
     metrics = evaluate_store(store, cfg.eval, cfg.index, cfg.run.seed, gallery=gallery)
     metrics["store"] = {k: store.manifest.get(k) for k in ("dataset", "split", "weights", "image_size", "count")}
     metrics["store"]["checkpoint"] = store.manifest.get("model", {}).get("checkpoint")
-    write_json_beside(store.dir / "metrics.json", metrics)
+    write_json_atomically(store.dir / "metrics.json", metrics)
     save_config(cfg, store.dir / "eval_config.yaml")
     print(metrics_table(metrics))
     print(f"Saved metrics: {store.dir / 'metrics.json'}")
@@ -53,13 +51,6 @@ def eval(cfg: DictConfig) -> dict[str, Any]:  # noqa: A001 - the command is call
                             "test/query_sample": metrics.get("query_sample")})
     finish(run)
     return metrics
-
-
-def write_json_beside(path: Path, value: Any) -> None:
-    """Write JSON next to `path`, then replace it: a run killed mid-write leaves the old file whole."""
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(partial, path)
 
 
 def search(cfg: DictConfig) -> Any:
@@ -193,7 +184,7 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
     group = cfg.logger.wandb.group or f"compare-{cfg.data.name}-{cfg.data.split}"
     for name, store, run_cfg in (("baseline", baseline, base_cfg), ("finetuned", tuned, tuned_cfg)):
         metrics = evaluate_store(store, cfg.eval, cfg.index, cfg.run.seed)
-        (store.dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        write_json_atomically(store.dir / "metrics.json", metrics)
         run = start_run(OmegaConf.merge(run_cfg, {"logger": {"wandb": {"group": group}}}), "eval", name=f"{name}-{out.name}")
         log_metrics(run, metrics, prefix="test/")
         finish(run)
@@ -206,7 +197,7 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
         "finetuned": {k: results["finetuned"][k] for k in scalars},
         "difference": {k: results["finetuned"][k] - results["baseline"][k] for k in scalars},
     }
-    (out / "comparison.json").write_text(json.dumps(comparison, indent=2) + "\n")
+    write_json_atomically(out / "comparison.json", comparison)
     chart = out / cfg.compare.chart
     comparison_chart(comparison, list(results["baseline"]["k"]), chart)
     print(comparison_table(comparison, list(results["baseline"]["k"])))

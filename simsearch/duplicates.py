@@ -7,10 +7,8 @@ so a group larger than k still forms through chains of pairs. Pixel-identical co
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,7 +18,7 @@ from PIL import Image, ImageDraw
 from simsearch.errors import SimsearchError
 from simsearch.evaluate import search_without_self
 from simsearch.index import Searcher, open_searcher
-from simsearch.store import Store
+from simsearch.store import Store, write_json_atomically
 
 log = logging.getLogger(__name__)
 QUERY_CHUNK = 4096  # queries per search call: memory is chunk x k
@@ -81,12 +79,6 @@ def same_model(a: Store, b: Store) -> None:
             f"the stores {a.dir} and {b.dir} were embedded by different models ({', '.join(differ)} differ): "
             "their vectors cannot be compared; extract both with the same model settings"
         )
-
-
-def write_json_atomically(path: Path, value: Any) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(value, indent=1, ensure_ascii=False) + "\n")
-    os.replace(temporary, path)
 
 
 def draw_groups(groups: list[list[tuple[Any, int, str]]], tile_px: int = 112, per_row: int = 6) -> Image.Image:
@@ -183,7 +175,7 @@ def duplicates(cfg: DictConfig) -> list[list[str]]:
         for group in groups[: settings.show_groups]:
             print(f"  {len(group)}: " + ", ".join(str(i) for i in group[:8]) + (" ..." if len(group) > 8 else ""))
     output = store.dir / settings.output
-    write_json_atomically(output, groups)
+    write_json_atomically(output, groups, indent=1)
     print(f"Saved: {output}")
     picture = store.dir / settings.image
     picture.unlink(missing_ok=True)  # a picture of an earlier run's groups would mislead

@@ -29,7 +29,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from simsearch.errors import SimsearchError
-from simsearch.index import ExactTorchSearcher, FaissSearcher, StoredRows, open_index, take_rows
+from simsearch.index import ExactSearcher, FaissSearcher, StoredRows, open_index, take_rows
 from simsearch.store import Store
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ MODEL_IDENTITY = ("name", "weights", "image_size", "mean", "std", "checkpoint") 
 
 def search_without_self(searcher: Any, queries: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-k (scores, rows) of queries that are items of the store, each one's own row excluded by id."""
-    if isinstance(searcher, ExactTorchSearcher):
+    if isinstance(searcher, ExactSearcher):
         return searcher.search(queries, k, exclude_rows=rows)
     scores, found = searcher.search(queries, k + 1)
     own = found == rows[:, None]
@@ -76,7 +76,7 @@ def _check_sizes(eval_cfg: DictConfig) -> None:
 
 def _searcher_for(gallery: Store, eval_cfg: DictConfig, index_cfg: DictConfig, seed: int) -> Any:
     if eval_cfg.backend == "exact":
-        return ExactTorchSearcher(StoredRows(gallery.dir / "embeddings.npy"), eval_cfg.device, int(eval_cfg.block_rows))
+        return ExactSearcher(StoredRows(gallery.dir / "embeddings.npy"), eval_cfg.device, int(eval_cfg.block_rows))
     if eval_cfg.backend == "index":
         index, _ = open_index(gallery, index_cfg, seed)
         return FaissSearcher(index, index_cfg.device, index_cfg.gpu_sharded, index_cfg.batch_size)
@@ -171,7 +171,7 @@ def evaluate_embeddings(vectors: np.ndarray, labels: np.ndarray, classes: list[s
     on this process's own GPU (one per rank under DDP) or the CPU."""
     import torch
 
-    searcher = searcher or ExactTorchSearcher(vectors, f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+    searcher = searcher or ExactSearcher(vectors, f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
     return rank_and_score(vectors, labels, labels, classes, ks, searcher, query_chunk, leave_one_out=True)
 
 

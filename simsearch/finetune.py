@@ -10,7 +10,6 @@ Two modes share one LightningModule and `Trainer.fit`:
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,7 +40,7 @@ from simsearch.model import (
     stage_groups,
 )
 from simsearch.runtime import build_trainer
-from simsearch.store import Store
+from simsearch.store import Store, write_json_atomically
 
 log = logging.getLogger(__name__)
 
@@ -456,7 +455,7 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
                "best_score": float(best.best_model_score) if best.best_model_score is not None else None,
                "epochs_run": trainer.current_epoch, "last_checkpoint": str(last),
                "train_rows": len(train_rows), "validation_rows": len(val_rows)}
-    (checkpoint_dir / "finetune.json").write_text(json.dumps({**summary, "metadata": metadata}, indent=2) + "\n")
+    write_json_atomically(checkpoint_dir / "finetune.json", {**summary, "metadata": metadata})
     print(f"best checkpoint: {summary['best_checkpoint']}  ({ft.monitor} = {summary['best_score']:.4f} on "
           f"{len(val_rows)} held-out train items)")
     return summary

@@ -1,5 +1,5 @@
 """Nearest-neighbour search over a store: FAISS indexes (exact or approximate, CPU or GPUs) and an
-exact torch search for GPUs without faiss-gpu. Inner product = cosine: the vectors are unit norm.
+exact blocked search (numpy on the CPU, torch on GPUs without faiss-gpu). Inner product = cosine: the vectors are unit norm.
 """
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -94,16 +95,19 @@ class StoredRows:
         return self.shape[0]
 
     def _read(self, handle: Any, start: int, count: int) -> np.ndarray:
-        data = os.pread(handle.fileno(), count * self.row_bytes, self.offset + start * self.row_bytes)
-        if len(data) != count * self.row_bytes:
+        rows = np.empty((count, self.shape[1]), dtype=self.dtype)  # read straight into the array: no bytes copy
+        if rows.size == 0:
+            return rows
+        handle.seek(self.offset + start * self.row_bytes)
+        if handle.readinto(memoryview(rows).cast("B")) != count * self.row_bytes:
             raise SimsearchError(f"{self.path} is truncated: rows {start}..{start + count - 1} are missing")
-        return np.frombuffer(data, dtype=self.dtype).reshape(count, self.shape[1])
+        return rows
 
     def block(self, start: int, stop: int) -> np.ndarray:
         """Rows start..stop-1 as float32, (rows, D)."""
         stop = min(stop, len(self))
         with open(self.path, "rb") as handle:
-            return self._read(handle, start, max(0, stop - start)).astype(np.float32)
+            return self._read(handle, start, max(0, stop - start)).astype(np.float32, copy=False)
 
     def take(self, rows: np.ndarray) -> np.ndarray:
         """The given rows, in the given order, as float32; consecutive rows are read in one call."""
@@ -135,28 +139,33 @@ def take_rows(vectors: np.ndarray | StoredRows, rows: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(vectors[rows], dtype=np.float32)
 
 
-def resolve_devices(device: str) -> list[torch.device]:
+DEVICE_NAME = re.compile(r"cpu|cuda(:\d+)?")
+CPU_TILE_ELEMENTS = 1 << 24  # a query tile x block of float32 scores on the CPU: 64 MB
+PARTITION_ELEMENTS = 1 << 22  # rows x width partitioned at once on the CPU (int64 positions: 32 MB)
+
+
+def resolve_devices(device: str) -> list[str]:
     """'auto' or 'cuda': every visible GPU (the CPU when there is none for 'auto'); 'cpu'; or a
-    comma-separated list such as 'cuda:0,cuda:2' (or 'cpu,cpu', which runs the multi-device path on the CPU)."""
+    comma-separated list such as 'cuda:0,cuda:2' (or 'cpu,cpu', which runs the multi-device path on the CPU).
+    torch is imported only when a GPU may be there."""
     names = [name.strip() for name in str(device).split(",") if name.strip()]
     if len(names) == 1 and names[0] in ("auto", "gpu", "cuda"):
-        if torch.cuda.is_available():
-            return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+        if cuda_available():
+            return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
         if names[0] != "auto":
             raise SimsearchError(f"device={device} was asked for, but torch sees no GPU")
-        return [torch.device("cpu")]
-    try:
-        devices = [torch.device(name) for name in names]
-    except RuntimeError:
-        raise SimsearchError(f"device must be auto, cpu, cuda or a list such as cuda:0,cuda:1, not '{device}'") from None
-    if not devices:
+        return ["cpu"]
+    if not names:
         raise SimsearchError("device must name at least one device (auto, cpu, cuda, cuda:0,cuda:1)")
-    for each in devices:
-        if each.type == "cuda" and (not torch.cuda.is_available() or (each.index or 0) >= torch.cuda.device_count()):
-            raise SimsearchError(f"device {each} was asked for, but torch sees {torch.cuda.device_count()} GPU(s)")
-        if each.type not in ("cpu", "cuda"):
-            raise SimsearchError(f"device {each} is not supported for exact search (cpu or cuda)")
-    return devices
+    for name in names:
+        if not DEVICE_NAME.fullmatch(name):
+            raise SimsearchError(f"device must be auto, cpu, cuda or a list such as cuda:0,cuda:1, not '{device}'")
+    names = [f"cuda:{torch.cuda.current_device() if cuda_available() else 0}" if n == "cuda" else n for n in names]
+    gpus = torch.cuda.device_count() if any(n != "cpu" for n in names) and cuda_available() else 0
+    for name in names:
+        if name != "cpu" and int(name.split(":")[1]) >= gpus:
+            raise SimsearchError(f"device {name} was asked for, but torch sees {gpus} GPU(s)")
+    return names
 
 
 def top_k_lowest_first(scores: torch.Tensor, k: int, tie_rows_at_once: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,17 +196,47 @@ def top_k_lowest_first(scores: torch.Tensor, k: int, tie_rows_at_once: int = 64)
     return picked.gather(1, order), columns.gather(1, order)
 
 
-def merge_top_k(first: tuple[torch.Tensor, torch.Tensor], second: tuple[torch.Tensor, torch.Tensor],
-                k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge two top lists whose rows are all lower in `first` than in `second` (ties: lower row first)."""
+def top_k_lowest_first_numpy(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """`top_k_lowest_first` for numpy arrays (the CPU path): argpartition, then the same repair of the
+    rows with a tie across the cut; the (rows, width) index arrays are made a few rows at a time."""
+    count, width = scores.shape
+    k = min(k, width)
+    if k == width:
+        columns = np.broadcast_to(np.arange(width), (count, width)).copy()
+    else:
+        columns = np.empty((count, k), dtype=np.int64)
+        step = max(1, PARTITION_ELEMENTS // width)
+        for first in range(0, count, step):
+            tile = scores[first : first + step]
+            candidates = np.argpartition(tile, width - k - 1, axis=1)[:, width - k - 1 :]  # [:, 0] is the (k+1)-th best
+            values = np.take_along_axis(tile, candidates, axis=1)
+            cut = values[:, 1:].min(axis=1)  # the k-th best
+            columns[first : first + step] = candidates[:, 1:]
+            for row in np.flatnonzero(values[:, 0] == cut):  # a tie across the cut: the lowest columns of the tied
+                greater = np.flatnonzero(tile[row] > cut[row])
+                columns[first + row] = np.concatenate([greater, np.flatnonzero(tile[row] == cut[row])[: k - len(greater)]])
+    columns.sort(axis=1)
+    picked = np.take_along_axis(scores, columns, axis=1)
+    order = np.argsort(-picked, axis=1, kind="stable")
+    return np.take_along_axis(picked, order, axis=1), np.take_along_axis(columns, order, axis=1)
+
+
+def merge_top_k(first: tuple[Any, Any], second: tuple[Any, Any], k: int) -> tuple[Any, Any]:
+    """Merge two top lists (torch tensors or numpy arrays) whose rows are all lower in `first` than in
+    `second` (ties: lower row first)."""
+    if isinstance(first[0], np.ndarray):
+        scores, rows = np.concatenate([first[0], second[0]], axis=1), np.concatenate([first[1], second[1]], axis=1)
+        best, positions = top_k_lowest_first_numpy(scores, min(k, scores.shape[1]))
+        return best, np.take_along_axis(rows, positions, axis=1)
     scores = torch.cat([first[0], second[0]], dim=1)
     rows = torch.cat([first[1], second[1]], dim=1)
     best, positions = top_k_lowest_first(scores, min(k, scores.shape[1]))
     return best, rows.gather(1, positions)
 
 
-class ExactTorchSearcher:
-    """Exact inner-product search by blocked float32 matrix products, on the CPU or on GPUs.
+class ExactSearcher:
+    """Exact inner-product search by blocked float32 matrix products: numpy on the CPU (no torch
+    imported), torch on GPUs.
 
     The store (an array, or a `StoredRows` file read block by block) is cut into blocks of
     `block_rows`; queries come in chunks, each chunk is scored against one block at a time, its top-k
@@ -206,15 +245,18 @@ class ExactTorchSearcher:
     reference set), searches it in its own thread and the shards' top-k are merged by row. On GPUs
     the blocks stay on their device when a shard fits in half its free memory; otherwise, and
     always on the CPU, they are read again for every chunk. Ties are ranked by row, lowest first.
+    `torch_on_cpu` runs the GPU code on the CPU (for tests on machines without a GPU).
     """
 
-    def __init__(self, vectors: np.ndarray | StoredRows, device: str = "auto", block_rows: int = 65_536):
+    def __init__(self, vectors: np.ndarray | StoredRows, device: str = "auto", block_rows: int = 65_536,
+                 torch_on_cpu: bool = False):
         if block_rows < 1:
             raise SimsearchError(f"the block size must be at least 1 row, not {block_rows}")
         self.vectors = vectors
         self.devices = resolve_devices(device)
-        self.device = str(self.devices[0])
+        self.device = self.devices[0]
         self.block_rows = block_rows
+        self.torch_on_cpu = torch_on_cpu
         self.count = len(vectors)
         blocks = list(range(0, self.count, block_rows))
         per_device = -(-len(blocks) // len(self.devices)) if blocks else 0
@@ -222,15 +264,16 @@ class ExactTorchSearcher:
         self.shards = [(d, starts) for d, starts in self.shards if starts]
         self.resident: dict[int, torch.Tensor] = {}
         self.keep_blocks = self._shards_fit_on_gpus(per_device * block_rows * int(vectors.shape[1]) * 4)
-        where = ", ".join(str(d) for d in self.devices)
-        self.description = f"exact torch search on {where} ({len(blocks)} block(s) of {block_rows} rows)"
+        where = ", ".join(self.devices)
+        kind = "torch" if torch_on_cpu or any(d != "cpu" for d in self.devices) else "numpy"
+        self.description = f"exact {kind} search on {where} ({len(blocks)} block(s) of {block_rows} rows)"
 
     def _shards_fit_on_gpus(self, shard_bytes: int) -> bool:
-        if any(d.type != "cuda" for d in self.devices):
+        if any(d == "cpu" for d in self.devices):
             return False
-        return all(shard_bytes < torch.cuda.mem_get_info(d)[0] // 2 for d in self.devices)
+        return all(shard_bytes < torch.cuda.mem_get_info(torch.device(d))[0] // 2 for d in self.devices)
 
-    def _block(self, start: int, device: torch.device) -> torch.Tensor:
+    def _block(self, start: int, device: str) -> torch.Tensor:
         if start in self.resident:
             return self.resident[start]
         block = torch.from_numpy(read_rows(self.vectors, start, start + self.block_rows)).to(device)
@@ -238,8 +281,8 @@ class ExactTorchSearcher:
             self.resident[start] = block
         return block
 
-    def _search_shard(self, device: torch.device, starts: list[int], queries: np.ndarray, k: int,
-                      exclude_rows: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _search_shard_torch(self, device: str, starts: list[int], queries: np.ndarray, k: int,
+                            exclude_rows: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         query = torch.from_numpy(queries).to(device)
         exclude = None if exclude_rows is None else torch.as_tensor(exclude_rows, device=device)
         best: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -252,24 +295,49 @@ class ExactTorchSearcher:
             top_scores, top_columns = top_k_lowest_first(scores, min(k, len(block)))
             found = (top_scores, top_columns + start)
             best = found if best is None else merge_top_k(best, found, k)
-        return best
+        return best[0].cpu().numpy(), best[1].cpu().numpy()
+
+    def _search_shard_numpy(self, starts: list[int], queries: np.ndarray, k: int,
+                            exclude_rows: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        tile = max(1, CPU_TILE_ELEMENTS // self.block_rows)  # queries scored against a block at once
+        best: list[tuple[np.ndarray, np.ndarray] | None] = [None] * -(-len(queries) // tile)
+        for start in starts:
+            block = read_rows(self.vectors, start, start + self.block_rows)
+            for number, first in enumerate(range(0, len(queries), tile)):
+                scores = queries[first : first + tile] @ block.T
+                if exclude_rows is not None:  # a query's own row is removed by id, whatever it scores
+                    own = exclude_rows[first : first + tile] - start
+                    inside = np.flatnonzero((own >= 0) & (own < len(block)))
+                    scores[inside, own[inside]] = -np.inf
+                top_scores, top_columns = top_k_lowest_first_numpy(scores, min(k, len(block)))
+                found = (top_scores, top_columns + start)
+                best[number] = found if best[number] is None else merge_top_k(best[number], found, k)
+        return np.concatenate([b[0] for b in best]), np.concatenate([b[1] for b in best])
+
+    def _search_shard(self, device: str, starts: list[int], queries: np.ndarray, k: int,
+                      exclude_rows: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        if device == "cpu" and not self.torch_on_cpu:
+            return self._search_shard_numpy(starts, queries, k, exclude_rows)
+        return self._search_shard_torch(device, starts, queries, k, exclude_rows)
 
     def search(self, queries: np.ndarray, k: int, exclude_rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(Q, D) queries -> scores and rows (Q, k), best first; `exclude_rows[i]` is never returned for query i."""
         k = min(k, self.count)
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        if not self.shards or k == 0:
+        if exclude_rows is not None:
+            exclude_rows = np.asarray(exclude_rows, dtype=np.int64)
+        if not self.shards or k == 0 or len(queries) == 0:
             return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
         if len(self.shards) > 1:
             with ThreadPoolExecutor(len(self.shards)) as pool:
                 results = list(pool.map(lambda shard: self._search_shard(*shard, queries, k, exclude_rows), self.shards))
         else:
             results = [self._search_shard(*shard, queries, k, exclude_rows) for shard in self.shards]
-        best_scores, best_rows = results[0][0].cpu(), results[0][1].cpu()
+        best_scores, best_rows = results[0]
         for scores, rows in results[1:]:  # shards hold increasing rows: merge in order
-            best_scores, best_rows = merge_top_k((best_scores, best_rows), (scores.cpu(), rows.cpu()), k)
-        best_rows[best_scores == float("-inf")] = -1
-        return best_scores.numpy(), best_rows.numpy()
+            best_scores, best_rows = merge_top_k((best_scores, best_rows), (scores, rows), k)
+        best_rows = np.where(best_scores == -np.inf, -1, best_rows)
+        return best_scores, best_rows
 
 
 class FaissSearcher:
@@ -408,7 +476,7 @@ def open_searcher(store: Store, index_cfg: DictConfig, seed: int = 0) -> Searche
     exact = index_cfg.factory.strip().lower() in ("flat", "idmap,flat")
     wants_gpu = index_cfg.device in ("auto", "gpu", "cuda") and cuda_available()
     if exact and wants_gpu and faiss_gpu_count() == 0:
-        searcher: Searcher = ExactTorchSearcher(store.vectors(), "cuda")
+        searcher: Searcher = ExactSearcher(store.vectors(), "cuda")
     else:
         index, _ = open_index(store, index_cfg, seed)
         searcher = FaissSearcher(index, index_cfg.device, index_cfg.gpu_sharded, index_cfg.batch_size)

@@ -96,9 +96,14 @@ def write_manifest(store_dir: Path, description: dict[str, Any]) -> dict[str, An
 
 
 def write_text_atomically(path: Path, text: str) -> None:
+    """Write beside `path`, then replace it: a run killed mid-write leaves the old file whole."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(text)
+    temporary.write_text(text, encoding="utf-8")
     os.replace(temporary, path)
+
+
+def write_json_atomically(path: Path, value: Any, indent: int = 2) -> None:
+    write_text_atomically(path, json.dumps(value, indent=indent, ensure_ascii=False) + "\n")
 
 
 def finish_store(store_dir: Path, labels: np.ndarray, items: list[dict[str, Any]], skipped: list[dict[str, Any]],
@@ -159,13 +164,14 @@ def finish_interrupted_swap(store_dir: Path) -> None:
 
 @dataclass
 class Store:
-    """A store opened for reading; embeddings are memory-mapped, not loaded."""
+    """A store opened for reading: embeddings are memory-mapped, and items.jsonl is read only when an
+    item is first asked for (evaluation and search by row never read it: 10^6 items are ~400 MB as dicts)."""
 
     dir: Path
     embeddings: np.ndarray
     labels: np.ndarray
-    items: list[dict[str, Any]]
     manifest: dict[str, Any]
+    _items: list[dict[str, Any]] | None = field(default=None, repr=False)
     _row_of_id: dict[str, int] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -181,18 +187,28 @@ class Store:
             labels = np.load(store_dir / "labels.npy", allow_pickle=False)
         except (OSError, ValueError) as error:
             raise SimsearchError(f"store {store_dir} cannot be read: {error}") from None
-        items = read_jsonl(store_dir / "items.jsonl")
         if embeddings.ndim != 2 or labels.ndim != 1:
             raise SimsearchError(f"store {store_dir} is damaged: embeddings.npy must be 2-D and labels.npy 1-D")
-        if not (len(embeddings) == len(labels) == len(items) == manifest["count"]):
-            raise SimsearchError(
-                f"store {store_dir} is inconsistent: {len(embeddings)} embeddings, {len(labels)} labels, "
-                f"{len(items)} items, manifest says {manifest['count']}"
-            )
-        return cls(store_dir, embeddings, labels, items, manifest)
+        if not (len(embeddings) == len(labels) == manifest["count"]):
+            raise SimsearchError(f"store {store_dir} is inconsistent: {len(embeddings)} embeddings, "
+                                 f"{len(labels)} labels, manifest says {manifest['count']}")
+        if not (store_dir / "items.jsonl").is_file():
+            raise SimsearchError(f"store {store_dir} is incomplete: items.jsonl is missing")
+        return cls(store_dir, embeddings, labels, manifest)
+
+    @property
+    def items(self) -> list[dict[str, Any]]:
+        """One dict per row (id, path or index, key), read from items.jsonl on first use."""
+        if self._items is None:
+            items = read_jsonl(self.dir / "items.jsonl")
+            if len(items) != len(self):
+                raise SimsearchError(f"store {self.dir} is inconsistent: {len(items)} items in items.jsonl, "
+                                     f"manifest says {len(self)}")
+            self._items = items
+        return self._items
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.labels)
 
     @property
     def dim(self) -> int:

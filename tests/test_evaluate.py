@@ -20,7 +20,7 @@ from torchmetrics.retrieval import (
 from simsearch.config import Config
 from simsearch.errors import SimsearchError
 from simsearch.evaluate import evaluate_store, per_query_metrics, sample_queries
-from simsearch.index import FAISS_GPU_MAX_K, ExactTorchSearcher, FaissSearcher, StoredRows, build_index
+from simsearch.index import FAISS_GPU_MAX_K, ExactSearcher, FaissSearcher, StoredRows, build_index
 from simsearch.store import Store, finish_store
 from tests.conftest import FASHION_MNIST, TINY, clustered, make_vector_store, read_json, simsearch, simsearch_subprocess
 from tests.wandb_records import offline_summary
@@ -250,14 +250,19 @@ def brute_force_top(gallery: np.ndarray, queries: np.ndarray, k: int, exclude: n
     return np.array(rows)
 
 
+@pytest.mark.parametrize("kernels", ["numpy", "numpy-small-tiles", "torch"])
 @pytest.mark.parametrize("block_rows, device", [(1, "cpu"), (7, "cpu"), (16, "cpu,cpu,cpu"), (1000, "cpu,cpu")])
-def test_exact_searcher_ranks_ties_by_row_across_blocks_and_devices(tmp_path, block_rows, device):
+def test_exact_searcher_ranks_ties_by_row_across_blocks_and_devices(tmp_path, monkeypatch, block_rows, device, kernels):
+    if kernels == "numpy-small-tiles":  # several query tiles per block, several partition steps per tile
+        monkeypatch.setattr("simsearch.index.CPU_TILE_ELEMENTS", 5 * block_rows)
+        monkeypatch.setattr("simsearch.index.PARTITION_ELEMENTS", 2 * block_rows)
+    torch_on_cpu = kernels == "torch"
     vectors = sign_vectors(90, 16, seed=3)
     vectors[40:50] = vectors[3]  # exact duplicates, and cosines in 17 values only: ties everywhere
     vectors = (vectors / 4).astype(np.float32)
     np.save(tmp_path / "v.npy", vectors)
     for source in (vectors, StoredRows(tmp_path / "v.npy")):
-        searcher = ExactTorchSearcher(source, device, block_rows=block_rows)
+        searcher = ExactSearcher(source, device, block_rows=block_rows, torch_on_cpu=torch_on_cpu)
         queries, own = vectors[::4], np.arange(0, 90, 4)
         assert (searcher.search(queries, 25)[1] == brute_force_top(vectors, queries, 25)).all()
         scores, rows = searcher.search(queries, 89, exclude_rows=own)
@@ -292,7 +297,7 @@ def test_leave_one_out_across_blocks_with_ties_equals_the_loop(tmp_path, block_r
     for name, value in reference.items():
         assert ours[name] == pytest.approx(value, abs=1e-9), name
     assert ours["queries"] == 118 and ours["queries_without_relevant"] == 2
-    assert ExactTorchSearcher(store.vectors(), device, block_rows).search(store.vectors(slice(10, 11)), 5)[1][0, 0] == 10
+    assert ExactSearcher(store.vectors(), device, block_rows).search(store.vectors(slice(10, 11)), 5)[1][0, 0] == 10
 
 
 def query_gallery_stores(tmp_path, seed: int = 0, dim: int = 16):
@@ -384,6 +389,40 @@ def test_eval_bad_input_is_one_line(tmp_path, arguments, message):
     result = simsearch_subprocess("eval", "run.dir=queries", "logger=none", *arguments, cwd=tmp_path)
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+@pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
+def test_folders_of_real_images_as_query_and_gallery_equal_an_independent_brute_force(tmp_path):
+    """As a user would: Fashion-MNIST images written as PNG files into class folders, a query folder and a
+    gallery folder with different class sets (so their label numbers differ), each extracted on its own."""
+    from PIL import Image
+
+    from simsearch.images import FASHION_MNIST_FILES, read_idx
+
+    names = ["tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
+    images = read_idx(FASHION_MNIST / FASHION_MNIST_FILES["test"][0])[:400]
+    labels = read_idx(FASHION_MNIST / FASHION_MNIST_FILES["test"][1])[:400]
+    for i, (image, label) in enumerate(zip(images, labels)):
+        in_query = i % 4 == 0 and label != 9  # boots only in the gallery; the query folder has a class of its own
+        folder = tmp_path / ("query" if in_query else "gallery") / (names[label] if label != 3 or not in_query else "gown")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / f"{i:04d}.png")
+    for part in ("query", "gallery"):
+        assert simsearch("extract", "data=folder", f"data.root={part}", *TINY, f"run.dir=store-{part}") == 0
+    assert simsearch("eval", "run.dir=store-query", "eval.gallery=store-gallery", "eval.k=[1,10]", "logger=none") == 0
+    metrics = read_json(tmp_path / "store-query" / "metrics.json")
+
+    def vectors_and_names(run_dir: Path) -> tuple[np.ndarray, list[str]]:  # class names from the paths alone
+        items = [json.loads(line) for line in (run_dir / "items.jsonl").read_text().splitlines()]
+        return np.load(run_dir / "embeddings.npy").astype(np.float64), [Path(item["path"]).parent.name for item in items]
+
+    reference = reference_query_gallery(*vectors_and_names(tmp_path / "store-query"),
+                                        *vectors_and_names(tmp_path / "store-gallery"), [1, 10])
+    for name, value in reference.items():  # float64 against float32: near-ties may swap
+        assert metrics[name] == pytest.approx(value, abs=5e-3), name
+    gowns = sum(1 for i, label in enumerate(labels) if i % 4 == 0 and label == 3)
+    assert metrics["queries"] == 100 - sum(1 for i in range(0, 400, 4) if labels[i] == 9) - gowns
+    assert metrics["queries_without_relevant"] == gowns and metrics["protocol"] == "query-gallery"
 
 
 def test_query_gallery_refuses_stores_of_different_models(tmp_path):

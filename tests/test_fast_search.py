@@ -1,5 +1,6 @@
 """`simsearch search` by item or by vector answers without importing torch or Lightning."""
 
+import json
 import subprocess
 import sys
 
@@ -59,3 +60,19 @@ def test_fashion_mnist_grid_pixels_come_without_torch_and_match_the_dataset(tmp_
     assert result.returncode == 0 and "HEAVY: none" in result.stdout, result.stderr
     expected = read_idx(FASHION_MNIST / FASHION_MNIST_FILES["test"][0])[5]
     assert np.array_equal(np.asarray(ItemImages(Store.open(tmp_path / "fm")).image(5))[..., 0], expected)
+
+
+def test_exact_evaluation_on_the_cpu_imports_no_torch_and_equals_the_torch_kernels(tmp_path):
+    from simsearch.evaluate import evaluate_embeddings
+    from simsearch.index import ExactSearcher
+
+    assert simsearch("extract", "data=synthetic", "data.num_items=60", *TINY, "run.dir=out") == 0
+    result = subprocess.run([sys.executable, "-c", PROBE, "eval", "run.dir=out", "eval.device=auto", "eval.k=[1,5]",
+                             "eval.block_rows=7", "logger=none"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "HEAVY: none" in result.stdout, result.stdout + result.stderr
+    written = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    store = Store.open(tmp_path / "out")
+    torch_kernels = ExactSearcher(store.vectors(), "cpu", block_rows=7, torch_on_cpu=True)
+    with_torch = evaluate_embeddings(store.vectors(), store.labels, store.classes, [1, 5], torch_kernels)
+    for name in ("hit@1", "precision@5", "recall@5", "map@5", "map@r", "r_precision"):
+        assert written[name] == pytest.approx(with_torch[name], abs=1e-12), name

@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from simsearch.config import Config
-from simsearch.index import ExactTorchSearcher, FaissSearcher, build_index, load_index
+from simsearch.index import ExactSearcher, FaissSearcher, build_index, load_index
 from simsearch.search import ItemImages
 from simsearch.store import Store
 from tests.conftest import TINY, clustered, make_vector_store, read_json, simsearch, simsearch_subprocess
@@ -46,20 +46,22 @@ def test_approximate_indexes_reach_high_recall_on_clustered_data(tmp_path, facto
     embeddings, labels = clustered(3000, 20, dim=32, spread=0.3)
     store = make_vector_store(tmp_path / "s", embeddings, labels)
     queries = store.vectors(slice(0, 200))
-    _, exact = ExactTorchSearcher(store.vectors(), "cpu").search(queries, 10)
+    _, exact = ExactSearcher(store.vectors(), "cpu").search(queries, 10)
     index, _ = build_index(store, index_cfg(factory=factory, search_params=params))
     _, approximate = FaissSearcher(index, "cpu").search(queries, 10)
     recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approximate, exact)])
     assert recall >= (0.6 if "PQ" in factory else 0.9), recall
 
 
-def test_exact_torch_search_matches_faiss_flat_with_blocks(tmp_path):
+@pytest.mark.parametrize("torch_on_cpu", [False, True])
+def test_exact_search_matches_faiss_flat_with_blocks(tmp_path, torch_on_cpu):
     embeddings, labels = clustered(300, 3, dim=16, spread=2.0)
     store = make_vector_store(tmp_path / "s", embeddings, labels)
     index, _ = build_index(store, index_cfg())
     queries = store.vectors(slice(0, 40))
     faiss_scores, faiss_rows = FaissSearcher(index, "cpu").search(queries, 25)
-    torch_scores, torch_rows = ExactTorchSearcher(store.vectors(), "cpu", block_rows=64).search(queries, 25)
+    torch_scores, torch_rows = ExactSearcher(store.vectors(), "cpu", block_rows=64,
+                                             torch_on_cpu=torch_on_cpu).search(queries, 25)
     np.testing.assert_array_equal(torch_rows, faiss_rows)
     np.testing.assert_allclose(torch_scores, faiss_scores, atol=1e-5)
 
