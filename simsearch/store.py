@@ -16,16 +16,19 @@ since the last verification (`.verified.json`).
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
 import platform
 import shutil
 import socket
+import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, TextIO
 
 import numpy as np
 
@@ -54,9 +57,10 @@ def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
+def read_jsonl(path: Path, handle: TextIO | None = None) -> list[dict[str, Any]]:
+    """The JSON objects of a .jsonl file (read from `handle` when given; `path` names it in errors)."""
     records = []
-    with open(path, encoding="utf-8") as handle:
+    with handle or open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -172,6 +176,8 @@ class Store:
     labels: np.ndarray
     manifest: dict[str, Any]
     _items: list[dict[str, Any]] | None = field(default=None, repr=False)
+    _items_file: BinaryIO | None = field(default=None, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _row_of_id: dict[str, int] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -192,20 +198,35 @@ class Store:
         if not (len(embeddings) == len(labels) == manifest["count"]):
             raise SimsearchError(f"store {store_dir} is inconsistent: {len(embeddings)} embeddings, "
                                  f"{len(labels)} labels, manifest says {manifest['count']}")
-        if not (store_dir / "items.jsonl").is_file():
-            raise SimsearchError(f"store {store_dir} is incomplete: items.jsonl is missing")
-        return cls(store_dir, embeddings, labels, manifest)
+        try:  # opened now, read later: a store replaced meanwhile cannot pair new items with these rows
+            items_file = open(store_dir / "items.jsonl", "rb")
+        except OSError:
+            raise SimsearchError(f"store {store_dir} is incomplete: items.jsonl cannot be read") from None
+        store = cls(store_dir, embeddings, labels, manifest, _items_file=items_file)
+        weakref.finalize(store, items_file.close)
+        return store
 
     @property
     def items(self) -> list[dict[str, Any]]:
-        """One dict per row (id, path or index, key), read from items.jsonl on first use."""
+        """One dict per row (id, path or index, key), read on first use from the items.jsonl that was
+        there when the store was opened (the file is held open, so a swap since then does not matter)."""
         if self._items is None:
-            items = read_jsonl(self.dir / "items.jsonl")
-            if len(items) != len(self):
-                raise SimsearchError(f"store {self.dir} is inconsistent: {len(items)} items in items.jsonl, "
-                                     f"manifest says {len(self)}")
-            self._items = items
+            with self._lock:
+                if self._items is None:
+                    self._items = self._read_items()
         return self._items
+
+    def _read_items(self) -> list[dict[str, Any]]:
+        handle, self._items_file = self._items_file, None  # read once; after a failure, from the path
+        if handle is None:
+            return read_jsonl(self.dir / "items.jsonl")
+        with handle:
+            handle.seek(0)
+            items = read_jsonl(self.dir / "items.jsonl", io.TextIOWrapper(handle, encoding="utf-8"))
+        if len(items) != len(self):
+            raise SimsearchError(f"store {self.dir} is inconsistent: {len(items)} items in items.jsonl, "
+                                 f"manifest says {len(self)}")
+        return items
 
     def __len__(self) -> int:
         return len(self.labels)

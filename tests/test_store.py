@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from simsearch.store import Store, read_jsonl
-from tests.conftest import TINY, simsearch, simsearch_subprocess
+from simsearch.store import Store, finish_store, read_jsonl, swap_in
+from tests.conftest import TINY, make_vector_store, simsearch, simsearch_subprocess
 
 
 def write_image(path: Path, seed: int) -> None:
@@ -381,3 +381,18 @@ def test_moved_and_deleted_files_still_print_and_draw(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert printed.count("image unavailable") >= 2 and "was moved or deleted" in printed
     assert Image.open(tmp_path / "store" / "recommendations.png").size[0] > 500
+
+
+def test_items_are_read_lazily_from_the_store_as_it_was_when_opened(tmp_path):
+    """Evaluation never reads items.jsonl; a store replaced after open() is not paired with the old rows."""
+    vectors = np.random.default_rng(0).normal(size=(6, 4))
+    make_vector_store(tmp_path / "s", vectors, np.array([0, 1, 0, 1, 0, 1]))
+    opened = Store.open(tmp_path / "s")
+    assert opened._items is None and len(opened) == 6  # nothing parsed yet
+    replacement = make_vector_store(tmp_path / "new", vectors[::-1], np.array([1, 0, 1, 0, 1, 0]))
+    renamed = [{**item, "id": f"other{item['index']}"} for item in replacement.items]
+    finish_store(tmp_path / "new", replacement.labels, renamed, [], {"count": 6, "dim": 4, "data": {}, "model": {}})
+    swap_in(tmp_path / "new", tmp_path / "s")  # what an extraction does while a server holds the store open
+    assert [item["id"] for item in opened.items] == [f"item{i}" for i in range(6)]
+    assert opened.row_of("item3") == 3
+    assert Store.open(tmp_path / "s").items[3]["id"] == "other3"
