@@ -443,7 +443,7 @@ from simsearch.config import Config
 from simsearch.evaluate import evaluate_embeddings, evaluate_store
 from simsearch.store import Store
 
-# warm-up on a separate small array: torch's first matrix product maps its kernels and thread pools
+# warm-up on a separate small array: the first matrix product maps BLAS's kernels and thread buffers
 warm = np.random.default_rng(0).normal(size=(500, 8)).astype(np.float32)
 evaluate_embeddings(warm / np.linalg.norm(warm, axis=1, keepdims=True), np.arange(500) % 5, [], [1])
 store = Store.open(sys.argv[1])
@@ -458,6 +458,10 @@ metrics = evaluate_store(store, eval_cfg, schema.index)
 print(json.dumps({"before_kb": before, "peak_kb": high_water_kb(), "queries": metrics["queries"],
                   "hit@10": metrics["hit@10"]}))
 """
+
+
+PEAK_RSS_OF_CHILD = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, capture_output=True); "
+                     "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc/self/clear_refs")
@@ -483,6 +487,13 @@ def test_evaluation_memory_is_bounded_by_chunk_and_block_not_by_the_store(tmp_pa
     growth_mb = (result["peak_kb"] - result["before_kb"]) / 1024
     assert result["queries"] == 64 and 0 <= result["hit@10"] <= 1
     assert growth_mb < store_mb / 4, f"evaluation grew RSS by {growth_mb:.0f} MB for a {store_mb:.0f} MB store"
+    # the whole `simsearch eval` process, interpreter included (no torch on the CPU), from a fresh parent
+    whole = subprocess.run([sys.executable, "-c", PEAK_RSS_OF_CHILD, str(Path(sys.executable).parent / "simsearch"), "eval",
+                            f"run.dir={store_dir}", "eval.queries=64", "eval.query_chunk=16", "eval.block_rows=2048",
+                            "eval.device=cpu", "eval.k=[1,10]", "logger=none"], capture_output=True, text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr
+    peak_mb = int(whole.stdout.split()[-1]) / 1024
+    assert peak_mb < 0.75 * store_mb, f"`simsearch eval` peaked at {peak_mb:.0f} MB for a {store_mb:.0f} MB store"
 
 
 def test_query_gallery_eval_logs_metrics_and_the_gallery_to_wandb_offline(tmp_path):
