@@ -34,11 +34,17 @@ def eval(cfg: DictConfig) -> dict[str, Any]:  # noqa: A001 - the command is call
     """Retrieval metrics of the store in run.dir (leave-one-out, or against the store in eval.gallery):
     metrics.json in run.dir, a table, and W&B."""
     from simsearch.evaluate import evaluate_store, metrics_table
+    from simsearch.runtime import join_launched_ranks
 
     store = Store.open(cfg.run.dir)
     gallery = Store.open(cfg.eval.gallery) if cfg.eval.gallery else None
+    ranks = join_launched_ranks()  # under torchrun: the exact search's blocks shared among the ranks
+    metrics = evaluate_store(store, cfg.eval, cfg.index, cfg.run.seed, gallery=gallery, ranks=ranks)
+    if ranks and ranks[0] != 0:  # every rank searched its share; global rank 0 alone writes and logs
+        return metrics
+    if ranks:
+        metrics["ranks"] = ranks[1]
     run = start_run(cfg, "eval")
-    metrics = evaluate_store(store, cfg.eval, cfg.index, cfg.run.seed, gallery=gallery)
     metrics["store"] = {k: store.manifest.get(k) for k in ("dataset", "split", "weights", "image_size", "count")}
     metrics["store"]["checkpoint"] = store.manifest.get("model", {}).get("checkpoint")
     write_json_atomically(store.dir / "metrics.json", metrics)

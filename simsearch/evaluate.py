@@ -29,7 +29,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from simsearch.errors import SimsearchError
-from simsearch.index import ExactSearcher, FaissSearcher, StoredRows, open_index, take_rows
+from simsearch.index import ExactSearcher, FaissSearcher, StoredRows, cuda_available, open_index, take_rows
 from simsearch.store import Store
 
 log = logging.getLogger(__name__)
@@ -74,9 +74,16 @@ def _check_sizes(eval_cfg: DictConfig) -> None:
         raise SimsearchError(f"eval.queries must be a positive number of queries (or null for all), not {eval_cfg.queries}")
 
 
-def _searcher_for(gallery: Store, eval_cfg: DictConfig, index_cfg: DictConfig, seed: int) -> Any:
+def _searcher_for(gallery: Store, eval_cfg: DictConfig, index_cfg: DictConfig, seed: int,
+                  ranks: tuple[int, int, int] | None = None) -> Any:
+    """The exact blocked search (under a launcher: this rank's share of the blocks, on its own GPU for
+    eval.device=auto), or the store's FAISS index (eval.backend=index)."""
     if eval_cfg.backend == "exact":
-        return ExactSearcher(StoredRows(gallery.dir / "embeddings.npy"), eval_cfg.device, int(eval_cfg.block_rows))
+        device = eval_cfg.device
+        if ranks and device == "auto":
+            device = f"cuda:{ranks[2]}" if cuda_available() else "cpu"
+        return ExactSearcher(StoredRows(gallery.dir / "embeddings.npy"), device, int(eval_cfg.block_rows),
+                             ranks=ranks[:2] if ranks else None)
     if eval_cfg.backend == "index":
         index, _ = open_index(gallery, index_cfg, seed)
         return FaissSearcher(index, index_cfg.device, index_cfg.gpu_sharded, index_cfg.batch_size)
@@ -131,14 +138,16 @@ def sample_queries(rows: np.ndarray, wanted: int | None, seed: int) -> tuple[np.
 
 
 def evaluate_store(store: Store, eval_cfg: DictConfig, index_cfg: DictConfig, seed: int = 0,
-                   gallery: Store | None = None) -> dict[str, Any]:
+                   gallery: Store | None = None, ranks: tuple[int, int, int] | None = None) -> dict[str, Any]:
     """Retrieval metrics of a labelled store, overall and per class: leave-one-out, or its items as
-    queries against `gallery` (eval.gallery) when given. `eval.queries`: a seeded sample of queries."""
+    queries against `gallery` (eval.gallery) when given. `eval.queries`: a seeded sample of queries.
+    `ranks` (global rank, world size, local rank; `runtime.join_launched_ranks`): the exact search's
+    blocks are shared among the ranks, and every rank returns the same metrics."""
     _check_sizes(eval_cfg)
     if not store.has_labels:
         raise SimsearchError(f"the store {store.dir} has no labels: evaluation needs a labelled collection")
     if gallery is None:
-        searcher = _searcher_for(store, eval_cfg, index_cfg, seed)
+        searcher = _searcher_for(store, eval_cfg, index_cfg, seed, ranks)
         log.info("evaluating %d items of %s, leave-one-out, with %s", len(store), store.dir, searcher.description)
         return rank_and_score(StoredRows(store.dir / "embeddings.npy"), store.labels, store.labels, store.classes,
                               list(eval_cfg.k), searcher, int(eval_cfg.query_chunk), leave_one_out=True,
@@ -149,7 +158,7 @@ def evaluate_store(store: Store, eval_cfg: DictConfig, index_cfg: DictConfig, se
         raise SimsearchError("eval.gallery is the query store itself: leave eval.gallery out for leave-one-out evaluation")
     check_comparable(store, gallery)
     query_labels, gallery_labels, classes = shared_labels(store, gallery)
-    searcher = _searcher_for(gallery, eval_cfg, index_cfg, seed)
+    searcher = _searcher_for(gallery, eval_cfg, index_cfg, seed, ranks)
     log.info("evaluating %d queries of %s against the %d items of %s with %s", len(store), store.dir, len(gallery),
              gallery.dir, searcher.description)
     metrics = rank_and_score(StoredRows(store.dir / "embeddings.npy"), query_labels, gallery_labels, classes,

@@ -249,7 +249,7 @@ class ExactSearcher:
     """
 
     def __init__(self, vectors: np.ndarray | StoredRows, device: str = "auto", block_rows: int = 65_536,
-                 torch_on_cpu: bool = False):
+                 torch_on_cpu: bool = False, ranks: tuple[int, int] | None = None):
         if block_rows < 1:
             raise SimsearchError(f"the block size must be at least 1 row, not {block_rows}")
         self.vectors = vectors
@@ -258,7 +258,10 @@ class ExactSearcher:
         self.block_rows = block_rows
         self.torch_on_cpu = torch_on_cpu
         self.count = len(vectors)
+        self.rank, self.world = ranks or (0, 1)
         blocks = list(range(0, self.count, block_rows))
+        per_rank = -(-len(blocks) // self.world)  # under a launcher: this rank's contiguous share of the blocks
+        blocks = blocks[self.rank * per_rank : (self.rank + 1) * per_rank]
         per_device = -(-len(blocks) // len(self.devices)) if blocks else 0
         self.shards = [(d, blocks[i * per_device : (i + 1) * per_device]) for i, d in enumerate(self.devices)]
         self.shards = [(d, starts) for d, starts in self.shards if starts]
@@ -266,7 +269,8 @@ class ExactSearcher:
         self.keep_blocks = self._shards_fit_on_gpus(per_device * block_rows * int(vectors.shape[1]) * 4)
         where = ", ".join(self.devices)
         kind = "torch" if torch_on_cpu or any(d != "cpu" for d in self.devices) else "numpy"
-        self.description = f"exact {kind} search on {where} ({len(blocks)} block(s) of {block_rows} rows)"
+        of_ranks = f", rank {self.rank} of {self.world}" if self.world > 1 else ""
+        self.description = f"exact {kind} search on {where} ({len(blocks)} block(s) of {block_rows} rows{of_ranks})"
 
     def _shards_fit_on_gpus(self, shard_bytes: int) -> bool:
         if any(d == "cpu" for d in self.devices):
@@ -326,18 +330,42 @@ class ExactSearcher:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if exclude_rows is not None:
             exclude_rows = np.asarray(exclude_rows, dtype=np.int64)
-        if not self.shards or k == 0 or len(queries) == 0:
+        if k == 0 or len(queries) == 0:  # the same on every rank: no collective is skipped by one alone
             return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
         if len(self.shards) > 1:
             with ThreadPoolExecutor(len(self.shards)) as pool:
                 results = list(pool.map(lambda shard: self._search_shard(*shard, queries, k, exclude_rows), self.shards))
         else:
             results = [self._search_shard(*shard, queries, k, exclude_rows) for shard in self.shards]
-        best_scores, best_rows = results[0]
+        best_scores, best_rows = results[0] if results else (np.zeros((len(queries), 0), np.float32),
+                                                             np.zeros((len(queries), 0), np.int64))
         for scores, rows in results[1:]:  # shards hold increasing rows: merge in order
             best_scores, best_rows = merge_top_k((best_scores, best_rows), (scores, rows), k)
+        if self.world > 1:
+            best_scores, best_rows = gather_top_k_across_ranks(best_scores, best_rows, k)
         best_rows = np.where(best_scores == -np.inf, -1, best_rows)
         return best_scores, best_rows
+
+
+def gather_top_k_across_ranks(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every rank's top-k lists (rank r holds lower rows than rank r + 1), gathered and merged in rank
+    order (DINOv2's sharded kNN): every rank returns the same lists. Padded to k with -inf (row -1)."""
+    import torch.distributed as dist
+
+    padded_scores = np.full((len(scores), k), -np.inf, dtype=np.float32)
+    padded_rows = np.full((len(rows), k), -1, dtype=np.int64)
+    padded_scores[:, : scores.shape[1]], padded_rows[:, : rows.shape[1]] = scores, rows
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    gathered = []
+    for array in (padded_scores, padded_rows):
+        mine = torch.from_numpy(array).to(device)
+        parts = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, mine)
+        gathered.append([part.cpu().numpy() for part in parts])
+    best = (gathered[0][0], gathered[1][0])
+    for part_scores, part_rows in zip(gathered[0][1:], gathered[1][1:]):
+        best = merge_top_k(best, (part_scores, part_rows), k)
+    return best
 
 
 class FaissSearcher:

@@ -505,3 +505,23 @@ def test_query_gallery_eval_logs_metrics_and_the_gallery_to_wandb_offline(tmp_pa
     metrics = read_json(queries.dir / "metrics.json")
     assert summary.get("test/hit@5") == pytest.approx(metrics["hit@5"]), sorted(summary)
     assert summary["test/protocol"] == "query-gallery" and summary["test/gallery"] == str(gallery.dir.resolve())
+
+
+def test_eval_under_torchrun_shares_the_blocks_among_ranks_and_equals_one_process(tmp_path):
+    """`torchrun --nproc-per-node=2 -m simsearch eval ...`: each rank searches its half of the blocks (gloo on
+    the CPU), the top-k lists are gathered and merged by row, and only rank 0 writes metrics.json."""
+    vectors = sign_vectors(70, 16, seed=5)
+    vectors[50:54] = vectors[3]  # exact duplicates of a row of rank 0's half in rank 1's half: ties across ranks
+    labels = np.random.default_rng(5).integers(0, 4, size=70)
+    make_vector_store(tmp_path / "s", vectors, labels)
+    common = ["eval", "run.dir=s", "logger=none", "eval.block_rows=8", "eval.k=[1,5,30]", "eval.device=cpu"]
+    assert simsearch_subprocess(*common, cwd=tmp_path).returncode == 0
+    alone = read_json(tmp_path / "s" / "metrics.json")
+    torchrun = Path(sys.executable).parent / "torchrun"
+    result = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node=2", "-m", "simsearch", *common],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("Saved metrics") == 1 and "rank 1 of 2" in result.stderr
+    ranked = read_json(tmp_path / "s" / "metrics.json")
+    assert ranked.pop("ranks") == 2
+    assert ranked == alone
