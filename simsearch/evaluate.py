@@ -76,11 +76,24 @@ def _check_sizes(eval_cfg: DictConfig) -> None:
 
 def _searcher_for(gallery: Store, eval_cfg: DictConfig, index_cfg: DictConfig, seed: int) -> Any:
     if eval_cfg.backend == "exact":
-        return ExactSearcher(StoredRows(gallery.dir / "embeddings.npy"), eval_cfg.device, int(eval_cfg.block_rows))
+        return ExactSearcher(stored_rows(gallery), eval_cfg.device, int(eval_cfg.block_rows))
     if eval_cfg.backend == "index":
         index, _ = open_index(gallery, index_cfg, seed)
         return FaissSearcher(index, index_cfg.device, index_cfg.gpu_sharded, index_cfg.batch_size)
     raise SimsearchError(f"eval.backend must be exact or index, not '{eval_cfg.backend}'")
+
+
+def stored_rows(store: Store) -> StoredRows:
+    """The store's embeddings.npy read block by block: the very file the store verified when opened."""
+    return StoredRows(store.dir / "embeddings.npy", store.embeddings_identity)
+
+
+def describe_search(eval_cfg: DictConfig, index_cfg: DictConfig) -> dict[str, Any]:
+    """How neighbours were found, for metrics.json: an approximate index gives other (lower) numbers."""
+    if eval_cfg.backend == "index":
+        return {"backend": "index", "factory": index_cfg.factory, "search_params": index_cfg.search_params,
+                "exact": index_cfg.factory.replace(" ", "").lower() in ("flat", "idmap,flat")}
+    return {"backend": "exact", "exact": True}
 
 
 def class_names(store: Store) -> np.ndarray:
@@ -140,29 +153,34 @@ def evaluate_store(store: Store, eval_cfg: DictConfig, index_cfg: DictConfig, se
     if gallery is None:
         searcher = _searcher_for(store, eval_cfg, index_cfg, seed)
         log.info("evaluating %d items of %s, leave-one-out, with %s", len(store), store.dir, searcher.description)
-        return rank_and_score(StoredRows(store.dir / "embeddings.npy"), store.labels, store.labels, store.classes,
-                              list(eval_cfg.k), searcher, int(eval_cfg.query_chunk), leave_one_out=True,
-                              sample=eval_cfg.queries, seed=seed)
+        metrics = rank_and_score(stored_rows(store), store.labels, store.labels, store.classes,
+                                 list(eval_cfg.k), searcher, int(eval_cfg.query_chunk), leave_one_out=True,
+                                 sample=eval_cfg.queries, seed=seed)
+        return {**metrics, "search": describe_search(eval_cfg, index_cfg)}
     if not gallery.has_labels:
         raise SimsearchError(f"the gallery {gallery.dir} has no labels: query/gallery evaluation needs both labelled")
     if Path(gallery.dir).resolve() == Path(store.dir).resolve():
         raise SimsearchError("eval.gallery is the query store itself: leave eval.gallery out for leave-one-out evaluation")
     check_comparable(store, gallery)
+    if store_identity(store)["embeddings_sha256"] == store_identity(gallery)["embeddings_sha256"]:
+        log.warning("the gallery %s holds the very vectors of the query store %s (a copy?): every query finds itself "
+                    "first; leave eval.gallery out for leave-one-out evaluation", gallery.dir, store.dir)
     query_labels, gallery_labels, classes = shared_labels(store, gallery)
     searcher = _searcher_for(gallery, eval_cfg, index_cfg, seed)
     log.info("evaluating %d queries of %s against the %d items of %s with %s", len(store), store.dir, len(gallery),
              gallery.dir, searcher.description)
-    metrics = rank_and_score(StoredRows(store.dir / "embeddings.npy"), query_labels, gallery_labels, classes,
+    metrics = rank_and_score(stored_rows(store), query_labels, gallery_labels, classes,
                              list(eval_cfg.k), searcher, int(eval_cfg.query_chunk), leave_one_out=False,
                              sample=eval_cfg.queries, seed=seed)
-    metrics["gallery"] = describe_gallery(gallery)
-    return metrics
+    return {**metrics, "search": describe_search(eval_cfg, index_cfg), "gallery": store_identity(gallery)}
 
 
-def describe_gallery(gallery: Store) -> dict[str, Any]:
-    return {"dir": str(Path(gallery.dir).resolve()), "count": len(gallery),
-            **{k: gallery.manifest.get(k) for k in ("dataset", "split")},
-            "embeddings_sha256": gallery.manifest.get("sha256", {}).get("embeddings.npy")}
+def store_identity(store: Store) -> dict[str, Any]:
+    """Which store, exactly: its resolved directory, size, data set and split, and the checksum of the
+    embeddings evaluated (a store re-extracted since has another)."""
+    return {"dir": str(Path(store.dir).resolve()), "count": len(store),
+            **{k: store.manifest.get(k) for k in ("dataset", "split")},
+            "embeddings_sha256": store.manifest.get("sha256", {}).get("embeddings.npy")}
 
 
 def evaluate_embeddings(vectors: np.ndarray, labels: np.ndarray, classes: list[str], ks: list[int],
@@ -248,6 +266,10 @@ def metrics_table(metrics: dict[str, Any]) -> str:
         lines.append(f"queries: a seeded sample of {sample['sampled']} of {sample['of']} (seed {sample['seed']})")
     if "gallery" in metrics:
         lines.append(f"gallery: {metrics['gallery']['dir']} ({metrics['gallery']['count']} items)")
+    search = metrics.get("search", {})
+    if not search.get("exact", True):
+        lines.append(f"search: the FAISS index {search['factory']} {search['search_params']}".rstrip()
+                     + " (approximate: a relevant item it misses lowers every metric)")
     if 10 in metrics["k"]:
         lines.append(f"Precision@10: {metrics['precision@10']:.2f}")
     return "\n".join(lines)

@@ -48,25 +48,34 @@ def sha256_of(path: Path, block_bytes: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+def file_identity(stat: os.stat_result) -> tuple[int, int, int, int]:
+    """Device, inode, size and mtime: a file replaced (os.replace) or rewritten since has another."""
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
 def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
     with open(path, "w", encoding="utf-8") as handle:
         for record in records:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
+def read_jsonl(path: Path, sha256: str | None = None) -> list[dict[str, Any]]:
+    """One dict per line; with `sha256`, the bytes read must have that checksum (the file is the one
+    the manifest describes, not one swapped in since)."""
+    data = path.read_bytes()
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise SimsearchError(f"{path} has changed since its store was opened (a new extraction?): open the store again")
     records = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                raise SimsearchError(f"{path} is damaged: line {number} is not a JSON object") from None
-            if not isinstance(record, dict):
-                raise SimsearchError(f"{path} is damaged: line {number} is not a JSON object")
-            records.append(record)
+    for number, line in enumerate(data.split(b"\n"), start=1):  # only \n ends a line: ids may hold U+2028
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise SimsearchError(f"{path} is damaged: line {number} is not a JSON object") from None
+        if not isinstance(record, dict):
+            raise SimsearchError(f"{path} is damaged: line {number} is not a JSON object")
+        records.append(record)
     return records
 
 
@@ -171,6 +180,8 @@ class Store:
     embeddings: np.ndarray
     labels: np.ndarray
     manifest: dict[str, Any]
+    # embeddings.npy as verified and mapped: a later reader of the path (StoredRows) checks it is the same file
+    embeddings_identity: tuple[int, int, int, int] | None = field(default=None, repr=False)
     _items: list[dict[str, Any]] | None = field(default=None, repr=False)
     _row_of_id: dict[str, int] = field(default_factory=dict, repr=False)
 
@@ -180,13 +191,18 @@ class Store:
         checksums (hashed once, then again only when a file's size or mtime changes)."""
         store_dir = Path(store_dir)
         manifest = read_manifest(store_dir)
-        if verify:
-            verify_checksums(store_dir, manifest)
         try:
+            verified = file_identity((store_dir / "embeddings.npy").stat())
+            if verify:
+                verify_checksums(store_dir, manifest)
             embeddings = np.load(store_dir / "embeddings.npy", mmap_mode="r", allow_pickle=False)
             labels = np.load(store_dir / "labels.npy", allow_pickle=False)
+            identity = file_identity((store_dir / "embeddings.npy").stat())
         except (OSError, ValueError) as error:
             raise SimsearchError(f"store {store_dir} cannot be read: {error}") from None
+        if identity != verified:  # replaced between the checksum and the mapping
+            raise SimsearchError(f"the store in {store_dir} was replaced while it was opened (an extraction swapping "
+                                 "in a new one): open it again")
         if embeddings.ndim != 2 or labels.ndim != 1:
             raise SimsearchError(f"store {store_dir} is damaged: embeddings.npy must be 2-D and labels.npy 1-D")
         if not (len(embeddings) == len(labels) == manifest["count"]):
@@ -194,13 +210,13 @@ class Store:
                                  f"{len(labels)} labels, manifest says {manifest['count']}")
         if not (store_dir / "items.jsonl").is_file():
             raise SimsearchError(f"store {store_dir} is incomplete: items.jsonl is missing")
-        return cls(store_dir, embeddings, labels, manifest)
+        return cls(store_dir, embeddings, labels, manifest, identity)
 
     @property
     def items(self) -> list[dict[str, Any]]:
         """One dict per row (id, path or index, key), read from items.jsonl on first use."""
-        if self._items is None:
-            items = read_jsonl(self.dir / "items.jsonl")
+        if self._items is None:  # the file the manifest describes: a store re-extracted since is refused
+            items = read_jsonl(self.dir / "items.jsonl", self.manifest.get("sha256", {}).get("items.jsonl"))
             if len(items) != len(self):
                 raise SimsearchError(f"store {self.dir} is inconsistent: {len(items)} items in items.jsonl, "
                                      f"manifest says {len(self)}")

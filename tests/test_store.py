@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from simsearch.errors import SimsearchError
 from simsearch.store import Store, read_jsonl
-from tests.conftest import TINY, simsearch, simsearch_subprocess
+from tests.conftest import TINY, make_vector_store, simsearch, simsearch_subprocess
 
 
 def write_image(path: Path, seed: int) -> None:
@@ -381,3 +382,17 @@ def test_moved_and_deleted_files_still_print_and_draw(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert printed.count("image unavailable") >= 2 and "was moved or deleted" in printed
     assert Image.open(tmp_path / "store" / "recommendations.png").size[0] > 500
+
+
+def test_items_read_after_the_store_was_re_extracted_are_refused_not_matched_by_row(tmp_path):
+    """Store.items is read on first use: if another extraction replaced the store since it was opened,
+    its items.jsonl describes other rows, so it is refused rather than paired with the old vectors."""
+    import simsearch as api
+
+    vectors, labels = np.eye(4), np.array([0, 1, 0, 1])
+    make_vector_store(tmp_path / "s", vectors, labels)
+    opened = api.open(tmp_path / "s")
+    make_vector_store(tmp_path / "s", vectors[::-1], labels, ["shoe", "bag"])  # same count, other items
+    with pytest.raises(SimsearchError, match="has changed since its store was opened"):
+        opened.search("item0", k=1)
+    assert api.open(tmp_path / "s").search("item0", k=1)[0].label == "bag"
