@@ -218,6 +218,10 @@ def read_inshop(root: Path, split: str) -> tuple[Path, list[str], list[str]]:
     if unknown:
         raise SimsearchError(f"{path} gives images the evaluation_status {sorted(unknown)[0]!r}: the official file "
                              "has only train, query and gallery")
+    shared = {item for _, item, status in rows if status == "train"} & {item for _, item, status in rows if status != "train"}
+    if shared:  # the official partition: "items of clothes images are NOT overlapped"
+        raise SimsearchError(f"{path} puts {len(shared)} item id(s) (e.g. {min(shared)}) in train and in query/gallery: "
+                             "the official partition never shares an item between them")
     kept = [(inside(image, path), item) for image, item, status in rows if status == split]
     return base, [image for image, _ in kept], [item for _, item in kept]
 

@@ -235,6 +235,9 @@ def damage(root: Path, name: str) -> tuple[str, str]:
     if name == "inshop_unknown_status":  # before: the image fell out of every split
         edit(root / "list_eval_partition.txt", "  gallery\n", "  galery\n")
         return "inshop", "evaluation_status 'galery'"
+    if name == "inshop_train_item_in_the_gallery":  # before: the test items leaked into training
+        edit(root / "list_eval_partition.txt", "id_00000002  train", "id_00000100  train")
+        return "inshop", "puts 1 item id(s) (e.g. id_00000100) in train and in query/gallery"
     if name == "inshop_without_count_and_header":  # before: the first two images were dropped
         listing = root / "list_eval_partition.txt"
         listing.write_text("".join(listing.read_text().splitlines(True)[2:]))
@@ -244,7 +247,8 @@ def damage(root: Path, name: str) -> tuple[str, str]:
 
 @pytest.mark.parametrize("name", ["cub_truncated_at_a_line", "cub_class_outside_1_200", "cub_not_text",
                                   "cars_not_a_mat_file", "cars_class_outside_1_196", "sop_without_header",
-                                  "sop_test_class_in_train", "inshop_unknown_status", "inshop_without_count_and_header"])
+                                  "sop_test_class_in_train", "inshop_unknown_status", "inshop_train_item_in_the_gallery",
+                                  "inshop_without_count_and_header"])
 def test_damaged_or_foreign_annotation_files_are_one_sentence(tmp_path, capsys, name):
     data, expected = damage(tmp_path / "root", name)
     split = "data.split=gallery" if data == "inshop" else "data.split=test"
