@@ -273,6 +273,8 @@ class ExactSearcher:
         self.vectors = vectors
         self.devices = resolve_devices(device)
         self.device = self.devices[0]
+        # never larger than the store: a huge eval.block_rows would otherwise shrink the CPU's query tile to 1
+        block_rows = min(block_rows, max(1, len(vectors)))
         self.block_rows = block_rows
         self.torch_on_cpu = torch_on_cpu
         self.count = len(vectors)

@@ -391,6 +391,16 @@ def test_metrics_name_the_search_and_the_exact_embeddings_of_both_stores(tmp_pat
     assert "search: the FAISS index IVF4,Flat (approximate" in capsys.readouterr().out
 
 
+def test_a_block_larger_than_the_store_is_the_store(tmp_path, caplog):
+    """eval.block_rows=10^14 must not make the CPU score one query at a time (its tile is 2^24 / block)."""
+    caplog.set_level("INFO", logger="simsearch.evaluate")
+    queries, gallery, reference_inputs = query_gallery_stores(tmp_path, seed=6)
+    assert simsearch("eval", f"run.dir={queries.dir}", f"eval.gallery={gallery.dir}", "logger=none", "eval.k=[1,5]",
+                     "eval.block_rows=100000000000000", "eval.device=cpu") == 0
+    assert "(1 block(s) of 70 rows)" in caplog.text
+    assert read_json(queries.dir / "metrics.json")["hit@5"] == pytest.approx(reference_query_gallery(*reference_inputs, [5])["hit@5"])
+
+
 def test_a_gallery_holding_the_query_vectors_warns_that_every_query_finds_itself(tmp_path, caplog):
     queries, _, _ = query_gallery_stores(tmp_path)
     copy = make_vector_store(tmp_path / "copy", queries.vectors(), queries.labels, queries.classes)
