@@ -22,6 +22,7 @@ any relevant item are left out of every average (as in pytorch-metric-learning) 
 from __future__ import annotations
 
 import logging
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -97,9 +98,10 @@ def describe_search(eval_cfg: DictConfig, index_cfg: DictConfig) -> dict[str, An
 
 
 def class_names(store: Store) -> np.ndarray:
-    """The class name of every row ('' where unlabelled): what two separately built stores share."""
-    names = np.array([*store.classes, *(str(i) for i in range(len(store.classes), int(store.labels.max()) + 1))] or [""],
-                     dtype=object)
+    """The class name of every row ('' where unlabelled): what two separately built stores share. Names are
+    compared in Unicode NFC: a folder copied from macOS spells 'ó' as 'o' + an accent (NFD)."""
+    listed = [*store.classes, *(str(i) for i in range(len(store.classes), int(store.labels.max()) + 1))]
+    names = np.array([unicodedata.normalize("NFC", name) for name in listed] or [""], dtype=object)
     return np.where(store.labels >= 0, names[np.maximum(store.labels, 0)], "")
 
 
@@ -107,6 +109,11 @@ def shared_labels(queries: Store, gallery: Store) -> tuple[np.ndarray, np.ndarra
     """Both stores' labels renumbered into one list of class names (gallery's first), -1 where unlabelled."""
     query_names, gallery_names = class_names(queries), class_names(gallery)
     classes = list(dict.fromkeys(n for n in [*gallery_names, *query_names] if n != ""))
+    absent = sorted(set(query_names) - set(gallery_names) - {""})
+    if absent:  # often a spelling that differs between the two stores ('Coat' / 'coat')
+        log.warning("%d class(es) of the queries have no item in the gallery (%s): their %d queries are left out",
+                    len(absent), ", ".join(repr(name) for name in absent[:5]) + (", ..." if len(absent) > 5 else ""),
+                    int(np.isin(query_names, absent).sum()))
     number = {name: i for i, name in enumerate(classes)}
     number[""] = -1
 

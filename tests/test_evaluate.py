@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -399,6 +400,22 @@ def test_a_block_larger_than_the_store_is_the_store(tmp_path, caplog):
                      "eval.block_rows=100000000000000", "eval.device=cpu") == 0
     assert "(1 block(s) of 70 rows)" in caplog.text
     assert read_json(queries.dir / "metrics.json")["hit@5"] == pytest.approx(reference_query_gallery(*reference_inputs, [5])["hit@5"])
+
+
+def test_class_names_match_across_unicode_normalisations_and_absent_classes_are_named(tmp_path, caplog):
+    """A gallery folder copied from macOS names 'Pull óver' in NFD: it is still the query's class."""
+    vectors, labels = sign_vectors(24, 16, seed=7), np.arange(24) % 3
+    nfc, nfd = "Pull \u00f3ver", "Pull o\u0301ver"
+    queries = make_vector_store(tmp_path / "q", vectors[:12], labels[:12], [nfc, "Coat", "only here"])
+    gallery = make_vector_store(tmp_path / "g", vectors[12:], labels[12:], ["Coat", nfd, "Bag"])
+    assert simsearch("eval", "run.dir=q", "eval.gallery=g", "logger=none", "eval.k=[1,4]") == 0
+    metrics = read_json(tmp_path / "q" / "metrics.json")
+    names = lambda store: [unicodedata.normalize("NFC", store.label_name(r)) for r in range(len(store))]  # noqa: E731
+    expected = reference_query_gallery(queries.vectors(), names(queries), gallery.vectors(), names(gallery), [1, 4])
+    for name, value in expected.items():
+        assert metrics[name] == pytest.approx(value, abs=1e-6), name
+    assert metrics["queries"] == 8 and metrics["queries_without_relevant"] == 4 and nfc in metrics["per_class"]
+    assert "1 class(es) of the queries have no item in the gallery ('only here'): their 4 queries" in caplog.text
 
 
 def test_a_gallery_holding_the_query_vectors_warns_that_every_query_finds_itself(tmp_path, caplog):
