@@ -195,13 +195,18 @@ class Store:
             image, caption = target.convert("RGB"), "image"
         return Results(self, search_image(self.files, searcher, self._encoder_once(), image, k, caption), image, caption)
 
-    def evaluate(self, k: int | Sequence[int] | None = None) -> dict[str, Any]:
-        """Leave-one-out retrieval metrics (Precision@K, Recall@K, mAP@K, MAP@R, per class), as `simsearch
-        eval` computes them; `k` defaults to `eval.k`. Returns the dict; writes nothing."""
+    def evaluate(self, k: int | Sequence[int] | None = None, gallery: str | Path | Store | None = None) -> dict[str, Any]:
+        """Retrieval metrics (hit@K, Precision@K, Recall@K, mAP@K, MAP@R, R-precision, per class), as `simsearch
+        eval` computes them: leave-one-out, or this store's items as queries against `gallery` (a run dir or
+        an opened store; default `eval.gallery`). `k` defaults to `eval.k`. Returns the dict; writes nothing."""
         from simsearch.evaluate import evaluate_store
 
         eval_cfg = self.cfg.eval if k is None else OmegaConf.merge(self.cfg.eval, {"k": _as_ks(k)})
-        return evaluate_store(self.files, eval_cfg, self.cfg.index, self.cfg.run.seed)
+        gallery = gallery if gallery is not None else (eval_cfg.gallery or None)
+        if gallery is not None and not isinstance(gallery, Store):
+            gallery = Store(StoreFiles.open(gallery), self.cfg)  # verified, as `simsearch eval` does
+        return evaluate_store(self.files, eval_cfg, self.cfg.index, self.cfg.run.seed,
+                              gallery=None if gallery is None else gallery.files)
 
     def _searcher_once(self) -> Any:
         if self._searcher is None:

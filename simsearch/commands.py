@@ -33,7 +33,7 @@ def index(cfg: DictConfig) -> dict[str, Any]:
 def eval(cfg: DictConfig) -> dict[str, Any]:  # noqa: A001 - the command is called eval
     """Retrieval metrics of the store in run.dir (leave-one-out, or against the store in eval.gallery):
     metrics.json in run.dir, a table, and W&B."""
-    from simsearch.evaluate import evaluate_store, metrics_table
+    from simsearch.evaluate import evaluate_store, metrics_table, store_identity
     from simsearch.runtime import join_launched_ranks
 
     store = Store.open(cfg.run.dir)
@@ -45,8 +45,8 @@ def eval(cfg: DictConfig) -> dict[str, Any]:  # noqa: A001 - the command is call
     if ranks:
         metrics["ranks"] = ranks[1]
     run = start_run(cfg, "eval")
-    metrics["store"] = {k: store.manifest.get(k) for k in ("dataset", "split", "weights", "image_size", "count")}
-    metrics["store"]["checkpoint"] = store.manifest.get("model", {}).get("checkpoint")
+    metrics["store"] = {**store_identity(store), **{k: store.manifest.get(k) for k in ("weights", "image_size")},
+                        "checkpoint": store.manifest.get("model", {}).get("checkpoint")}
     write_json_atomically(store.dir / "metrics.json", metrics)
     save_config(cfg, store.dir / "eval_config.yaml")
     print(metrics_table(metrics))
@@ -54,7 +54,7 @@ def eval(cfg: DictConfig) -> dict[str, Any]:  # noqa: A001 - the command is call
     log_metrics(run, metrics, prefix="test/")
     if run is not None:  # what was evaluated against what, beside the numbers
         run.summary.update({"test/protocol": metrics["protocol"], "test/gallery": metrics.get("gallery", {}).get("dir"),
-                            "test/query_sample": metrics.get("query_sample")})
+                            "test/query_sample": metrics.get("query_sample"), "test/search": metrics["search"]})
     finish(run)
     return metrics
 

@@ -344,7 +344,9 @@ def check_values(cfg: DictConfig) -> None:
 
 
 def save_config(cfg: DictConfig, path: Path) -> None:
-    """Write the fully resolved config next to an output."""
+    """Write the fully resolved config next to an output (beside, then renamed: never left half-written)."""
+    from simsearch.store import write_text_atomically
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, path, resolve=True)
+    write_text_atomically(path, OmegaConf.to_yaml(cfg, resolve=True))
 

@@ -25,8 +25,10 @@ from simsearch.errors import SimsearchError
 
 CUB_URL = "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz"
 CUB_MD5 = "97eceeb196236b17998738112f37df78"
+CLASS_COUNT = {"cub200": 200, "cars196": 196}  # train: the first half of the classes, test: the second
 SPLITS = {"cub200": ("train", "test"), "cars196": ("train", "test"), "sop": ("train", "test"),
           "inshop": ("train", "query", "gallery")}
+SOP_HEADER = "image_id class_id super_class_id path"
 WHERE = {
     "cub200": f"put CUB_200_2011.tgz ({CUB_URL}) in data.root and extract it there, giving CUB_200_2011/images.txt",
     "cars196": "put cars_annos.mat and the extracted car_ims.tgz (car_ims/000001.jpg ...) directly in data.root",
@@ -84,17 +86,31 @@ def first_existing(name: str, candidates: list[Path]) -> Path:
     raise missing(name, candidates[0])
 
 
-def table(path: Path, columns: int, skip_lines: int = 0) -> list[list[str]]:
-    """Whitespace-separated rows of an annotation file, each checked to have `columns` fields."""
+def table(path: Path, columns: int, header: str | None = None, counted: bool = False) -> list[list[str]]:
+    """Whitespace-separated rows of an annotation file, each checked to have `columns` fields. `counted`:
+    the file starts with its number of rows (In-Shop), which must match; `header`: then a line of these
+    field names. A file that fails a check is another data set's, or damaged: one sentence says which line."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise SimsearchError(f"{path} is not a text file (not UTF-8): data.root holds another data set, "
+                             "or the file is damaged") from None
+    first = int(counted) + int(header is not None)  # lines before the rows
+    if counted and not (lines and lines[0].strip().isdigit()):
+        raise SimsearchError(f"{path} line 1 should be the number of images, not {(lines or [''])[0].strip()!r}")
+    if header is not None and (len(lines) < first or lines[first - 1].split() != header.split()):
+        found = lines[first - 1].strip() if len(lines) >= first else "the end of the file"
+        raise SimsearchError(f"{path} line {first} should be the header {header!r}, not {found!r}")
     rows = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if number <= skip_lines or not line.strip():
-                continue
-            fields = line.split()
-            if len(fields) != columns:
-                raise SimsearchError(f"{path} line {number} has {len(fields)} fields, expected {columns}: {line.strip()!r}")
-            rows.append(fields)
+    for number, line in enumerate(lines[first:], start=first + 1):
+        if not line.strip():
+            continue
+        fields = line.split()
+        if len(fields) != columns:
+            raise SimsearchError(f"{path} line {number} has {len(fields)} fields, expected {columns}: {line.strip()!r}")
+        rows.append(fields)
+    if counted and int(lines[0]) != len(rows):
+        raise SimsearchError(f"{path} declares {lines[0].strip()} images but lists {len(rows)}: the file is incomplete")
     return rows
 
 
@@ -113,6 +129,17 @@ def as_int(text: str, path: Path) -> int:
         raise SimsearchError(f"{path}: expected a number, found {text!r}") from None
 
 
+def check_classes(name: str, classes: dict[int, int], path: Path) -> None:
+    """Every class number of a benchmark with numbered classes lies in its official range (CUB 1-200,
+    Cars 1-196): a class outside would silently fall out of both splits."""
+    official = range(1, CLASS_COUNT[name] + 1)
+    outside = {image: c for image, c in classes.items() if c not in official}
+    if outside:
+        image, c = next(iter(outside.items()))
+        raise SimsearchError(f"{path} gives image {image} the class {c}, outside {name}'s classes 1-{CLASS_COUNT[name]} "
+                             f"({len(outside)} such image(s)): data.root holds another data set or a modified copy")
+
+
 def read_cub(root: Path, split: str) -> tuple[Path, list[str], list[str]]:
     """CUB-200-2011: classes 1-100 train, 101-200 test (its train_test_split.txt is for classification)."""
     base = root / "CUB_200_2011" if (root / "CUB_200_2011").is_dir() else root
@@ -121,12 +148,21 @@ def read_cub(root: Path, split: str) -> tuple[Path, list[str], list[str]]:
         if not path.is_file():
             raise missing("cub200", root / "CUB_200_2011" / path.name)
     class_names = {as_int(i, files["classes.txt"]): name for i, name in table(files["classes.txt"], 2)}
-    class_of = {image: as_int(c, files["image_class_labels.txt"]) for image, c in table(files["image_class_labels.txt"], 2)}
-    wanted = range(1, 101) if split == "train" else range(101, 201)
+    class_of = {as_int(image, files["image_class_labels.txt"]): as_int(c, files["image_class_labels.txt"])
+                for image, c in table(files["image_class_labels.txt"], 2)}
+    listed = [(as_int(image, files["images.txt"]), path) for image, path in table(files["images.txt"], 2)]
+    if len({image for image, _ in listed}) != len(listed) or {image for image, _ in listed} != set(class_of):
+        raise SimsearchError(f"{files['images.txt']} lists {len(listed)} images and {files['image_class_labels.txt']} "
+                             f"gives classes to {len(class_of)} other or repeated ones: one of them is incomplete or "
+                             "damaged (the official files list the same 11,788 image ids once each)")
+    check_classes("cub200", class_of, files["image_class_labels.txt"])
+    half = CLASS_COUNT["cub200"] // 2
+    wanted = range(1, half + 1) if split == "train" else range(half + 1, 2 * half + 1)
     paths, classes = [], []
-    for image, path in sorted(table(files["images.txt"], 2), key=lambda row: as_int(row[0], files["images.txt"])):
-        if image not in class_of or class_of[image] not in class_names:
-            raise SimsearchError(f"image {image} of {files['images.txt']} has no class in image_class_labels.txt/classes.txt")
+    for image, path in sorted(listed):
+        if class_of[image] not in class_names:
+            raise SimsearchError(f"image {image} of {files['images.txt']} has the class {class_of[image]}, "
+                                 f"which {files['classes.txt']} does not name")
         if class_of[image] in wanted:
             paths.append(inside(f"images/{path}", files["images.txt"]))
             classes.append(class_names[class_of[image]])
@@ -145,10 +181,13 @@ def read_cars(root: Path, split: str) -> tuple[Path, list[str], list[str]]:
         annotations = np.atleast_1d(mat["annotations"])
         names = [str(n) for n in np.atleast_1d(mat.get("class_names", []))]
         records = [(str(a.relative_im_path), int(getattr(a, "class"))) for a in annotations]
-    except (ValueError, KeyError, AttributeError, TypeError, OSError) as error:
+    except (ValueError, KeyError, AttributeError, TypeError, OSError, NotImplementedError,
+            scipy.io.matlab.MatReadError) as error:
         raise SimsearchError(f"{path} is not the Cars196 cars_annos.mat (annotations with relative_im_path and class): "
-                             f"{error}") from None
-    wanted = range(1, 99) if split == "train" else range(99, 197)
+                             f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+    check_classes("cars196", {number: c for number, (_, c) in enumerate(records, start=1)}, path)
+    half = CLASS_COUNT["cars196"] // 2
+    wanted = range(1, half + 1) if split == "train" else range(half + 1, 2 * half + 1)
     kept = [(inside(image, path), c) for image, c in records if c in wanted]
     label = (lambda c: names[c - 1]) if len(set(names)) == len(names) >= 196 else str
     return root, [image for image, _ in kept], [label(c) for _, c in kept]
@@ -160,7 +199,13 @@ def read_sop(root: Path, split: str) -> tuple[Path, list[str], list[str]]:
     path = base / f"Ebay_{split}.txt"
     if not path.is_file():
         raise missing("sop", root / "Stanford_Online_Products" / path.name)
-    rows = table(path, 4, skip_lines=1)
+    rows = table(path, 4, header=SOP_HEADER)
+    other = base / f"Ebay_{'test' if split == 'train' else 'train'}.txt"
+    if other.is_file():  # the official split: no class is in both files
+        shared = {as_int(c, path) for _, c, _, _ in rows} & {as_int(c, other) for _, c, _, _ in table(other, 4, header=SOP_HEADER)}
+        if shared:
+            raise SimsearchError(f"{path.name} and {other.name} in {base} share {len(shared)} class id(s) (e.g. {min(shared)}): "
+                                 "the official train and test classes never overlap; these files are not the official split")
     return base, [inside(image, path) for _, _, _, image in rows], [class_id for _, class_id, _, _ in rows]
 
 
@@ -168,11 +213,15 @@ def read_inshop(root: Path, split: str) -> tuple[Path, list[str], list[str]]:
     """In-Shop Clothes: list_eval_partition.txt (a count, a header, then image_name item_id evaluation_status)."""
     path = first_existing("inshop", [root / "list_eval_partition.txt", root / "Eval" / "list_eval_partition.txt"])
     base = root / "Img" if not (root / "img").is_dir() and (root / "Img" / "img").is_dir() else root
-    rows = table(path, 3, skip_lines=2)
-    with open(path, encoding="utf-8") as handle:
-        declared = handle.readline().strip()
-    if declared.isdigit() and int(declared) != len(rows):
-        raise SimsearchError(f"{path} declares {declared} images but lists {len(rows)}: the file is incomplete")
+    rows = table(path, 3, header="image_name item_id evaluation_status", counted=True)
+    unknown = {status for _, _, status in rows} - set(SPLITS["inshop"])
+    if unknown:
+        raise SimsearchError(f"{path} gives images the evaluation_status {sorted(unknown)[0]!r}: the official file "
+                             "has only train, query and gallery")
+    shared = {item for _, item, status in rows if status == "train"} & {item for _, item, status in rows if status != "train"}
+    if shared:  # the official partition: "items of clothes images are NOT overlapped"
+        raise SimsearchError(f"{path} puts {len(shared)} item id(s) (e.g. {min(shared)}) in train and in query/gallery: "
+                             "the official partition never shares an item between them")
     kept = [(inside(image, path), item) for image, item, status in rows if status == split]
     return base, [image for image, _ in kept], [item for _, item in kept]
 

@@ -22,6 +22,7 @@ any relevant item are left out of every average (as in pytorch-metric-learning) 
 from __future__ import annotations
 
 import logging
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -82,18 +83,31 @@ def _searcher_for(gallery: Store, eval_cfg: DictConfig, index_cfg: DictConfig, s
         device = eval_cfg.device
         if ranks and device == "auto":
             device = f"cuda:{ranks[2]}" if cuda_available() else "cpu"
-        return ExactSearcher(StoredRows(gallery.dir / "embeddings.npy"), device, int(eval_cfg.block_rows),
-                             ranks=ranks[:2] if ranks else None)
+        return ExactSearcher(stored_rows(gallery), device, int(eval_cfg.block_rows), ranks=ranks[:2] if ranks else None)
     if eval_cfg.backend == "index":
         index, _ = open_index(gallery, index_cfg, seed)
         return FaissSearcher(index, index_cfg.device, index_cfg.gpu_sharded, index_cfg.batch_size)
     raise SimsearchError(f"eval.backend must be exact or index, not '{eval_cfg.backend}'")
 
 
+def stored_rows(store: Store) -> StoredRows:
+    """The store's embeddings.npy read block by block: the very file the store verified when opened."""
+    return StoredRows(store.dir / "embeddings.npy", store.embeddings_identity)
+
+
+def describe_search(eval_cfg: DictConfig, index_cfg: DictConfig) -> dict[str, Any]:
+    """How neighbours were found, for metrics.json: an approximate index gives other (lower) numbers."""
+    if eval_cfg.backend == "index":
+        return {"backend": "index", "factory": index_cfg.factory, "search_params": index_cfg.search_params,
+                "exact": index_cfg.factory.replace(" ", "").lower() in ("flat", "idmap,flat")}
+    return {"backend": "exact", "exact": True}
+
+
 def class_names(store: Store) -> np.ndarray:
-    """The class name of every row ('' where unlabelled): what two separately built stores share."""
-    names = np.array([*store.classes, *(str(i) for i in range(len(store.classes), int(store.labels.max()) + 1))] or [""],
-                     dtype=object)
+    """The class name of every row ('' where unlabelled): what two separately built stores share. Names are
+    compared in Unicode NFC: a folder copied from macOS spells 'ó' as 'o' + an accent (NFD)."""
+    listed = [*store.classes, *(str(i) for i in range(len(store.classes), int(store.labels.max()) + 1))]
+    names = np.array([unicodedata.normalize("NFC", name) for name in listed] or [""], dtype=object)
     return np.where(store.labels >= 0, names[np.maximum(store.labels, 0)], "")
 
 
@@ -101,6 +115,11 @@ def shared_labels(queries: Store, gallery: Store) -> tuple[np.ndarray, np.ndarra
     """Both stores' labels renumbered into one list of class names (gallery's first), -1 where unlabelled."""
     query_names, gallery_names = class_names(queries), class_names(gallery)
     classes = list(dict.fromkeys(n for n in [*gallery_names, *query_names] if n != ""))
+    absent = sorted(set(query_names) - set(gallery_names) - {""})
+    if absent:  # often a spelling that differs between the two stores ('Coat' / 'coat')
+        log.warning("%d class(es) of the queries have no item in the gallery (%s): their %d queries are left out",
+                    len(absent), ", ".join(repr(name) for name in absent[:5]) + (", ..." if len(absent) > 5 else ""),
+                    int(np.isin(query_names, absent).sum()))
     number = {name: i for i, name in enumerate(classes)}
     number[""] = -1
 
@@ -149,29 +168,34 @@ def evaluate_store(store: Store, eval_cfg: DictConfig, index_cfg: DictConfig, se
     if gallery is None:
         searcher = _searcher_for(store, eval_cfg, index_cfg, seed, ranks)
         log.info("evaluating %d items of %s, leave-one-out, with %s", len(store), store.dir, searcher.description)
-        return rank_and_score(StoredRows(store.dir / "embeddings.npy"), store.labels, store.labels, store.classes,
-                              list(eval_cfg.k), searcher, int(eval_cfg.query_chunk), leave_one_out=True,
-                              sample=eval_cfg.queries, seed=seed)
+        metrics = rank_and_score(stored_rows(store), store.labels, store.labels, store.classes,
+                                 list(eval_cfg.k), searcher, int(eval_cfg.query_chunk), leave_one_out=True,
+                                 sample=eval_cfg.queries, seed=seed)
+        return {**metrics, "search": describe_search(eval_cfg, index_cfg)}
     if not gallery.has_labels:
         raise SimsearchError(f"the gallery {gallery.dir} has no labels: query/gallery evaluation needs both labelled")
     if Path(gallery.dir).resolve() == Path(store.dir).resolve():
         raise SimsearchError("eval.gallery is the query store itself: leave eval.gallery out for leave-one-out evaluation")
     check_comparable(store, gallery)
+    if store_identity(store)["embeddings_sha256"] == store_identity(gallery)["embeddings_sha256"]:
+        log.warning("the gallery %s holds the very vectors of the query store %s (a copy?): every query finds itself "
+                    "first; leave eval.gallery out for leave-one-out evaluation", gallery.dir, store.dir)
     query_labels, gallery_labels, classes = shared_labels(store, gallery)
     searcher = _searcher_for(gallery, eval_cfg, index_cfg, seed, ranks)
     log.info("evaluating %d queries of %s against the %d items of %s with %s", len(store), store.dir, len(gallery),
              gallery.dir, searcher.description)
-    metrics = rank_and_score(StoredRows(store.dir / "embeddings.npy"), query_labels, gallery_labels, classes,
+    metrics = rank_and_score(stored_rows(store), query_labels, gallery_labels, classes,
                              list(eval_cfg.k), searcher, int(eval_cfg.query_chunk), leave_one_out=False,
                              sample=eval_cfg.queries, seed=seed)
-    metrics["gallery"] = describe_gallery(gallery)
-    return metrics
+    return {**metrics, "search": describe_search(eval_cfg, index_cfg), "gallery": store_identity(gallery)}
 
 
-def describe_gallery(gallery: Store) -> dict[str, Any]:
-    return {"dir": str(Path(gallery.dir).resolve()), "count": len(gallery),
-            **{k: gallery.manifest.get(k) for k in ("dataset", "split")},
-            "embeddings_sha256": gallery.manifest.get("sha256", {}).get("embeddings.npy")}
+def store_identity(store: Store) -> dict[str, Any]:
+    """Which store, exactly: its resolved directory, size, data set and split, and the checksum of the
+    embeddings evaluated (a store re-extracted since has another)."""
+    return {"dir": str(Path(store.dir).resolve()), "count": len(store),
+            **{k: store.manifest.get(k) for k in ("dataset", "split")},
+            "embeddings_sha256": store.manifest.get("sha256", {}).get("embeddings.npy")}
 
 
 def evaluate_embeddings(vectors: np.ndarray, labels: np.ndarray, classes: list[str], ks: list[int],
@@ -257,6 +281,10 @@ def metrics_table(metrics: dict[str, Any]) -> str:
         lines.append(f"queries: a seeded sample of {sample['sampled']} of {sample['of']} (seed {sample['seed']})")
     if "gallery" in metrics:
         lines.append(f"gallery: {metrics['gallery']['dir']} ({metrics['gallery']['count']} items)")
+    search = metrics.get("search", {})
+    if not search.get("exact", True):
+        lines.append(f"search: the FAISS index {search['factory']} {search['search_params']}".rstrip()
+                     + " (approximate: a relevant item it misses lowers every metric)")
     if 10 in metrics["k"]:
         lines.append(f"Precision@10: {metrics['precision@10']:.2f}")
     return "\n".join(lines)

@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,7 +20,7 @@ from omegaconf import DictConfig
 
 from simsearch.errors import SimsearchError
 from simsearch.lazy import LazyModule
-from simsearch.store import Store, write_text_atomically
+from simsearch.store import Store, file_identity, write_text_atomically
 
 torch = LazyModule("torch")  # imported on first use: a search by item never needs it
 
@@ -74,40 +75,58 @@ class StoredRows:
     Deliberately not memory-mapped: the pages of a mapping stay in the process's resident set once
     touched, so streaming a mapped store of 10^6 rows would grow RSS to the store's size. Read this
     way, the file passes through the page cache and the process holds only the rows it asked for.
+    The file stays open: a store re-extracted (replaced on disk) during a long evaluation is still
+    read whole as it was, never half old and half new. `identity` (`Store.embeddings_identity`):
+    the file must be the one its store verified, else one sentence refuses it.
     """
 
-    def __init__(self, path: Path | str):
+    def __init__(self, path: Path | str, identity: tuple[int, int, int, int] | None = None):
         self.path = Path(path)
         try:
-            with open(self.path, "rb") as handle:
-                version = np.lib.format.read_magic(handle)
-                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-                shape, fortran_order, dtype = read_header(handle)
-                self.offset = handle.tell()
+            self._handle = open(self.path, "rb")
+            version = np.lib.format.read_magic(self._handle)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran_order, dtype = read_header(self._handle)
+            self.offset = self._handle.tell()
+            opened = file_identity(os.fstat(self._handle.fileno()))
         except (OSError, ValueError) as error:
             raise SimsearchError(f"cannot read the embeddings {self.path}: {error}") from None
+        if identity is not None and opened != identity:
+            self.close()
+            raise SimsearchError(f"{self.path} was replaced after its store was opened (re-extracted?): "
+                                 "nothing was evaluated; run again")
         if fortran_order or len(shape) != 2 or dtype.kind != "f":
+            self.close()
             raise SimsearchError(f"{self.path} must hold a C-ordered (N, D) float array, not {dtype} {shape}")
         self.shape, self.dtype = tuple(shape), dtype
         self.row_bytes = shape[1] * dtype.itemsize
+        self._lock = threading.Lock()  # one seek-and-read at a time: shards are searched in threads
+
+    def close(self) -> None:
+        self._handle.close()
+
+    def __del__(self) -> None:
+        if hasattr(self, "_handle"):
+            self._handle.close()
 
     def __len__(self) -> int:
         return self.shape[0]
 
-    def _read(self, handle: Any, start: int, count: int) -> np.ndarray:
+    def _read(self, start: int, count: int) -> np.ndarray:
         rows = np.empty((count, self.shape[1]), dtype=self.dtype)  # read straight into the array: no bytes copy
         if rows.size == 0:
             return rows
-        handle.seek(self.offset + start * self.row_bytes)
-        if handle.readinto(memoryview(rows).cast("B")) != count * self.row_bytes:
+        with self._lock:
+            self._handle.seek(self.offset + start * self.row_bytes)
+            complete = self._handle.readinto(memoryview(rows).cast("B")) == count * self.row_bytes
+        if not complete:
             raise SimsearchError(f"{self.path} is truncated: rows {start}..{start + count - 1} are missing")
         return rows
 
     def block(self, start: int, stop: int) -> np.ndarray:
         """Rows start..stop-1 as float32, (rows, D)."""
         stop = min(stop, len(self))
-        with open(self.path, "rb") as handle:
-            return self._read(handle, start, max(0, stop - start)).astype(np.float32, copy=False)
+        return self._read(start, max(0, stop - start)).astype(np.float32, copy=False)
 
     def take(self, rows: np.ndarray) -> np.ndarray:
         """The given rows, in the given order, as float32; consecutive rows are read in one call."""
@@ -118,10 +137,9 @@ class StoredRows:
         ordered = rows[order]
         out = np.empty((len(rows), self.shape[1]), dtype=np.float32)
         run_starts = np.flatnonzero(np.diff(ordered, prepend=-2) != 1)
-        with open(self.path, "rb") as handle:
-            for first, last in zip(run_starts, [*run_starts[1:], len(ordered)]):
-                out[order[first:last]] = self._read(handle, int(ordered[first]), int(ordered[last - 1] - ordered[first] + 1))[
-                    ordered[first:last] - ordered[first]]
+        for first, last in zip(run_starts, [*run_starts[1:], len(ordered)]):
+            out[order[first:last]] = self._read(int(ordered[first]), int(ordered[last - 1] - ordered[first] + 1))[
+                ordered[first:last] - ordered[first]]
         return out
 
 
@@ -255,6 +273,8 @@ class ExactSearcher:
         self.vectors = vectors
         self.devices = resolve_devices(device)
         self.device = self.devices[0]
+        # never larger than the store: a huge eval.block_rows would otherwise shrink the CPU's query tile to 1
+        block_rows = min(block_rows, max(1, len(vectors)))
         self.block_rows = block_rows
         self.torch_on_cpu = torch_on_cpu
         self.count = len(vectors)

@@ -155,6 +155,7 @@ class SearchResult:
 def resolve_query(store: Store, query: str) -> tuple[str, Any]:
     """('item', row) for an id or row of the store, ('vector', array) for a .npy file of one vector,
     ('file', path) for an existing image file."""
+    _ = store.items  # read first: a damaged or since-replaced items.jsonl is said as such, not as "no such item"
     try:
         return "item", store.row_of(query)
     except SimsearchError:

@@ -16,7 +16,6 @@ since the last verification (`.verified.json`).
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -28,7 +27,7 @@ import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, TextIO
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -51,26 +50,34 @@ def sha256_of(path: Path, block_bytes: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+def file_identity(stat: os.stat_result) -> tuple[int, int, int, int]:
+    """Device, inode, size and mtime: a file replaced (os.replace) or rewritten since has another."""
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
 def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
     with open(path, "w", encoding="utf-8") as handle:
         for record in records:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
-def read_jsonl(path: Path, handle: TextIO | None = None) -> list[dict[str, Any]]:
-    """The JSON objects of a .jsonl file (read from `handle` when given; `path` names it in errors)."""
+def read_jsonl(path: Path, sha256: str | None = None, handle: BinaryIO | None = None) -> list[dict[str, Any]]:
+    """One dict per line of `path` (or of `handle`, an open file of it); with `sha256`, the bytes read
+    must have that checksum (the file is the one the manifest describes, not one swapped in since)."""
+    data = handle.read() if handle is not None else path.read_bytes()
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise SimsearchError(f"{path} has changed since its store was opened (a new extraction?): open the store again")
     records = []
-    with handle or open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                raise SimsearchError(f"{path} is damaged: line {number} is not a JSON object") from None
-            if not isinstance(record, dict):
-                raise SimsearchError(f"{path} is damaged: line {number} is not a JSON object")
-            records.append(record)
+    for number, line in enumerate(data.split(b"\n"), start=1):  # only \n ends a line: ids may hold U+2028
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise SimsearchError(f"{path} is damaged: line {number} is not a JSON object") from None
+        if not isinstance(record, dict):
+            raise SimsearchError(f"{path} is damaged: line {number} is not a JSON object")
+        records.append(record)
     return records
 
 
@@ -175,6 +182,8 @@ class Store:
     embeddings: np.ndarray
     labels: np.ndarray
     manifest: dict[str, Any]
+    # embeddings.npy as verified and mapped: a later reader of the path (StoredRows) checks it is the same file
+    embeddings_identity: tuple[int, int, int, int] | None = field(default=None, repr=False)
     _items: list[dict[str, Any]] | None = field(default=None, repr=False)
     _items_file: BinaryIO | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -186,13 +195,18 @@ class Store:
         checksums (hashed once, then again only when a file's size or mtime changes)."""
         store_dir = Path(store_dir)
         manifest = read_manifest(store_dir)
-        if verify:
-            verify_checksums(store_dir, manifest)
         try:
+            verified = file_identity((store_dir / "embeddings.npy").stat())
+            if verify:
+                verify_checksums(store_dir, manifest)
             embeddings = np.load(store_dir / "embeddings.npy", mmap_mode="r", allow_pickle=False)
             labels = np.load(store_dir / "labels.npy", allow_pickle=False)
+            identity = file_identity((store_dir / "embeddings.npy").stat())
         except (OSError, ValueError) as error:
             raise SimsearchError(f"store {store_dir} cannot be read: {error}") from None
+        if identity != verified:  # replaced between the checksum and the mapping
+            raise SimsearchError(f"the store in {store_dir} was replaced while it was opened (an extraction swapping "
+                                 "in a new one): open it again")
         if embeddings.ndim != 2 or labels.ndim != 1:
             raise SimsearchError(f"store {store_dir} is damaged: embeddings.npy must be 2-D and labels.npy 1-D")
         if not (len(embeddings) == len(labels) == manifest["count"]):
@@ -202,14 +216,14 @@ class Store:
             items_file = open(store_dir / "items.jsonl", "rb")
         except OSError:
             raise SimsearchError(f"store {store_dir} is incomplete: items.jsonl cannot be read") from None
-        store = cls(store_dir, embeddings, labels, manifest, _items_file=items_file)
+        store = cls(store_dir, embeddings, labels, manifest, identity, _items_file=items_file)
         weakref.finalize(store, items_file.close)
         return store
 
     @property
     def items(self) -> list[dict[str, Any]]:
         """One dict per row (id, path or index, key), read on first use from the items.jsonl that was
-        there when the store was opened (the file is held open, so a swap since then does not matter)."""
+        there when the store was opened (held open since), checked against the manifest's checksum."""
         if self._items is None:
             with self._lock:
                 if self._items is None:
@@ -218,11 +232,13 @@ class Store:
 
     def _read_items(self) -> list[dict[str, Any]]:
         handle, self._items_file = self._items_file, None  # read once; after a failure, from the path
+        expected = self.manifest.get("sha256", {}).get("items.jsonl")
         if handle is None:
-            return read_jsonl(self.dir / "items.jsonl")
-        with handle:
-            handle.seek(0)
-            items = read_jsonl(self.dir / "items.jsonl", io.TextIOWrapper(handle, encoding="utf-8"))
+            items = read_jsonl(self.dir / "items.jsonl", expected)
+        else:
+            with handle:
+                handle.seek(0)
+                items = read_jsonl(self.dir / "items.jsonl", expected, handle)
         if len(items) != len(self):
             raise SimsearchError(f"store {self.dir} is inconsistent: {len(items)} items in items.jsonl, "
                                  f"manifest says {len(self)}")

@@ -193,6 +193,68 @@ def test_inshop_splits_and_an_incomplete_partition_file(tmp_path, capsys):
     assert "declares 52712 images but lists 9" in extract_error(capsys, "data=inshop", root)
 
 
+def damage(root: Path, name: str) -> tuple[str, str]:
+    """One hostile copy of a benchmark in its real layout: (data=NAME, the part of the sentence expected)."""
+    def edit(path: Path, old: str, new: str, count: int = 1) -> None:
+        path.write_text(path.read_text().replace(old, new, count))
+
+    cub, sop = root / "CUB_200_2011", root / "Stanford_Online_Products"
+    if name.startswith("cub"):
+        fake_cub(root)
+    if name.startswith("sop"):
+        fake_sop(root)
+    if name.startswith("inshop"):
+        fake_inshop(root)
+    if name == "cub_truncated_at_a_line":  # a silent loss of images before
+        (cub / "images.txt").write_text("".join((cub / "images.txt").read_text().splitlines(True)[:3]))
+        return "cub200", "images.txt lists 3 images and"
+    if name == "cub_class_outside_1_200":  # before: dropped from both splits without a word
+        edit(cub / "image_class_labels.txt", "1 101\n", "1 250\n")
+        edit(cub / "classes.txt", "\n", "\n250 250.Not_a_bird\n")
+        return "cub200", "gives image 1 the class 250, outside cub200's classes 1-200"
+    if name == "cub_not_text":  # before: a UnicodeDecodeError traceback
+        (cub / "images.txt").write_bytes(b"\xff\xfe\x00binary")
+        return "cub200", "images.txt is not a text file"
+    if name == "cars_not_a_mat_file":  # before: a MatReadError traceback
+        root.mkdir(parents=True)
+        (root / "cars_annos.mat").write_bytes(b"not a MATLAB file")
+        return "cars196", "is not the Cars196 cars_annos.mat"
+    if name == "cars_class_outside_1_196":
+        root.mkdir(parents=True)
+        fake_cars(root)
+        annotations = scipy.io.loadmat(root / "cars_annos.mat")["annotations"]
+        annotations[0, 2]["class"] = np.uint8(197)
+        scipy.io.savemat(root / "cars_annos.mat", {"annotations": annotations})
+        return "cars196", "gives image 3 the class 197, outside cars196's classes 1-196"
+    if name == "sop_without_header":  # before: the first image was taken for the header and dropped
+        edit(sop / "Ebay_test.txt", "image_id class_id super_class_id path\n", "")
+        return "sop", "line 1 should be the header 'image_id class_id super_class_id path'"
+    if name == "sop_test_class_in_train":  # before: accepted, so train and test shared a class
+        edit(sop / "Ebay_test.txt", " 11320 ", " 1 ")
+        return "sop", "share 1 class id(s) (e.g. 1): the official train and test classes never overlap"
+    if name == "inshop_unknown_status":  # before: the image fell out of every split
+        edit(root / "list_eval_partition.txt", "  gallery\n", "  galery\n")
+        return "inshop", "evaluation_status 'galery'"
+    if name == "inshop_train_item_in_the_gallery":  # before: the test items leaked into training
+        edit(root / "list_eval_partition.txt", "id_00000002  train", "id_00000100  train")
+        return "inshop", "puts 1 item id(s) (e.g. id_00000100) in train and in query/gallery"
+    if name == "inshop_without_count_and_header":  # before: the first two images were dropped
+        listing = root / "list_eval_partition.txt"
+        listing.write_text("".join(listing.read_text().splitlines(True)[2:]))
+        return "inshop", "line 1 should be the number of images"
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize("name", ["cub_truncated_at_a_line", "cub_class_outside_1_200", "cub_not_text",
+                                  "cars_not_a_mat_file", "cars_class_outside_1_196", "sop_without_header",
+                                  "sop_test_class_in_train", "inshop_unknown_status", "inshop_train_item_in_the_gallery",
+                                  "inshop_without_count_and_header"])
+def test_damaged_or_foreign_annotation_files_are_one_sentence(tmp_path, capsys, name):
+    data, expected = damage(tmp_path / "root", name)
+    split = "data.split=gallery" if data == "inshop" else "data.split=test"
+    assert expected in extract_error(capsys, f"data={data}", f"data.root={tmp_path / 'root'}", split)
+
+
 def test_a_missing_image_is_skipped_and_recorded(tmp_path):
     fake_sop(tmp_path / "sop")
     (tmp_path / "sop" / "Stanford_Online_Products" / "kettle_final" / "444_0.JPG").unlink()

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -373,6 +374,94 @@ def test_eval_command_query_gallery_writes_metrics_naming_the_gallery(tmp_path, 
         assert metrics[name] == pytest.approx(value, abs=1e-9), name
     assert f"gallery: {gallery.dir.resolve()}" in capsys.readouterr().out
     assert not (gallery.dir / "metrics.json").exists() and not list(queries.dir.glob(".*partial"))
+
+
+def test_metrics_name_the_search_and_the_exact_embeddings_of_both_stores(tmp_path, capsys):
+    """metrics.json says whether an approximate index found the neighbours, and which embeddings (by
+    checksum) were queries and gallery: a store re-extracted since no longer matches its metrics."""
+    queries, gallery, _ = query_gallery_stores(tmp_path, seed=2)
+    arguments = ["eval", f"run.dir={queries.dir}", f"eval.gallery={gallery.dir}", "logger=none", "eval.k=[1,5]"]
+    assert simsearch(*arguments) == 0
+    exact = read_json(queries.dir / "metrics.json")
+    assert exact["search"] == {"backend": "exact", "exact": True} and "approximate" not in capsys.readouterr().out
+    assert exact["store"]["embeddings_sha256"] == queries.manifest["sha256"]["embeddings.npy"]
+    assert exact["store"]["dir"] == str(queries.dir.resolve()) and exact["store"]["count"] == 40
+    assert simsearch(*arguments, "eval.backend=index", "index.factory=IVF4,Flat", "index.device=cpu") == 0
+    approximate = read_json(queries.dir / "metrics.json")
+    assert approximate["search"] == {"backend": "index", "factory": "IVF4,Flat", "search_params": "", "exact": False}
+    assert "search: the FAISS index IVF4,Flat (approximate" in capsys.readouterr().out
+
+
+def test_a_block_larger_than_the_store_is_the_store(tmp_path, caplog):
+    """eval.block_rows=10^14 must not make the CPU score one query at a time (its tile is 2^24 / block)."""
+    caplog.set_level("INFO", logger="simsearch.evaluate")
+    queries, gallery, reference_inputs = query_gallery_stores(tmp_path, seed=6)
+    assert simsearch("eval", f"run.dir={queries.dir}", f"eval.gallery={gallery.dir}", "logger=none", "eval.k=[1,5]",
+                     "eval.block_rows=100000000000000", "eval.device=cpu") == 0
+    assert "(1 block(s) of 70 rows)" in caplog.text
+    assert read_json(queries.dir / "metrics.json")["hit@5"] == pytest.approx(reference_query_gallery(*reference_inputs, [5])["hit@5"])
+
+
+def test_class_names_match_across_unicode_normalisations_and_absent_classes_are_named(tmp_path, caplog):
+    """A gallery folder copied from macOS names 'Pull óver' in NFD: it is still the query's class."""
+    vectors, labels = sign_vectors(24, 16, seed=7), np.arange(24) % 3
+    nfc, nfd = "Pull \u00f3ver", "Pull o\u0301ver"
+    queries = make_vector_store(tmp_path / "q", vectors[:12], labels[:12], [nfc, "Coat", "only here"])
+    gallery = make_vector_store(tmp_path / "g", vectors[12:], labels[12:], ["Coat", nfd, "Bag"])
+    assert simsearch("eval", "run.dir=q", "eval.gallery=g", "logger=none", "eval.k=[1,4]") == 0
+    metrics = read_json(tmp_path / "q" / "metrics.json")
+    names = lambda store: [unicodedata.normalize("NFC", store.label_name(r)) for r in range(len(store))]  # noqa: E731
+    expected = reference_query_gallery(queries.vectors(), names(queries), gallery.vectors(), names(gallery), [1, 4])
+    for name, value in expected.items():
+        assert metrics[name] == pytest.approx(value, abs=1e-6), name
+    assert metrics["queries"] == 8 and metrics["queries_without_relevant"] == 4 and nfc in metrics["per_class"]
+    assert "1 class(es) of the queries have no item in the gallery ('only here'): their 4 queries" in caplog.text
+
+
+def test_a_gallery_holding_the_query_vectors_warns_that_every_query_finds_itself(tmp_path, caplog):
+    queries, _, _ = query_gallery_stores(tmp_path)
+    copy = make_vector_store(tmp_path / "copy", queries.vectors(), queries.labels, queries.classes)
+    assert simsearch("eval", f"run.dir={queries.dir}", f"eval.gallery={copy.dir}", "logger=none", "eval.k=1") == 0
+    assert "holds the very vectors of the query store" in caplog.text
+    assert read_json(queries.dir / "metrics.json")["hit@1"] == 1.0  # what the warning explains
+
+
+def test_a_gallery_re_extracted_after_eval_opened_it_is_refused_never_mixed(tmp_path, monkeypatch, capsys):
+    """Another run swaps a new store into the gallery between eval's verified open and its reads: the
+    new vectors must not be ranked under the old labels and checksum."""
+    from simsearch import runtime
+
+    queries, gallery, _ = query_gallery_stores(tmp_path, seed=3)
+
+    def re_extract_the_gallery():  # eval opened both stores just before it looks for a launcher's ranks
+        make_vector_store(gallery.dir, sign_vectors(70, 16, seed=99), gallery.labels, gallery.classes)
+
+    monkeypatch.setattr(runtime, "join_launched_ranks", re_extract_the_gallery)
+    code = simsearch("eval", f"run.dir={queries.dir}", f"eval.gallery={gallery.dir}", "logger=none")
+    assert code == 2 and "was replaced after its store was opened" in capsys.readouterr().err
+    assert not (queries.dir / "metrics.json").exists()
+
+
+def test_stored_rows_read_the_file_they_opened_while_a_new_one_is_swapped_in(tmp_path):
+    vectors = np.random.default_rng(0).normal(size=(20, 4)).astype(np.float32)
+    np.save(tmp_path / "v.npy", vectors)
+    stored = StoredRows(tmp_path / "v.npy")
+    np.save(tmp_path / "new.npy", -vectors)
+    (tmp_path / "new.npy").replace(tmp_path / "v.npy")  # what an extraction's swap does
+    assert (stored.block(0, 20) == vectors).all() and (stored.take(np.array([19, 0])) == vectors[[19, 0]]).all()
+
+
+def test_api_evaluates_against_a_gallery_given_or_from_eval_gallery(tmp_path):
+    import simsearch as api
+
+    queries, gallery, reference_inputs = query_gallery_stores(tmp_path, seed=5)
+    reference = reference_query_gallery(*reference_inputs, [1, 5])
+    for metrics in (api.open(queries.dir).evaluate(k=[1, 5], gallery=gallery.dir),
+                    api.open(queries.dir, f"eval.gallery={gallery.dir}").evaluate(k=[1, 5]),
+                    api.open(queries.dir).evaluate(k=[1, 5], gallery=api.open(gallery.dir))):
+        assert metrics["protocol"] == "query-gallery" and metrics["gallery"]["count"] == 70
+        for name, value in reference.items():
+            assert metrics[name] == pytest.approx(value, abs=1e-9), name
 
 
 @pytest.mark.parametrize("arguments, message", [

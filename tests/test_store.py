@@ -396,3 +396,18 @@ def test_items_are_read_lazily_from_the_store_as_it_was_when_opened(tmp_path):
     assert [item["id"] for item in opened.items] == [f"item{i}" for i in range(6)]
     assert opened.row_of("item3") == 3
     assert Store.open(tmp_path / "s").items[3]["id"] == "other3"
+
+
+def test_a_store_re_extracted_after_open_still_answers_as_the_store_that_was_opened(tmp_path):
+    """Store.items is read on first use, from the items.jsonl held open since open(): another extraction
+    swapping in a new store meanwhile is never paired row by row with the old vectors and labels."""
+    import simsearch as api
+
+    vectors, labels = np.eye(4), np.array([0, 1, 0, 1])
+    make_vector_store(tmp_path / "s", vectors, labels)
+    opened = api.open(tmp_path / "s")
+    make_vector_store(tmp_path / "s", vectors[::-1], labels, ["shoe", "bag"])  # same count, other items
+    old = opened.search("item0", k=3)  # the old store, whole: its ids, its label names, by the same rows
+    assert [n.label for n in old] == [["c0", "c1"][labels[n.row]] for n in old] and len(old) == 3
+    new = api.open(tmp_path / "s").search("item0", k=3)
+    assert [n.label for n in new] == [["shoe", "bag"][labels[n.row]] for n in new]
