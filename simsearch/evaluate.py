@@ -169,7 +169,8 @@ def evaluate_store(store: Store, eval_cfg: DictConfig, index_cfg: DictConfig, se
     if Path(gallery.dir).resolve() == Path(store.dir).resolve():
         raise SimsearchError("eval.gallery is the query store itself: leave eval.gallery out for leave-one-out evaluation")
     check_comparable(store, gallery)
-    if store_identity(store)["embeddings_sha256"] == store_identity(gallery)["embeddings_sha256"]:
+    checksum = store_identity(store)["embeddings_sha256"]
+    if checksum is not None and checksum == store_identity(gallery)["embeddings_sha256"]:
         log.warning("the gallery %s holds the very vectors of the query store %s (a copy?): every query finds itself "
                     "first; leave eval.gallery out for leave-one-out evaluation", gallery.dir, store.dir)
     query_labels, gallery_labels, classes = shared_labels(store, gallery)
