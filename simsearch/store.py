@@ -107,8 +107,12 @@ def write_manifest(store_dir: Path, description: dict[str, Any]) -> dict[str, An
 def write_text_atomically(path: Path, text: str) -> None:
     """Write beside `path`, then replace it: a run killed mid-write leaves the old file whole."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
+    try:
+        temporary.write_text(text, encoding="utf-8")
+        os.replace(temporary, path)
+    except BaseException:  # a full disk, a read-only folder, a directory in the way: leave no stray file
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def write_json_atomically(path: Path, value: Any, indent: int = 2) -> None:
