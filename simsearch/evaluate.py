@@ -158,6 +158,10 @@ def evaluate_store(store: Store, eval_cfg: DictConfig, index_cfg: DictConfig, se
     if not store.has_labels:
         raise SimsearchError(f"the store {store.dir} has no labels: evaluation needs a labelled collection")
     if gallery is None:
+        if store.manifest.get("dataset") == "inshop" and store.manifest.get("split") in ("query", "gallery"):
+            log.warning("%s is In-Shop's %s split, evaluated leave-one-out: the benchmark's protocol (and the papers' "
+                        "numbers) rank the query split against the gallery split: eval.gallery=GALLERY_RUN_DIR",
+                        store.dir, store.manifest["split"])
         searcher = _searcher_for(store, eval_cfg, index_cfg, seed)
         log.info("evaluating %d items of %s, leave-one-out, with %s", len(store), store.dir, searcher.description)
         metrics = rank_and_score(stored_rows(store), store.labels, store.labels, store.classes,
