@@ -196,15 +196,18 @@ class Store:
         store_dir = Path(store_dir)
         manifest = read_manifest(store_dir)
         try:
-            verified = file_identity((store_dir / "embeddings.npy").stat())
-            if verify:
-                verify_checksums(store_dir, manifest)
+            verified: tuple[int, int, int, int] | None = file_identity((store_dir / "embeddings.npy").stat())
+        except OSError:
+            verified = None  # missing: the checksums (or the load) below say so
+        if verify:
+            verify_checksums(store_dir, manifest)
+        try:
             embeddings = np.load(store_dir / "embeddings.npy", mmap_mode="r", allow_pickle=False)
             labels = np.load(store_dir / "labels.npy", allow_pickle=False)
             identity = file_identity((store_dir / "embeddings.npy").stat())
         except (OSError, ValueError) as error:
             raise SimsearchError(f"store {store_dir} cannot be read: {error}") from None
-        if identity != verified:  # replaced between the checksum and the mapping
+        if verified is not None and identity != verified:  # replaced between the checksum and the mapping
             raise SimsearchError(f"the store in {store_dir} was replaced while it was opened (an extraction swapping "
                                  "in a new one): open it again")
         if embeddings.ndim != 2 or labels.ndim != 1:
