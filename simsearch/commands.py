@@ -47,15 +47,19 @@ def eval(cfg: DictConfig) -> dict[str, Any]:  # noqa: A001 - the command is call
     run = start_run(cfg, "eval")
     metrics["store"] = {**store_identity(store), **{k: store.manifest.get(k) for k in ("weights", "image_size")},
                         "checkpoint": store.manifest.get("model", {}).get("checkpoint")}
-    write_json_atomically(store.dir / "metrics.json", metrics)
-    save_config(cfg, store.dir / "eval_config.yaml")
-    print(metrics_table(metrics))
-    print(f"Saved metrics: {store.dir / 'metrics.json'}")
+    print(metrics_table(metrics))  # first: a run.dir that cannot be written loses nothing
     log_metrics(run, metrics, prefix="test/")
     if run is not None:  # what was evaluated against what, beside the numbers
         run.summary.update({"test/protocol": metrics["protocol"], "test/gallery": metrics.get("gallery", {}).get("dir"),
                             "test/query_sample": metrics.get("query_sample"), "test/search": metrics["search"]})
     finish(run)
+    try:
+        write_json_atomically(store.dir / "metrics.json", metrics)
+        save_config(cfg, store.dir / "eval_config.yaml")
+    except OSError as error:
+        raise SimsearchError(f"the metrics above could not be saved in {store.dir} ({error.strerror or error}): "
+                             "make run.dir writable, or evaluate a copy of the store") from None
+    print(f"Saved metrics: {store.dir / 'metrics.json'}")
     return metrics
 
 

@@ -166,6 +166,10 @@ def evaluate_store(store: Store, eval_cfg: DictConfig, index_cfg: DictConfig, se
     if not store.has_labels:
         raise SimsearchError(f"the store {store.dir} has no labels: evaluation needs a labelled collection")
     if gallery is None:
+        if store.manifest.get("dataset") == "inshop" and store.manifest.get("split") in ("query", "gallery"):
+            log.warning("%s is In-Shop's %s split, evaluated leave-one-out: the benchmark's protocol (and the papers' "
+                        "numbers) rank the query split against the gallery split: eval.gallery=GALLERY_RUN_DIR",
+                        store.dir, store.manifest["split"])
         searcher = _searcher_for(store, eval_cfg, index_cfg, seed, ranks)
         log.info("evaluating %d items of %s, leave-one-out, with %s", len(store), store.dir, searcher.description)
         metrics = rank_and_score(stored_rows(store), store.labels, store.labels, store.classes,
@@ -177,7 +181,8 @@ def evaluate_store(store: Store, eval_cfg: DictConfig, index_cfg: DictConfig, se
     if Path(gallery.dir).resolve() == Path(store.dir).resolve():
         raise SimsearchError("eval.gallery is the query store itself: leave eval.gallery out for leave-one-out evaluation")
     check_comparable(store, gallery)
-    if store_identity(store)["embeddings_sha256"] == store_identity(gallery)["embeddings_sha256"]:
+    checksum = store_identity(store)["embeddings_sha256"]
+    if checksum is not None and checksum == store_identity(gallery)["embeddings_sha256"]:
         log.warning("the gallery %s holds the very vectors of the query store %s (a copy?): every query finds itself "
                     "first; leave eval.gallery out for leave-one-out evaluation", gallery.dir, store.dir)
     query_labels, gallery_labels, classes = shared_labels(store, gallery)

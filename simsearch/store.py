@@ -109,8 +109,12 @@ def write_manifest(store_dir: Path, description: dict[str, Any]) -> dict[str, An
 def write_text_atomically(path: Path, text: str) -> None:
     """Write beside `path`, then replace it: a run killed mid-write leaves the old file whole."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
+    try:
+        temporary.write_text(text, encoding="utf-8")
+        os.replace(temporary, path)
+    except BaseException:  # a full disk, a read-only folder, a directory in the way: leave no stray file
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def write_json_atomically(path: Path, value: Any, indent: int = 2) -> None:
@@ -196,15 +200,18 @@ class Store:
         store_dir = Path(store_dir)
         manifest = read_manifest(store_dir)
         try:
-            verified = file_identity((store_dir / "embeddings.npy").stat())
-            if verify:
-                verify_checksums(store_dir, manifest)
+            verified: tuple[int, int, int, int] | None = file_identity((store_dir / "embeddings.npy").stat())
+        except OSError:
+            verified = None  # missing: the checksums (or the load) below say so
+        if verify:
+            verify_checksums(store_dir, manifest)
+        try:
             embeddings = np.load(store_dir / "embeddings.npy", mmap_mode="r", allow_pickle=False)
             labels = np.load(store_dir / "labels.npy", allow_pickle=False)
             identity = file_identity((store_dir / "embeddings.npy").stat())
         except (OSError, ValueError) as error:
             raise SimsearchError(f"store {store_dir} cannot be read: {error}") from None
-        if identity != verified:  # replaced between the checksum and the mapping
+        if verified is not None and identity != verified:  # replaced between the checksum and the mapping
             raise SimsearchError(f"the store in {store_dir} was replaced while it was opened (an extraction swapping "
                                  "in a new one): open it again")
         if embeddings.ndim != 2 or labels.ndim != 1:

@@ -418,6 +418,19 @@ def test_class_names_match_across_unicode_normalisations_and_absent_classes_are_
     assert "1 class(es) of the queries have no item in the gallery ('only here'): their 4 queries" in caplog.text
 
 
+def test_metrics_that_cannot_be_saved_are_printed_then_one_sentence(tmp_path):
+    """A run.dir where metrics.json cannot be written (read-only, or here a folder in the way, which root
+    cannot override either): the table is printed, then one sentence, exit 2, and no stray file."""
+    queries, gallery, _ = query_gallery_stores(tmp_path, seed=8)
+    (queries.dir / "metrics.json").mkdir()
+    result = simsearch_subprocess("eval", "run.dir=queries", "eval.gallery=gallery", "logger=none", "eval.k=[1,5]",
+                                  cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "error: the metrics above could not be saved in queries (Is a directory)" in result.stderr
+    assert "hit@K" in result.stdout and "MAP@R" in result.stdout
+    assert not list(queries.dir.glob(".metrics.json.*"))
+
+
 def test_a_gallery_holding_the_query_vectors_warns_that_every_query_finds_itself(tmp_path, caplog):
     queries, _, _ = query_gallery_stores(tmp_path)
     copy = make_vector_store(tmp_path / "copy", queries.vectors(), queries.labels, queries.classes)

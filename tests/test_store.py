@@ -251,6 +251,8 @@ def test_verification_is_cached_by_size_and_mtime(tmp_path, monkeypatch):
 def damage(store_dir: Path, what: str) -> None:
     if what == "labels deleted":
         (store_dir / "labels.npy").unlink()
+    elif what == "embeddings deleted":
+        (store_dir / "embeddings.npy").unlink()
     elif what == "items truncated":
         items = store_dir / "items.jsonl"
         items.write_bytes(items.read_bytes()[:-30])
@@ -262,6 +264,7 @@ def damage(store_dir: Path, what: str) -> None:
 
 @pytest.mark.parametrize("what, words", [
     ("labels deleted", "labels.npy is missing"),
+    ("embeddings deleted", "embeddings.npy is missing"),
     ("items truncated", "items.jsonl does not match"),
     ("manifest not json", "not a readable manifest"),
     ("manifest a list", "not a simsearch manifest"),
