@@ -263,6 +263,8 @@ class ExactSearcher:
     reference set), searches it in its own thread and the shards' top-k are merged by row. On GPUs
     the blocks stay on their device when a shard fits in half its free memory; otherwise, and
     always on the CPU, they are read again for every chunk. Ties are ranked by row, lowest first.
+    `ranks` (rank, world size), under a launcher: this process searches only its rank's contiguous
+    share of the blocks, and every rank's top-k lists are gathered and merged (`gather_top_k_across_ranks`).
     `torch_on_cpu` runs the GPU code on the CPU (for tests on machines without a GPU).
     """
 
