@@ -23,10 +23,10 @@ demo:  ## the whole pipeline offline: extract, eval, one search with its grid (o
 	$(RUN) eval $(DEMO) $(ARGS)
 	$(RUN) search $(DEMO) query=0 $(ARGS)
 
-test:  ## the fast suite (what CI runs)
+test:  ## the fast suite, run while working (< 4 min on 2 cores)
 	$(PYTHON) -m pytest -q -m "not slow" $(ARGS)
 
-test-all:  ## every test, the slow end-to-end ones included
+test-all:  ## every test: the slow ones too (DDP, torchrun, browser, notebook, load, memory, real data)
 	$(PYTHON) -m pytest -q $(ARGS)
 
 lint:

@@ -87,7 +87,7 @@ def plain_torchmetrics(vectors: np.ndarray, labels: np.ndarray, ks: list[int], o
 
 
 def bench_eval(sizes: list[int], dim: int, workdir: Path, full_plain_up_to: int) -> list[Row]:
-    from simsearch.evaluate import evaluate_store
+    from simsearch.stages.evaluate import evaluate_store
 
     ks = list(SCHEMA.eval.k)
     rows = []
@@ -176,7 +176,7 @@ def bench_eval_sampled(n: int, queries: int, dim: int, workdir: Path) -> list[Ro
     """`simsearch eval eval.queries=Q` on a store of n vectors (sampled queries, every item in the gallery):
     peak RSS of the whole process against the store's size, beside a plain numpy evaluation that loads
     the store whole (Precision@10 and hit@10 of the same sampled queries)."""
-    from simsearch.evaluate import sample_queries
+    from simsearch.stages.evaluate import sample_queries
 
     store_dir = workdir / f"eval-sampled-{n}"
     classes = max(10, n // 100)  # ~100 items a class, as CUB-200 (~60) and Cars196 (~80)
@@ -259,7 +259,7 @@ def write_cifar_batches(root: Path, images: np.ndarray) -> None:
 
 def simsearch_extract(arguments: list[str]) -> np.ndarray:
     from simsearch.config import load_config
-    from simsearch.extract import extract
+    from simsearch.stages.extract import extract
 
     cfg = load_config(arguments + ["logger=none", "trainer.enable_progress_bar=false"])
     extract(cfg)
@@ -269,7 +269,7 @@ def simsearch_extract(arguments: list[str]) -> np.ndarray:
 def loader_only_seconds(arguments: list[str]) -> float:
     """Time to produce every batch of simsearch's DataLoader with no model: the input pipeline's ceiling."""
     from simsearch.config import load_config
-    from simsearch.data import ImageDataModule
+    from simsearch.data.loading import ImageDataModule
 
     cfg = load_config(arguments + ["logger=none"])
     datamodule = ImageDataModule(cfg.data, cfg.model.image_size, cfg.run.seed, pin_memory=torch.cuda.is_available(),
@@ -410,13 +410,13 @@ def bench_startup(workdir: Path) -> list[Row]:
     command = [str(Path(python).parent / "simsearch"), "extract", f"data.root={cifar}", f"model.weights={weights}"]
     first = [seconds_to_first_shard(command + [f"run.dir={folder / f'startup-{n}'}"], folder / f"startup-{n}", folder)
              for n in range(3)]
-    imports = [run_process([python, "-c", "import simsearch.cli, simsearch.extract"], folder) for _ in range(3)]
+    imports = [run_process([python, "-c", "import simsearch.cli, simsearch.stages.extract"], folder) for _ in range(3)]
     torch_imports = [run_process([python, "-c", "import torch, torchvision.models"], folder) for _ in range(3)]
     plain = [run_process([python, str(Path(__file__).resolve().parent / "reference_pipeline.py"), "--npy", str(images),
                           "--weights", str(weights)], folder) for _ in range(3)]
     rows = []
     for case, times in (("simsearch extract: command to first image embedded (224 px, default settings)", first),
-                        ("python -c 'import simsearch.cli, simsearch.extract' (what extract imports)", imports),
+                        ("python -c 'import simsearch.cli, simsearch.stages.extract' (what extract imports)", imports),
                         ("python -c 'import torch, torchvision.models' (the floor: both pipelines pay it)", torch_imports),
                         ("reference pipeline: whole process for the same image", plain)):
         rows.append({"section": "startup", "case": case, "median_s": round(float(np.median(times)), 2),
@@ -430,7 +430,7 @@ def bench_latency(store_size: int, requests: int, workdir: Path) -> list[Row]:
     from reference_pipeline import PlainImages, plain_model
 
     from simsearch.index import FaissSearcher, build_index
-    from simsearch.search import QueryEncoder, search_image
+    from simsearch.stages.search import QueryEncoder, search_image
     from simsearch.store import Store
 
     vectors, labels = clustered_unit_vectors(store_size, 2048)
@@ -445,7 +445,7 @@ def bench_latency(store_size: int, requests: int, workdir: Path) -> list[Row]:
     encoder = QueryEncoder(store.manifest)
     index, _ = build_index(store, SCHEMA.index)
     searcher = FaissSearcher(index, "auto")
-    from simsearch.data import decode_image
+    from simsearch.pixels import decode_image
 
     def ours() -> None:
         search_image(store, searcher, encoder, decode_image(query), 10, "query")
@@ -515,7 +515,7 @@ def bench_serve(store_size: int, requests: dict[str, int], workdir: Path) -> lis
     from PIL import Image
 
     from simsearch.config import load_config
-    from simsearch.serve import create_app
+    from simsearch.stages.serve import create_app
 
     store, _ = vector_store_with_model(workdir / "serve", store_size)
     buffer = io.BytesIO()
@@ -628,9 +628,9 @@ THUMBNAIL_PROBE = """
 import resource, sys, threading
 from pathlib import Path
 from PIL import Image
-from simsearch.serve import ThumbnailCache, thumbnail_bytes
-from simsearch.data import decode_image
-from simsearch.search import ItemImages
+from simsearch.stages.serve import ThumbnailCache, thumbnail_bytes
+from simsearch.pixels import decode_image
+from simsearch.items import ItemImages
 from simsearch.store import Store
 store = Store.open(sys.argv[1])
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

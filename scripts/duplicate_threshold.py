@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from simsearch.cli import main as simsearch
-from simsearch.images import FASHION_MNIST_FILES, read_idx
+from simsearch.pixels import FASHION_MNIST_FILES, read_idx
 from simsearch.store import Store
 
 COPIES = {

@@ -88,8 +88,8 @@ def finetune_summary(checkpoint_dir: Path, name: str) -> dict[str, Any]:
 
 
 def row_pixels(args: argparse.Namespace) -> dict[str, Any]:
-    from simsearch.data import load_fashion_mnist
-    from simsearch.evaluate import evaluate_embeddings
+    from simsearch.data.collections import load_fashion_mnist
+    from simsearch.stages.evaluate import evaluate_embeddings
 
     collection = load_fashion_mnist(Path(args.data_root), "test")
     vectors = collection.images.reshape(len(collection.images), -1).astype(np.float32)

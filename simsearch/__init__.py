@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 __all__ = ["open", "extract", "Store", "Results", "SimsearchError"]
 
 
-def open(run_dir: str | Path, *overrides: str, verify: bool = False) -> Any:  # noqa: A001 - the API's name
+def open(run_dir: str | Path, *overrides: str, verify: bool = True) -> Any:  # noqa: A001 - the API's name
     """Open the store in `run_dir` for search and evaluation: see `simsearch.api.open`."""
     from simsearch import api
 
@@ -44,7 +44,7 @@ def __getattr__(name: str) -> Any:
 class _Package(types.ModuleType):
     """Keeps `simsearch.extract` the API function once the stage module `simsearch/extract.py` is imported:
     Python binds an imported submodule as an attribute of its package, which would hide the function.
-    The module stays what `from simsearch.extract import ...` and `sys.modules` give."""
+    The module stays what `from simsearch.stages.extract import ...` and `sys.modules` give."""
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in ("open", "extract") and isinstance(value, types.ModuleType):

@@ -28,7 +28,19 @@ from PIL import Image
 
 from simsearch.config import GROUPS, load_config
 from simsearch.errors import SimsearchError
-from simsearch.search import Neighbour, SearchResult
+from simsearch.index import open_searcher
+from simsearch.items import ItemImages
+from simsearch.runtime import filter_library_warnings
+from simsearch.stages.evaluate import evaluate_store
+from simsearch.stages.search import (
+    Neighbour,
+    SearchResult,
+    answer,
+    parse_query,
+    query_encoder,
+    result_table,
+    single_query_index,
+)
 from simsearch.store import Store as StoreFiles
 
 if TYPE_CHECKING:
@@ -61,8 +73,6 @@ class Results:
         return self.neighbours[position]
 
     def __repr__(self) -> str:
-        from simsearch.search import result_table
-
         return f"Results for {self._query_caption} (k={len(self)}):\n{result_table(self._result)}"
 
     def to_records(self) -> list[dict[str, Any]]:
@@ -148,8 +158,6 @@ class Store:
 
     def image(self, item: int | str) -> Image.Image:
         """The pixels of an item (a row or an id), from its file or its dataset."""
-        from simsearch.search import ItemImages
-
         if self._images is None:
             self._images = ItemImages(self.files)
         return self._images.image(self.files.row_of(item))
@@ -163,44 +171,15 @@ class Store:
         - a PIL image: embedded with the store's model (loaded once, on the first such query);
         - a vector: anything numpy reads as D numbers (numpy, list, torch tensor); normalised first.
         """
-        from simsearch.search import resolve_query, search_image, search_item, search_vector
-
-        searcher = self._searcher_once()
-        if isinstance(query, bool):
-            raise SimsearchError("a query cannot be True or False: give a row, an id, a path, an image or a vector")
-        if isinstance(query, (int, np.integer)):
-            if not 0 <= int(query) < len(self):
-                raise SimsearchError(f"row {int(query)} is not in the store (rows 0..{len(self) - 1})")
-            kind, target = "item", int(query)
-        elif isinstance(query, Path):
-            kind, target = resolve_query(self.files, str(query.resolve()))
-            if kind == "item":  # an absolute path that happens to be an id: still the file
-                kind, target = "file", query
-        elif isinstance(query, str):
-            kind, target = resolve_query(self.files, query)
-        elif isinstance(query, Image.Image):
-            kind, target = "image", query
-        else:
-            kind, target = "vector", _as_array(query)
-        if kind == "item":
-            result = search_item(self.files, searcher, target, k)
-            return Results(self, result, target, f"{result.query['id']} ({result.query['label']})")
-        if kind == "vector":
-            return Results(self, search_vector(self.files, searcher, target, k), None, "vector")
-        if kind == "file":
-            from simsearch.commands import read_query_image
-
-            image, caption = read_query_image(Path(target)), Path(target).name
-        else:
-            image, caption = target.convert("RGB"), "image"
-        return Results(self, search_image(self.files, searcher, self._encoder_once(), image, k, caption), image, caption)
+        query = parse_query(self.files, query)
+        result = answer(self.files, self._searcher_once(), query, k, self._encoder_once)
+        shown = query.row if query.kind == "item" else query.image
+        return Results(self, result, shown, query.caption)
 
     def evaluate(self, k: int | Sequence[int] | None = None, gallery: str | Path | Store | None = None) -> dict[str, Any]:
         """Retrieval metrics (hit@K, Precision@K, Recall@K, mAP@K, MAP@R, R-precision, per class), as `simsearch
         eval` computes them: leave-one-out, or this store's items as queries against `gallery` (a run dir or
         an opened store; default `eval.gallery`). `k` defaults to `eval.k`. Returns the dict; writes nothing."""
-        from simsearch.evaluate import evaluate_store
-
         eval_cfg = self.cfg.eval if k is None else OmegaConf.merge(self.cfg.eval, {"k": _as_ks(k)})
         gallery = gallery if gallery is not None else (eval_cfg.gallery or None)
         if gallery is not None and not isinstance(gallery, Store):
@@ -210,31 +189,15 @@ class Store:
 
     def _searcher_once(self) -> Any:
         if self._searcher is None:
-            from simsearch.commands import single_query_index
-            from simsearch.index import open_searcher
-
             with quiet_libraries():
                 self._searcher = open_searcher(self.files, single_query_index(self.cfg.index), self.cfg.run.seed)
         return self._searcher
 
     def _encoder_once(self) -> Any:
         if self._encoder is None:
-            from simsearch.search import QueryEncoder
-
             with quiet_libraries():
-                self._encoder = QueryEncoder(self.files.manifest, self.cfg.serve.device)
+                self._encoder = query_encoder(self.files, self.cfg.serve.device)
         return self._encoder
-
-
-def _as_array(query: Any) -> np.ndarray:
-    if hasattr(query, "detach"):  # a torch tensor, perhaps on a GPU
-        query = query.detach().float().cpu().numpy()
-    try:
-        return np.asarray(query, dtype=np.float32)
-    except (TypeError, ValueError):
-        raise SimsearchError(
-            f"cannot search for a {type(query).__name__}: give a row, an id, a path, a PIL image or a vector"
-        ) from None
 
 
 def _as_ks(k: int | Sequence[int]) -> list[int]:
@@ -251,9 +214,7 @@ def quiet_libraries() -> Iterator[None]:
     loggers = [logging.getLogger(name) for name in QUIET_LOGGERS]
     levels = [logger.level for logger in loggers]
     with warnings.catch_warnings():
-        from simsearch.cli import quiet_libraries as filter_warnings
-
-        filter_warnings()
+        filter_library_warnings()
         for logger in loggers:
             logger.setLevel(logging.WARNING)
         try:
@@ -303,9 +264,10 @@ def _override_value(value: Any) -> str:
     return str(value)
 
 
-def open(run_dir: str | Path, *overrides: str, verify: bool = False) -> Store:  # noqa: A001 - simsearch.open
+def open(run_dir: str | Path, *overrides: str, verify: bool = True) -> Store:  # noqa: A001 - simsearch.open
     """Open the store in `run_dir` for search and evaluation; `overrides` are CLI strings
-    (`"index.factory=HNSW32"`, `"eval.k=[1,10]"`); `verify=True` checks every file's sha256 first."""
+    (`"index.factory=HNSW32"`, `"eval.k=[1,10]"`). Every file is checked against the manifest's sha256
+    first (hashed again only when it changed); `verify=False` skips that, for a store you just wrote."""
     cfg = load_config(_overrides(overrides, {}))
     cfg.run.dir = str(run_dir)
     return Store(StoreFiles.open(run_dir, verify=verify), cfg)
@@ -318,7 +280,7 @@ def extract(*overrides: str, **keywords: Any) -> Store:
         simsearch.extract("data=fashion_mnist", "data.root=/usr/share/datasets/fashion-mnist", "data.limit=1000")
         simsearch.extract(data={"name": "folder", "root": "photos"}, model={"weights": "random", "image_size": 64})
     """
-    from simsearch.extract import extract as run_extraction
+    from simsearch.stages.extract import extract as run_extraction  # torch and Lightning: only when extracting
 
     cfg = load_config(_overrides(overrides, keywords))
     if keywords.get("run_dir") is not None:

@@ -1,14 +1,18 @@
-"""Where a stage runs: the Lightning Trainer (accelerator, devices, nodes, strategy, precision) from
+"""Where a stage runs: the devices a GPU or CPU offers, the Lightning Trainer (accelerator, devices, nodes, strategy, precision) from
 `cfg.trainer`, and the ranks of a launcher (torchrun) for the stages that run without a Trainer."""
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
+import warnings
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig
+
+from simsearch.errors import SimsearchError
 
 if TYPE_CHECKING:
     import lightning as L
@@ -70,3 +74,34 @@ def join_launched_ranks(timeout_minutes: float = 10.0) -> tuple[int, int, int] |
                  os.environ["MASTER_PORT"])
         dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes))
     return rank, world, local
+
+
+def cuda_available() -> bool:
+    """torch.cuda.is_available(), without importing torch (~2 s) on a machine with no GPU driver at all."""
+    driver_files = ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/kfd")  # NVIDIA, or ROCm (torch.cuda too)
+    if "torch" not in sys.modules and not any(os.path.exists(path) for path in driver_files):
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'."""
+    if device == "auto":
+        return "cuda" if cuda_available() else "cpu"
+    if device in ("gpu", "cuda") and not cuda_available():
+        raise SimsearchError(f"device={device} was asked for, but torch sees no GPU")
+    return "cuda" if device in ("gpu", "cuda") else device
+
+
+def filter_library_warnings() -> None:
+    """Known harmless warnings and library banners off (the CLI, and the Python API in notebooks)."""
+    os.environ.setdefault("WANDB_SILENT", "true")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*predict_dataloader.*num_workers.*")
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*treespec.*")
+    warnings.filterwarnings("ignore", message=".*overridden `transfer_batch_to_device`.*")

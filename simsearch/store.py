@@ -15,7 +15,6 @@ since the last verification (`.verified.json`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -32,6 +31,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from simsearch.errors import SimsearchError
+from simsearch.files import file_identity, read_jsonl, sha256_of, write_jsonl, write_text_atomically
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 2  # 2: items carry a `key`, the manifest a `fingerprint` and `embedded`/`reused`
@@ -40,45 +40,6 @@ STAGING = ".staging"  # the next store, written beside the current one
 VERIFIED = ".verified.json"  # size, mtime and checksum of each file when it was last verified
 LOCK = ".lock"
 RACY_NS = 2_000_000_000  # a file modified this close to its verification is hashed again (git's racy rule)
-
-
-def sha256_of(path: Path, block_bytes: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(block_bytes):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def file_identity(stat: os.stat_result) -> tuple[int, int, int, int]:
-    """Device, inode, size and mtime: a file replaced (os.replace) or rewritten since has another."""
-    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
-
-
-def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
-    with open(path, "w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-
-
-def read_jsonl(path: Path, sha256: str | None = None, handle: BinaryIO | None = None) -> list[dict[str, Any]]:
-    """One dict per line of `path` (or of `handle`, an open file of it); with `sha256`, the bytes read
-    must have that checksum (the file is the one the manifest describes, not one swapped in since)."""
-    data = handle.read() if handle is not None else path.read_bytes()
-    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
-        raise SimsearchError(f"{path} has changed since its store was opened (a new extraction?): open the store again")
-    records = []
-    for number, line in enumerate(data.split(b"\n"), start=1):  # only \n ends a line: ids may hold U+2028
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise SimsearchError(f"{path} is damaged: line {number} is not a JSON object") from None
-        if not isinstance(record, dict):
-            raise SimsearchError(f"{path} is damaged: line {number} is not a JSON object")
-        records.append(record)
-    return records
 
 
 def library_versions() -> dict[str, str]:
@@ -104,21 +65,6 @@ def write_manifest(store_dir: Path, description: dict[str, Any]) -> dict[str, An
     }
     write_text_atomically(store_dir / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     return manifest
-
-
-def write_text_atomically(path: Path, text: str) -> None:
-    """Write beside `path`, then replace it: a run killed mid-write leaves the old file whole."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        temporary.write_text(text, encoding="utf-8")
-        os.replace(temporary, path)
-    except BaseException:  # a full disk, a read-only folder, a directory in the way: leave no stray file
-        temporary.unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomically(path: Path, value: Any, indent: int = 2) -> None:
-    write_text_atomically(path, json.dumps(value, indent=indent, ensure_ascii=False) + "\n")
 
 
 def finish_store(store_dir: Path, labels: np.ndarray, items: list[dict[str, Any]], skipped: list[dict[str, Any]],

@@ -96,7 +96,7 @@ def test_evaluate_returns_the_metrics_of_simsearch_eval(photo_store):
 
 
 @pytest.mark.parametrize("query, message", [(8, "row 8 is not in the store"), (-1, "row -1"),
-                                            ("nope.png", "neither an item"), (np.ones(7), "2048 values"),
+                                            ("nope.png", "no such file"), (np.ones(7), "2048 values"),
                                             (np.zeros(2048), "not all zeros"), (True, "True or False"),
                                             ({"a": 1}, "cannot search for a dict")])
 def test_bad_queries_are_one_sentence(photo_store, query, message):

@@ -60,7 +60,7 @@ def test_unfreeze_one_trains_exactly_the_last_stage_and_the_checkpoint_rebuilds_
     assert simsearch("extract", *TINY, "data=synthetic", "data.num_items=6", f"model.checkpoint={best}", "run.dir=tuned") == 0
     tuned = Store.open(tmp_path / "tuned")
     assert tuned.dim == 16 and tuned.manifest["model"]["name"] == cfg.model.name
-    from simsearch.search import ItemImages
+    from simsearch.items import ItemImages
 
     ItemImages(tuned).image(2).save(tmp_path / "q.png")
     assert simsearch("search", "run.dir=tuned", f"query={tmp_path / 'q.png'}", "search.k=2", "logger=none") == 0
@@ -78,6 +78,7 @@ def write_format1_checkpoint(new_format: str, old_path) -> None:
     torch.save(checkpoint, old_path)
 
 
+@pytest.mark.slow
 def test_format1_checkpoints_still_load_and_others_get_one_sentence(tmp_path, capsys):
     assert simsearch("finetune", *SMALL, "finetune.epochs=1", "run.dir=ft") == 0  # resnet50, the default
     best = read_json(next((tmp_path / "checkpoints").glob("*/finetune.json")))["best_checkpoint"]
@@ -144,6 +145,7 @@ def test_the_key_mapping_covers_every_weight_and_refuses_strangers():
         efficientnet_pytorch_to_timm({"_blocks.0._squeeze.weight": torch.zeros(1)}, [1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, words", [
     ("resnet51", ["unknown model.name=resnet51", "resnet50"]),
     ("timm/vit_tiny_patch16_225", ["unknown model.name=timm/vit_tiny_patch16_225", "timm/vit_tiny_patch16_224"]),
@@ -161,6 +163,7 @@ def test_timm_missing_gets_one_sentence(monkeypatch, capsys):
     assert "need the timm package" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_unfreezing_more_stages_than_the_network_has_fails_before_any_work(tmp_path):
     result = simsearch_subprocess("finetune", *SMALL, "model.name=resnet18", "finetune.unfreeze=5", cwd=tmp_path)
     assert result.returncode == 2 and "this backbone has 4 stage groups" in result.stderr, result.stderr

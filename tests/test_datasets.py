@@ -106,6 +106,7 @@ def test_cars196_split_by_class_1_98_train_99_196_test(tmp_path):
     assert [item["path"] for item in test.items] == ["car_ims/000002.jpg", "car_ims/000004.jpg", "car_ims/000005.jpg"]
 
 
+@pytest.mark.slow
 def test_cars196_missing_annotations_name_the_file(tmp_path):
     (tmp_path / "cars").mkdir()
     result = simsearch_subprocess("extract", "data=cars196", f"data.root={tmp_path / 'cars'}", *SMALL, "run.dir=o",

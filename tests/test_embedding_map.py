@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from simsearch.embedding_map import sample_rows
+from simsearch.stages.map import sample_rows
 from tests.conftest import TINY, clustered, make_vector_store, simsearch
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["umap", "tsne"])
 def test_map_writes_a_png_of_a_labelled_store(tmp_path, capsys, method):
     embeddings, labels = clustered(150, 3, dim=64)

@@ -20,8 +20,10 @@ from torchmetrics.retrieval import (
 
 from simsearch.config import Config
 from simsearch.errors import SimsearchError
-from simsearch.evaluate import evaluate_store, per_query_metrics, sample_queries
-from simsearch.index import FAISS_GPU_MAX_K, ExactSearcher, FaissSearcher, StoredRows, build_index
+from simsearch.index import FAISS_GPU_MAX_K, FaissSearcher, build_index
+from simsearch.knn import ExactSearcher, StoredRows
+from simsearch.metrics import per_query_metrics
+from simsearch.stages.evaluate import evaluate_store, sample_queries
 from simsearch.store import Store, finish_store
 from tests.conftest import FASHION_MNIST, TINY, clustered, make_vector_store, read_json, simsearch, simsearch_subprocess
 from tests.wandb_records import offline_summary
@@ -499,7 +501,7 @@ def test_folders_of_real_images_as_query_and_gallery_equal_an_independent_brute_
     gallery folder with different class sets (so their label numbers differ), each extracted on its own."""
     from PIL import Image
 
-    from simsearch.images import FASHION_MNIST_FILES, read_idx
+    from simsearch.pixels import FASHION_MNIST_FILES, read_idx
 
     names = ["tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
     images = read_idx(FASHION_MNIST / FASHION_MNIST_FILES["test"][0])[:400]
@@ -542,7 +544,7 @@ import json, sys
 import numpy as np
 from omegaconf import OmegaConf
 from simsearch.config import Config
-from simsearch.evaluate import evaluate_embeddings, evaluate_store
+from simsearch.stages.evaluate import evaluate_embeddings, evaluate_store
 from simsearch.store import Store
 
 # warm-up on a separate small array: the first matrix product maps BLAS's kernels and thread buffers
@@ -566,6 +568,7 @@ PEAK_RSS_OF_CHILD = ("import resource, subprocess, sys; subprocess.run(sys.argv[
                      "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc/self/clear_refs")
 def test_evaluation_memory_is_bounded_by_chunk_and_block_not_by_the_store(tmp_path):
     rows, dim = 60_000, 512  # a 123 MB store; chunk x block = 16 x 2,048 scores (128 kB)
@@ -609,6 +612,7 @@ def test_query_gallery_eval_logs_metrics_and_the_gallery_to_wandb_offline(tmp_pa
     assert summary["test/protocol"] == "query-gallery" and summary["test/gallery"] == str(gallery.dir.resolve())
 
 
+@pytest.mark.slow
 def test_eval_under_torchrun_shares_the_blocks_among_ranks_and_equals_one_process(tmp_path):
     """`torchrun --nproc-per-node=2 -m simsearch eval ...`: each rank searches its half of the blocks (gloo on
     the CPU), the top-k lists are gathered and merged by row, and only rank 0 writes metrics.json."""

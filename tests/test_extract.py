@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 from torchvision.models import resnet50
 
-from simsearch.store import Store, read_jsonl
+from simsearch.files import read_jsonl
+from simsearch.store import Store
 from tests.conftest import FASHION_MNIST, TINY, simsearch, simsearch_subprocess
 
 
@@ -95,7 +96,7 @@ def test_folder_with_bad_and_odd_mode_files(tmp_path, caplog):
 
 
 def test_sixteen_bit_and_rgba_are_converted_faithfully():
-    from simsearch.data import to_rgb
+    from simsearch.pixels import to_rgb
 
     sixteen = Image.fromarray(np.full((4, 4), 40000, dtype=np.uint16))
     assert np.asarray(to_rgb(sixteen))[0, 0].tolist() == [40000 >> 8] * 3
@@ -103,6 +104,7 @@ def test_sixteen_bit_and_rgba_are_converted_faithfully():
     assert np.asarray(to_rgb(transparent))[0, 0].tolist() == [255, 255, 255]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("setup, message", [
     (lambda root: None, "does not exist"),
     (lambda root: root.mkdir(), "no images under"),
@@ -124,6 +126,7 @@ def save_torchvision_state_dict(path: Path, seed: int = 3) -> dict:
     return state
 
 
+@pytest.mark.slow
 def test_imagenet_weights_load_from_torchvision_cache(tmp_path):
     cached = tmp_path / "torch-home" / "hub" / "checkpoints" / "resnet50-11ad3fa6.pth"  # IMAGENET1K_V2's file
     save_torchvision_state_dict(cached)
@@ -177,11 +180,12 @@ def test_cifar10_reader_on_batches_in_torchvision_format(tmp_path):
     store = Store.open(tmp_path / "out")
     assert len(store) == 6 and store.labels.tolist() == list(range(6))
     assert store.classes[:2] == ["airplane", "automobile"]
-    from simsearch.search import ItemImages
+    from simsearch.items import ItemImages
 
     np.testing.assert_array_equal(np.asarray(ItemImages(store).image(2)), test_images[2])
 
 
+@pytest.mark.slow
 def test_missing_cifar10_offline_says_what_to_put_where(tmp_path):
     result = simsearch_subprocess("extract", "data=cifar10", f"data.root={tmp_path / 'nothing'}", "data.download=false",
                                   *TINY, cwd=tmp_path)
@@ -204,7 +208,7 @@ def test_fashion_mnist_idx_reader_on_written_files(tmp_path):
 
 @pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="apt-get install dataset-fashion-mnist (CI installs it)")
 def test_real_fashion_mnist_images(tmp_path):
-    from simsearch.data import read_idx
+    from simsearch.pixels import read_idx
 
     assert simsearch("extract", "data=fashion_mnist", "data.limit=300", "data.batch_size=100", *TINY, "run.dir=out") == 0
     store = Store.open(tmp_path / "out", verify=True)
@@ -214,6 +218,7 @@ def test_real_fashion_mnist_images(tmp_path):
     assert store.manifest["data"]["classes"][9] == "Ankle boot"
 
 
+@pytest.mark.slow
 def test_two_process_ddp_store_equals_single_process(tmp_path):
     # 11 items over 2 ranks in batches of 2: uneven shards, and the sampler pads with a duplicate.
     common = ("data=synthetic", "data.num_items=11", "data.batch_size=2", *TINY)
@@ -236,6 +241,7 @@ def test_python_dash_m_entry_point(tmp_path):
     assert result.returncode == 0 and "extract" in result.stdout
 
 
+@pytest.mark.slow
 def test_killed_extraction_resumes_to_the_same_store(tmp_path):
     import os
     import signal
@@ -270,7 +276,7 @@ def test_killed_extraction_resumes_to_the_same_store(tmp_path):
 
 
 def test_shards_of_another_config_are_not_merged(tmp_path):
-    from simsearch.extract import complete_shards
+    from simsearch.stages.extract import complete_shards
 
     common = ["data=synthetic", "data.num_items=16", "data.batch_size=8", *TINY]
     assert simsearch("extract", *common, "run.dir=out") == 0
@@ -285,13 +291,15 @@ def test_shards_of_another_config_are_not_merged(tmp_path):
     assert_unit_norm(Store.open(tmp_path / "out").embeddings)  # the zero vectors of the foreign shard were not used
 
 
+@pytest.mark.slow
 def test_fully_resumed_ddp_extraction_is_merged_once(tmp_path):
     """Every item already in a shard: under DDP only global rank 0 merges, and every rank gets its manifest."""
     from safetensors.torch import save_file
 
     from simsearch.config import load_config
-    from simsearch.extract import run_fingerprint, shard_fingerprint
+    from simsearch.identity import run_fingerprint
     from simsearch.model import resolve_model_config
+    from simsearch.stages.extract import shard_fingerprint
 
     common = ["data=synthetic", "data.num_items=11", "data.batch_size=4", *TINY]
     assert simsearch("extract", *common, "run.dir=one") == 0
@@ -305,7 +313,7 @@ def test_fully_resumed_ddp_extraction_is_merged_once(tmp_path):
         save_file({"index": rows, "valid": torch.ones(len(rows), dtype=torch.uint8),
                    "embeddings": torch.from_numpy(one.embeddings[rows.numpy()])},
                   str(shards / f"attempt000-rank0000-batch{batch:08d}.safetensors"),
-                  metadata={"fingerprint": shard_fingerprint(run_fingerprint(cfg, None)), "reasons": "{}",
+                  metadata={"fingerprint": shard_fingerprint(run_fingerprint(cfg, one.manifest["embedder"], None)), "reasons": "{}",
                             "keys": json.dumps([one.items[i]["key"] for i in rows.tolist()])})
     ddp = simsearch_subprocess("extract", *common, "run.dir=two", "trainer.devices=2", "trainer.strategy=ddp", cwd=tmp_path)
     assert ddp.returncode == 0, ddp.stderr

@@ -52,8 +52,8 @@ def test_a_query_vector_of_the_wrong_width_is_one_sentence(tmp_path):
 
 @pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
 def test_fashion_mnist_grid_pixels_come_without_torch_and_match_the_dataset(tmp_path):
-    from simsearch.images import FASHION_MNIST_FILES, read_idx
-    from simsearch.search import ItemImages
+    from simsearch.items import ItemImages
+    from simsearch.pixels import FASHION_MNIST_FILES, read_idx
 
     assert simsearch("extract", "data=fashion_mnist", f"data.root={FASHION_MNIST}", "data.limit=12", *TINY, "run.dir=fm") == 0
     result = search_in_a_fresh_process("run.dir=fm", "query=3", "search.k=4", "logger=none")
@@ -63,8 +63,8 @@ def test_fashion_mnist_grid_pixels_come_without_torch_and_match_the_dataset(tmp_
 
 
 def test_exact_evaluation_on_the_cpu_imports_no_torch_and_equals_the_torch_kernels(tmp_path):
-    from simsearch.evaluate import evaluate_embeddings
-    from simsearch.index import ExactSearcher
+    from simsearch.knn import ExactSearcher
+    from simsearch.stages.evaluate import evaluate_embeddings
 
     assert simsearch("extract", "data=synthetic", "data.num_items=60", *TINY, "run.dir=out") == 0
     result = subprocess.run([sys.executable, "-c", PROBE, "eval", "run.dir=out", "eval.device=auto", "eval.k=[1,5]",

@@ -10,8 +10,8 @@ import torch
 from omegaconf import OmegaConf
 
 from simsearch.config import Config
-from simsearch.finetune import MetricLearningModule
 from simsearch.model import Embedder, Preprocess, ProjectionHead
+from simsearch.stages.finetune import MetricLearningModule
 from simsearch.store import Store
 from tests.conftest import TINY, read_json, simsearch, simsearch_subprocess
 
@@ -59,6 +59,7 @@ def test_the_no_active_triplet_warning_is_for_triplet_losses_only(loss, warned, 
     assert ("nothing left to learn" in caplog.text) is warned
 
 
+@pytest.mark.slow
 def test_finetune_caches_features_reuses_them_and_keeps_the_best_checkpoint(tmp_path, caplog):
     caplog.set_level("INFO")
     assert simsearch("finetune", *SMALL, "finetune.epochs=2", "run.dir=ft") == 0
@@ -91,6 +92,7 @@ def test_resume_continues_from_the_saved_epoch(tmp_path, caplog):
     assert read_json(last_path.parent / "finetune.json")["epochs_run"] == 4
 
 
+@pytest.mark.slow
 def test_best_checkpoint_round_trips_into_extract_and_compare(tmp_path):
     assert simsearch("finetune", *SMALL, "finetune.epochs=2", "run.dir=ft") == 0
     best = read_json(tmp_path / "checkpoints" / "synthetic-supcon-unfreeze0" / "finetune.json")["best_checkpoint"]
@@ -108,7 +110,7 @@ def test_best_checkpoint_round_trips_into_extract_and_compare(tmp_path):
 
     Image.open(tmp_path / "cmp" / "comparison.png").verify()
     # search embeds a new image through backbone + head, as the manifest records
-    from simsearch.search import ItemImages
+    from simsearch.items import ItemImages
 
     ItemImages(tuned).image(3).save(tmp_path / "q.png")
     assert simsearch("search", "run.dir=tuned", f"query={tmp_path / 'q.png'}", "search.k=2", "logger=none") == 0
@@ -150,6 +152,7 @@ def test_validation_never_reads_the_test_split(tmp_path):
                      "finetune.epochs=1", "run.dir=ft") == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra, message", [
     (("data=folder", "data.labels=none"), "needs labels"),
     (("finetune.batch_size=64", "finetune.m_per_class=4"), "asks for 16 classes"),

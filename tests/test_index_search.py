@@ -8,8 +8,9 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from simsearch.config import Config
-from simsearch.index import ExactSearcher, FaissSearcher, build_index, load_index
-from simsearch.search import ItemImages
+from simsearch.index import FaissSearcher, build_index, load_index
+from simsearch.items import ItemImages
+from simsearch.knn import ExactSearcher
 from simsearch.store import Store
 from tests.conftest import TINY, clustered, make_vector_store, read_json, simsearch, simsearch_subprocess
 
@@ -40,6 +41,7 @@ def test_stale_index_is_not_used(tmp_path):
     assert load_index(store, index_cfg()) is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("factory, params", [("IVF16,Flat", "nprobe=4"), ("HNSW32", "efSearch=64"),
                                              ("IVF16,PQ16", "nprobe=8"), ("IVF16,SQ8", "nprobe=8")])
 def test_approximate_indexes_reach_high_recall_on_clustered_data(tmp_path, factory, params):
@@ -101,7 +103,7 @@ def test_search_by_a_new_image_file_embeds_it_like_the_store(synthetic_store, tm
 
 def test_search_bad_queries_are_one_sentence(synthetic_store, tmp_path):
     (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
-    for query, message in (("nope", "neither an item"), (str(tmp_path / "broken.jpg"), "cannot read the query image")):
+    for query, message in (("nope", "no such file"), (str(tmp_path / "broken.jpg"), "cannot read the query image")):
         result = simsearch_subprocess("search", "run.dir=out", f"query={query}", "logger=none", cwd=tmp_path)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
     result = simsearch_subprocess("search", "run.dir=out", "query=1", "search.k=24", "logger=none", cwd=tmp_path)

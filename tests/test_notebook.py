@@ -1,5 +1,6 @@
 """examples/quickstart.ipynb runs end to end (so it can never rot): extract, search by image, show, evaluate."""
 
+import pytest
 from pathlib import Path
 
 import nbformat
@@ -8,6 +9,7 @@ from nbclient import NotebookClient
 NOTEBOOK = Path(__file__).resolve().parent.parent / "examples" / "quickstart.ipynb"
 
 
+@pytest.mark.slow
 def test_quickstart_notebook_runs_end_to_end(tmp_path):
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     # "python3": jupyter_client starts it with this interpreter, so it imports this simsearch

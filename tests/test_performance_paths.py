@@ -42,7 +42,8 @@ def test_reference_pipeline_and_simsearch_agree_on_embeddings(tmp_path):
 def test_jpeg_decoding_on_the_device_matches_the_loader_path(tmp_path):
     from PIL import Image
 
-    from simsearch.store import Store, read_jsonl
+    from simsearch.files import read_jsonl
+    from simsearch.store import Store
 
     root = tmp_path / "jpegs"
     root.mkdir()

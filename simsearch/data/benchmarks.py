@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from simsearch.data import FolderCollection
+from simsearch.data.collections import FolderCollection, Resize
 from simsearch.errors import SimsearchError
 
 CUB_URL = "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz"
@@ -40,9 +40,9 @@ WHERE = {
 class BenchmarkCollection(FolderCollection):
     """Image files named by a benchmark's annotation files (not found by walking folders), labelled by class name."""
 
-    def __init__(self, root: Path, relative_paths: list[str], item_classes: list[str], size_px: int,
+    def __init__(self, root: Path, relative_paths: list[str], item_classes: list[str], resize: Resize,
                  decode_on_device: bool = False):
-        self.root, self.size_px, self.decode_on_device = root, size_px, decode_on_device
+        self.root, self.resize, self.decode_on_device = root, resize, decode_on_device
         self.paths = [root / path for path in relative_paths]
         self.stats = [file_stat(path) for path in self.paths]  # with the path, the item's key (see FolderCollection)
         self.unlisted: list[dict] = []  # the annotation files name every item: none is left unlisted
@@ -60,7 +60,7 @@ def file_stat(path: Path) -> tuple[int, int]:
     return stat.st_size, stat.st_mtime_ns
 
 
-def read_benchmark(name: str, root: Path, split: str, size_px: int, download: bool = False,
+def read_benchmark(name: str, root: Path, split: str, resize: Resize, download: bool = False,
                    decode_on_device: bool = False) -> BenchmarkCollection:
     """The `split` of benchmark `name` under `root` (see the module's table)."""
     if split not in SPLITS[name]:
@@ -72,7 +72,7 @@ def read_benchmark(name: str, root: Path, split: str, size_px: int, download: bo
     if not paths:
         raise SimsearchError(f"{name} has no images in its {split} split under {root}")
     from_root = [(base / path).relative_to(root).as_posix() for path in paths]  # items.jsonl paths: under data.root
-    return BenchmarkCollection(root, from_root, classes, size_px, decode_on_device)
+    return BenchmarkCollection(root, from_root, classes, resize, decode_on_device)
 
 
 def missing(name: str, path: Path) -> SimsearchError:

@@ -29,14 +29,17 @@ from PIL import Image
 from starlette.convertors import Convertor, register_url_convertor
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from simsearch.data import UnreadableImage, decode_image, to_rgb
+from simsearch.drawing import placeholder_image
 from simsearch.errors import SimsearchError
 from simsearch.index import open_searcher
-from simsearch.search import ItemImages, QueryEncoder, SearchResult, neighbours_of, placeholder_image, search_item
+from simsearch.items import ItemImages
+from simsearch.pixels import UnreadableImage, decode_image, to_rgb
+from simsearch.stages.search import Query as SearchQuery
+from simsearch.stages.search import SearchResult, answer, item_query, query_encoder
 from simsearch.store import Store
 
 log = logging.getLogger("simsearch.serve")
-PAGE = Path(__file__).parent / "web" / "index.html"
+PAGE = Path(__file__).parent.parent / "web" / "index.html"
 THUMBNAIL_CACHE_ITEMS = 512  # thumbnails kept in memory (a few tens of KB each)
 THUMBNAIL_DECODES = 2  # large images decoded at once: 8 requests for a 9000 px image wait their turn
 MULTIPART_OVERHEAD_BYTES = 64 * 1024  # form fields and boundaries around an upload
@@ -95,7 +98,7 @@ class UploadBatcher:
     """Embeds uploaded images together: requests queue their image, one worker thread runs the model
     on up to `batch_size` of them at a time, and each request awaits its own row."""
 
-    def __init__(self, encoder: QueryEncoder, batch_size: int, wait_ms: float):
+    def __init__(self, encoder: Any, batch_size: int, wait_ms: float):
         self.encoder, self.batch_size, self.wait_s = encoder, batch_size, wait_ms / 1000
         self.queue: asyncio.Queue | None = None
         self.worker: asyncio.Task | None = None
@@ -219,7 +222,7 @@ def create_app(cfg: DictConfig) -> FastAPI:
     """The FastAPI app for the store in cfg.run.dir; everything heavy happens once, here."""
     store = Store.open(cfg.run.dir, verify=True)
     searcher = open_searcher(store, cfg.index, cfg.run.seed)
-    encoder = QueryEncoder(store.manifest, cfg.serve.device)
+    encoder = query_encoder(store, cfg.serve.device)
     encoder.encode([Image.new("RGB", (encoder.image_size_px, encoder.image_size_px))])  # warm-up
     searcher.search(store.vectors(np.array([0])), min(10, len(store)))
     images = ItemImages(store)
@@ -301,7 +304,7 @@ def create_app(cfg: DictConfig) -> FastAPI:
 
     @app.get("/search")
     def search_by_item(item: str = Query(..., description="an item id or row"), k: int = 10) -> dict[str, Any]:
-        return result_json(store, search_item(store, searcher, row_of(item), checked_k(k)))
+        return result_json(store, answer(store, searcher, item_query(store, row_of(item)), checked_k(k), lambda: encoder))
 
     @app.post("/search")
     async def search_by_upload(request: Request, file: UploadFile = File(...), k: int = Form(10)) -> dict[str, Any]:
@@ -319,8 +322,9 @@ def create_app(cfg: DictConfig) -> FastAPI:
         except UnreadableImage as error:
             raise HTTPException(400, f"the upload is not a readable image: {error}") from None
         vector = await batcher.embed(image)
-        result = await asyncio.to_thread(neighbours_of, store, searcher, vector, k, None, None)
-        result.query = {"file": file.filename or "upload"}
+        query = SearchQuery("vector", file.filename or "upload", vector=vector)
+        result = await asyncio.to_thread(answer, store, searcher, query, k, lambda: encoder)
+        result.query = {"file": query.caption}
         return result_json(store, result)
 
     return app

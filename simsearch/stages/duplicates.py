@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
 
 import numpy as np
 from omegaconf import DictConfig
-from PIL import Image, ImageDraw
 
+from simsearch.drawing import draw_groups
 from simsearch.errors import SimsearchError
-from simsearch.evaluate import search_without_self
-from simsearch.index import Searcher, open_searcher
-from simsearch.store import Store, write_json_atomically
+from simsearch.files import write_json_atomically
+from simsearch.identity import check_same_model, stored_identity
+from simsearch.index import open_searcher
+from simsearch.items import ItemImages
+from simsearch.knn import Searcher, search_without_self
+from simsearch.store import Store
 
 log = logging.getLogger(__name__)
 QUERY_CHUNK = 4096  # queries per search call: memory is chunk x k
@@ -26,7 +28,6 @@ QUERY_CHUNK = 4096  # queries per search call: memory is chunk x k
 # weights map every image to nearly the same direction (distinct images at cosine 0.997-0.9995), trained
 # networks spread them out; a checkpoint or a state-dict file counts as trained.
 DEFAULT_THRESHOLDS = {"random": 0.9998, "trained": 0.92}
-MODEL_KEYS = ("name", "weights", "image_size", "mean", "std", "checkpoint", "seed")  # what makes vectors comparable
 
 
 def near_pairs(queries: Store, searcher: Searcher, k: int, threshold: float,
@@ -72,39 +73,8 @@ def same_model(a: Store, b: Store) -> None:
     """Vectors of two stores are comparable only from the same model and preprocessing."""
     if a.dim != b.dim:
         raise SimsearchError(f"the stores {a.dir} and {b.dir} have vectors of different sizes ({a.dim} and {b.dim})")
-    model_a, model_b = a.manifest.get("model", {}), b.manifest.get("model", {})
-    differ = [key for key in MODEL_KEYS if model_a.get(key) != model_b.get(key)]
-    if differ:
-        raise SimsearchError(
-            f"the stores {a.dir} and {b.dir} were embedded by different models ({', '.join(differ)} differ): "
-            "their vectors cannot be compared; extract both with the same model settings"
-        )
-
-
-def draw_groups(groups: list[list[tuple[Any, int, str]]], tile_px: int = 112, per_row: int = 6) -> Image.Image:
-    """One row per group: up to `per_row` thumbnails side by side, each captioned with its id.
-    A group is a list of (ItemImages, row, caption)."""
-    from simsearch.search import _font
-
-    caption_px, margin = 18, 6
-    width = margin + per_row * (tile_px + margin)
-    height = margin + max(1, len(groups)) * (tile_px + caption_px + margin)
-    canvas = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(canvas)
-    for number, group in enumerate(groups):
-        y = margin + number * (tile_px + caption_px + margin)
-        for column, (images, row, caption) in enumerate(group[:per_row]):
-            x = margin + column * (tile_px + margin)
-            try:
-                tile = images.image(row).convert("RGB").resize((tile_px, tile_px), Image.BICUBIC)
-            except Exception as error:  # a file gone since extraction: say so in the tile, draw the rest
-                log.warning("cannot draw item %s: %s", caption, error)
-                tile = Image.new("RGB", (tile_px, tile_px), "lightgrey")
-            canvas.paste(tile, (x, y))
-            draw.text((x, y + tile_px + 2), caption[-20:], fill="black", font=_font(11))
-        if len(group) > per_row:
-            draw.text((width - 60, y + tile_px + 2), f"+{len(group) - per_row} more", fill="red", font=_font(11))
-    return canvas
+    if a.manifest.get("model") and b.manifest.get("model"):
+        check_same_model(stored_identity(a.manifest), stored_identity(b.manifest), f"the store {a.dir}", f"the store {b.dir}")
 
 
 def default_threshold(store: Store) -> float:
@@ -141,8 +111,6 @@ def duplicates(cfg: DictConfig) -> list[list[str]]:
     With `duplicates.against=OTHER_RUN_DIR`, each group is an item of this store followed by its
     near-duplicates in the other store (test-vs-train leakage).
     """
-    from simsearch.search import ItemImages
-
     settings = cfg.duplicates
     store = Store.open(cfg.run.dir)
     threshold = default_threshold(store) if settings.threshold is None else float(settings.threshold)

@@ -29,42 +29,18 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
+from simsearch.config import save_config
 from simsearch.errors import SimsearchError
-from simsearch.index import ExactSearcher, FaissSearcher, StoredRows, cuda_available, open_index, take_rows
+from simsearch.files import write_json_atomically
+from simsearch.identity import check_same_model, stored_identity
+from simsearch.index import FaissSearcher, open_index
+from simsearch.knn import ExactSearcher, StoredRows, search_without_self, take_rows
+from simsearch.metrics import metrics_table, per_query_metrics, summarise
+from simsearch.runtime import cuda_available, join_launched_ranks
 from simsearch.store import Store
+from simsearch.tracking import finish, log_metrics, start_run
 
 log = logging.getLogger(__name__)
-MODEL_IDENTITY = ("name", "weights", "image_size", "mean", "std", "checkpoint")  # what makes two stores' vectors comparable
-
-
-def search_without_self(searcher: Any, queries: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k (scores, rows) of queries that are items of the store, each one's own row excluded by id."""
-    if isinstance(searcher, ExactSearcher):
-        return searcher.search(queries, k, exclude_rows=rows)
-    scores, found = searcher.search(queries, k + 1)
-    own = found == rows[:, None]
-    own[~own.any(axis=1), -1] = True  # self not among k + 1 (ties, approximate index): drop the last
-    first_own = own & (np.cumsum(own, axis=1) == 1)
-    return scores[~first_own].reshape(len(rows), k), found[~first_own].reshape(len(rows), k)
-
-
-def per_query_metrics(hits: np.ndarray, relevant: np.ndarray, ks: list[int]) -> dict[str, np.ndarray]:
-    """Metric values per query from a (Q, k) hit matrix (True: same class) and R_q per query."""
-    positions = np.arange(1, hits.shape[1] + 1)
-    cumulative = np.cumsum(hits, axis=1)
-    precision_at_each = cumulative / positions  # (Q, k)
-    metrics: dict[str, np.ndarray] = {}
-    for K in ks:
-        hits_k = cumulative[:, K - 1]
-        metrics[f"hit@{K}"] = (hits_k > 0).astype(float)
-        metrics[f"precision@{K}"] = hits_k / K
-        metrics[f"recall@{K}"] = hits_k / relevant
-        ap_sum = (precision_at_each[:, :K] * hits[:, :K]).sum(axis=1)
-        metrics[f"map@{K}"] = np.divide(ap_sum, hits_k, out=np.zeros_like(ap_sum, dtype=float), where=hits_k > 0)
-    within_r = positions[None, :] <= relevant[:, None]  # (Q, k): position i <= R_q
-    metrics["map@r"] = (precision_at_each * hits * within_r).sum(axis=1) / relevant
-    metrics["r_precision"] = (hits * within_r).sum(axis=1) / relevant
-    return metrics
 
 
 def _check_sizes(eval_cfg: DictConfig) -> None:
@@ -134,16 +110,9 @@ def check_comparable(queries: Store, gallery: Store) -> None:
     if queries.dim != gallery.dim:
         raise SimsearchError(f"the query store {queries.dir} has dim {queries.dim} and the gallery {gallery.dir} "
                              f"dim {gallery.dim}: embed both with the same model")
-    query_model, gallery_model = queries.manifest.get("model") or {}, gallery.manifest.get("model") or {}
-    if query_model and gallery_model:
-        keys = [*MODEL_IDENTITY, *(["seed"] if query_model.get("weights") == "random" else [])]
-        differ = [k for k in keys if query_model.get(k) != gallery_model.get(k)]
-        if differ:
-            raise SimsearchError(
-                f"the query store {queries.dir} and the gallery {gallery.dir} were embedded by different models "
-                f"(model.{differ[0]}: {query_model.get(differ[0])!r} vs {gallery_model.get(differ[0])!r}): "
-                "their vectors cannot be compared"
-            )
+    if queries.manifest.get("model") and gallery.manifest.get("model"):
+        check_same_model(stored_identity(queries.manifest), stored_identity(gallery.manifest),
+                         f"the query store {queries.dir}", f"the gallery {gallery.dir}")
 
 
 def sample_queries(rows: np.ndarray, wanted: int | None, seed: int) -> tuple[np.ndarray, dict[str, Any] | None]:
@@ -260,36 +229,33 @@ def rank_and_score(queries: np.ndarray | StoredRows, query_labels: np.ndarray, g
     return metrics
 
 
-def summarise(per_query: dict[str, np.ndarray], query_labels: np.ndarray, classes: list[str], ks: list[int],
-              items: int, left_out: int) -> dict[str, Any]:
-    metrics: dict[str, Any] = {name: float(value.mean()) for name, value in per_query.items()}
-    per_class = {}
-    for label in np.unique(query_labels):
-        mask = query_labels == label
-        name = classes[label] if label < len(classes) else str(int(label))
-        per_class[name] = {"queries": int(mask.sum()), **{n: float(v[mask].mean()) for n, v in per_query.items()}}
-    metrics.update(k=ks, queries=int(len(query_labels)), queries_without_relevant=int(left_out), items=items,
-                   per_class=per_class)
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Retrieval metrics of the store in run.dir (leave-one-out, or against the store in eval.gallery):
+    metrics.json in run.dir, a table, and W&B."""
+    store = Store.open(cfg.run.dir)
+    gallery = Store.open(cfg.eval.gallery) if cfg.eval.gallery else None
+    ranks = join_launched_ranks()  # under torchrun: the exact search's blocks shared among the ranks
+    metrics = evaluate_store(store, cfg.eval, cfg.index, cfg.run.seed, gallery=gallery, ranks=ranks)
+    if ranks and ranks[0] != 0:  # every rank searched its share; global rank 0 alone writes and logs
+        return metrics
+    if ranks:
+        metrics["ranks"] = ranks[1]
+    run = start_run(cfg, "eval")
+    metrics["store"] = {**store_identity(store), **{k: store.manifest.get(k) for k in ("weights", "image_size")},
+                        "checkpoint": store.manifest.get("model", {}).get("checkpoint")}
+    print(metrics_table(metrics))  # first: a run.dir that cannot be written loses nothing
+    log_metrics(run, metrics, prefix="test/")
+    if run is not None:  # what was evaluated against what, beside the numbers
+        run.summary.update({"test/protocol": metrics["protocol"], "test/gallery": metrics.get("gallery", {}).get("dir"),
+                            "test/query_sample": metrics.get("query_sample"), "test/search": metrics["search"]})
+    finish(run)
+    try:
+        write_json_atomically(store.dir / "metrics.json", metrics)
+        save_config(cfg, store.dir / "eval_config.yaml")
+    except OSError as error:
+        raise SimsearchError(f"the metrics above could not be saved in {store.dir} ({error.strerror or error}): "
+                             "make run.dir writable, or evaluate a copy of the store") from None
+    print(f"Saved metrics: {store.dir / 'metrics.json'}")
     return metrics
 
 
-def metrics_table(metrics: dict[str, Any]) -> str:
-    """A short plain-text table of the overall metrics, then the original report's line."""
-    lines = [f"{'K':>5}  {'hit@K':>7}  {'Precision@K':>11}  {'Recall@K':>9}  {'mAP@K':>7}"]
-    for K in metrics["k"]:
-        lines.append(f"{K:>5}  {metrics[f'hit@{K}']:>7.4f}  {metrics[f'precision@{K}']:>11.4f}  "
-                     f"{metrics[f'recall@{K}']:>9.4f}  {metrics[f'map@{K}']:>7.4f}")
-    lines.append(f"MAP@R: {metrics['map@r']:.4f}   R-precision: {metrics['r_precision']:.4f}   "
-                 f"queries: {metrics['queries']} (left out, no relevant item: {metrics['queries_without_relevant']})")
-    if "query_sample" in metrics:
-        sample = metrics["query_sample"]
-        lines.append(f"queries: a seeded sample of {sample['sampled']} of {sample['of']} (seed {sample['seed']})")
-    if "gallery" in metrics:
-        lines.append(f"gallery: {metrics['gallery']['dir']} ({metrics['gallery']['count']} items)")
-    search = metrics.get("search", {})
-    if not search.get("exact", True):
-        lines.append(f"search: the FAISS index {search['factory']} {search['search_params']}".rstrip()
-                     + " (approximate: a relevant item it misses lowers every metric)")
-    if 10 in metrics["k"]:
-        lines.append(f"Precision@10: {metrics['precision@10']:.2f}")
-    return "\n".join(lines)

@@ -1,9 +1,9 @@
-"""Image collections as datasets of uint8 pixels, and the LightningDataModule that batches them.
+"""Image collections as datasets of uint8 pixels, and the one resize rule every image goes through.
 
 Every dataset yields `{"pixels", "index", "valid", "reason"}`: uint8 (3, H, W) pixels, the item's
 position in the collection, and whether it could be read. Resizing to the model's input size and
 normalisation happen batched on the model's device (`simsearch.model.Preprocess`); only folders of
-images of mixed sizes are resized once in the loader so that they can be stacked into a batch.
+images of mixed sizes are resized in the loader, with the same `resize_pixels`, so that they stack.
 """
 
 from __future__ import annotations
@@ -11,24 +11,24 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from simsearch.errors import SimsearchError
-from simsearch.images import (  # noqa: F401 - decode_image, to_rgb, read_idx: public here too, as before
+from simsearch.pixels import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_FILES,
     SyntheticImages,
     UnreadableImage,
     decode_image,
     read_idx,
-    to_rgb,
 )
 
 log = logging.getLogger(__name__)
@@ -38,11 +38,40 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 
 
-def pil_to_uint8(image: Image.Image, size_px: int | None = None) -> torch.Tensor:
-    """RGB PIL image to a uint8 (3, H, W) tensor, optionally resized (antialiased) to size x size."""
-    if size_px is not None and image.size != (size_px, size_px):
-        image = image.resize((size_px, size_px), Image.BILINEAR)
-    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+INTERPOLATIONS = ("bilinear", "bicubic")
+
+
+@dataclass(frozen=True)
+class Resize:
+    """The model's input size and interpolation (`model.image_size`, `model.interpolation`)."""
+
+    size_px: int
+    interpolation: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in INTERPOLATIONS:
+            raise SimsearchError(f"model.interpolation must be {' or '.join(INTERPOLATIONS)}, not '{self.interpolation}'")
+
+
+def resize_pixels(pixels: torch.Tensor, resize: Resize) -> torch.Tensor:
+    """uint8 (B, 3, H, W) or (3, H, W) to uint8 at size x size: antialiased, with the model's interpolation,
+    rounded back to 8 bits.
+
+    The one resize of simsearch: a folder's file in the loader, a dataset item and a query image on the
+    model's device all pass through it, so the same image gives the same vector however it arrives.
+    The whole image is resized (no centre crop: retrieval must see all of an item).
+    """
+    size = (resize.size_px, resize.size_px)
+    batch = pixels[None] if pixels.ndim == 3 else pixels
+    if tuple(batch.shape[-2:]) != size:
+        resized = F.interpolate(batch.float(), size=size, mode=resize.interpolation, antialias=True, align_corners=False)
+        batch = resized.round_().clamp_(0, 255).to(torch.uint8)
+    return batch[0] if pixels.ndim == 3 else batch
+
+
+def to_pixels(image: Image.Image) -> torch.Tensor:
+    """An RGB PIL image as a uint8 (3, H, W) tensor, at its own size."""
+    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
 
 # ---------------------------------------------------------------- datasets
@@ -69,7 +98,7 @@ class ImageCollection(Dataset):
         return {"id": str(index), "index": index, "key": f"{self.split}/{index}"}
 
     def pixels(self, index: int) -> torch.Tensor:
-        return pil_to_uint8(self.image(index))
+        return to_pixels(self.image(index))
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         try:
@@ -113,9 +142,9 @@ class FolderCollection(ImageCollection):
     device (nvJPEG on a GPU), so a GPU is not starved by CPU decoding.
     """
 
-    def __init__(self, root: Path, size_px: int, with_labels: bool, decode_on_device: bool = False):
+    def __init__(self, root: Path, resize: Resize, with_labels: bool, decode_on_device: bool = False):
         self.root = root
-        self.size_px = size_px
+        self.resize = resize
         self.decode_on_device = decode_on_device
         listed, self.unlisted = list_image_files(root)
         self.paths = [path for path, _ in listed]
@@ -136,10 +165,10 @@ class FolderCollection(ImageCollection):
         return decode_image(self.paths[index])
 
     def pixels(self, index: int) -> torch.Tensor:
-        return pil_to_uint8(self.image(index), self.size_px)
+        return resize_pixels(to_pixels(self.image(index)), self.resize)
 
     def placeholder(self) -> torch.Tensor:
-        return torch.zeros(3, self.size_px, self.size_px, dtype=torch.uint8)
+        return torch.zeros(3, self.resize.size_px, self.resize.size_px, dtype=torch.uint8)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         path = self.paths[index]
@@ -233,27 +262,6 @@ def read_jpeg_bytes(path: Path) -> torch.Tensor:
         raise UnreadableImage(f"{type(error).__name__}: {error}") from None
 
 
-def decode_jpegs_on(device: torch.device, batch: dict[str, Any], size_px: int) -> None:
-    """Decode the batch's encoded JPEGs on `device` and resize them into `batch["pixels"]` in place;
-    a file the decoder rejects is marked invalid, with the reason, and the rest of the batch goes on."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    positions = [i for i, data in enumerate(batch.get("encoded") or []) if data is not None]
-    if not positions:
-        return
-    for position in positions:  # one at a time: a corrupt file must not take its batch down with it
-        try:
-            image = decode_jpeg(batch["encoded"][position], mode=ImageReadMode.RGB, device=device,
-                                apply_exif_orientation=True)
-        except RuntimeError as error:
-            batch["valid"][position] = False
-            batch["reason"][position] = f"JPEG decoding failed: {str(error).splitlines()[0]}"
-            continue
-        resized = torch.nn.functional.interpolate(image[None].float(), size=(size_px, size_px), mode="bilinear",
-                                                  antialias=True, align_corners=False)
-        batch["pixels"][position] = resized[0].round().clamp(0, 255).to(torch.uint8).to(batch["pixels"].device)
-
-
 def load_fashion_mnist(root: Path, split: str) -> ArrayCollection:
     image_file, label_file = FASHION_MNIST_FILES[split]
     for name in (image_file, label_file):
@@ -326,125 +334,3 @@ class Subset(ImageCollection):
         return self.base.placeholder()
 
 
-def build_collection(data: DictConfig, image_size_px: int, seed: int = 0,
-                     decode_on_device_by_default: bool = False) -> ImageCollection:
-    """The collection a data config names, with `data.limit` applied."""
-    from simsearch.datasets import SPLITS as BENCHMARK_SPLITS  # the metric-learning benchmarks
-
-    if data.split not in ("train", "test") and data.name not in BENCHMARK_SPLITS:
-        raise SimsearchError(f"data.split must be train or test, not '{data.split}'")
-    root = Path(data.root).expanduser() if data.root else None
-    if data.name == "synthetic":
-        collection: ImageCollection = SyntheticCollection(data.num_items, data.num_classes, data.native_size_px, seed)
-    elif root is None:
-        raise SimsearchError(f"data.root must be given for data={data.name}")
-    elif data.name == "cifar10":
-        collection = load_cifar10(root, data.split, data.download)
-    elif data.name in BENCHMARK_SPLITS:  # may download into a root not yet made
-        from simsearch.datasets import read_benchmark
-
-        on_device = data.decode == "device" or (data.decode == "auto" and decode_on_device_by_default)
-        collection = read_benchmark(data.name, root, data.split, image_size_px, data.download, on_device)
-    elif not root.is_dir():
-        raise SimsearchError(f"data.root={root} does not exist or is not a folder")
-    elif data.name == "fashion_mnist":
-        collection = load_fashion_mnist(root, data.split)
-    elif data.name == "folder":
-        if data.labels not in ("folder", "none"):
-            raise SimsearchError(f"data.labels must be folder or none, not '{data.labels}'")
-        if data.decode not in ("auto", "device", "loader"):
-            raise SimsearchError(f"data.decode must be auto, device or loader, not '{data.decode}'")
-        on_device = data.decode == "device" or (data.decode == "auto" and decode_on_device_by_default)
-        collection = FolderCollection(root, image_size_px, with_labels=data.labels == "folder", decode_on_device=on_device)
-        if len(collection) == 0:
-            raise SimsearchError(
-                f"no images under {root} (looked recursively for {', '.join(sorted(IMAGE_SUFFIXES))})"
-            )
-    else:
-        raise SimsearchError(f"unknown data.name '{data.name}' (cifar10, fashion_mnist, folder, synthetic, "
-                             f"{', '.join(BENCHMARK_SPLITS)})")
-    collection.split = data.split
-    if data.limit is not None:
-        if data.limit < 1:
-            raise SimsearchError(f"data.limit must be at least 1, not {data.limit}")
-        if data.limit < len(collection):
-            collection = Subset(collection, data.limit)
-    return collection
-
-
-def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack samples; a placeholder of an unreadable image takes the batch's pixel size."""
-    valid = [s for s in samples if s["valid"]]
-    shape = valid[0]["pixels"].shape if valid else samples[0]["pixels"].shape
-    pixels = torch.stack(
-        [s["pixels"] if s["valid"] else torch.zeros(shape, dtype=torch.uint8) for s in samples]
-    )
-    batch = {
-        "pixels": pixels,
-        "index": torch.tensor([s["index"] for s in samples], dtype=torch.long),
-        "valid": torch.tensor([s["valid"] for s in samples], dtype=torch.bool),
-        "reason": [s["reason"] for s in samples],
-    }
-    if any("encoded" in s for s in samples):  # JPEG bytes to decode on the model's device
-        batch["encoded"] = [s.get("encoded") for s in samples]
-    return batch
-
-
-class Selection(Dataset):
-    """Some items of a collection, in order, each keeping its own index (what a resumed run still needs)."""
-
-    def __init__(self, collection: ImageCollection, indices: np.ndarray):
-        self.collection, self.indices = collection, indices
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, position: int) -> dict[str, Any]:
-        return self.collection[int(self.indices[position])]
-
-
-class ImageDataModule:
-    """Serves one collection to `Trainer.predict`, in order; the sampler Lightning adds under DDP splits it.
-
-    A plain class (not a LightningDataModule): importing the data stage must not import Lightning."""
-
-    def __init__(self, data: DictConfig, image_size_px: int, seed: int = 0, pin_memory: bool = False,
-                 decode_on_device_by_default: bool = False):
-        self.decode_on_device_by_default = decode_on_device_by_default
-        self.data = data
-        self.image_size_px = image_size_px
-        self.seed = seed
-        self.pin_memory = pin_memory
-        self.collection: ImageCollection | None = None
-        self.indices: np.ndarray | None = None  # None: every item
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.collection is None:
-            self.collection = build_collection(self.data, self.image_size_px, self.seed, self.decode_on_device_by_default)
-
-    def predict_dataloader(self) -> DataLoader:
-        self.setup()
-        workers = self.data.num_workers
-        dataset = self.collection if self.indices is None else Selection(self.collection, self.indices)
-        return DataLoader(
-            dataset,
-            batch_size=self.data.batch_size,
-            shuffle=False,
-            num_workers=workers,
-            collate_fn=collate,
-            pin_memory=self.pin_memory,
-            persistent_workers=False,
-            prefetch_factor=4 if workers > 0 else None,
-        )
-
-
-def augment(pixels: torch.Tensor, strong: bool) -> torch.Tensor:
-    """Per-image random resized crop and flip (and colour jitter when `strong`), uint8 in and out."""
-    from torchvision.transforms import v2
-
-    steps = [v2.RandomResizedCrop(pixels.shape[-2:], scale=(0.35 if strong else 0.6, 1.0), antialias=True),
-             v2.RandomHorizontalFlip()]
-    if strong:
-        steps += [v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), v2.RandomGrayscale(p=0.2)]
-    transform = v2.Compose(steps)
-    return torch.stack([transform(image) for image in pixels])

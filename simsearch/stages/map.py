@@ -8,16 +8,18 @@ before t-SNE and UMAP; it keeps the neighbourhoods and saves most of the time).
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 from omegaconf import DictConfig
 
+from simsearch.drawing import draw_map
 from simsearch.errors import SimsearchError
-from simsearch.images import UnreadableImage
+from simsearch.items import ItemImages
+from simsearch.pixels import UnreadableImage
 from simsearch.store import Store
+from simsearch.tracking import finish, log_image, start_run
 
 log = logging.getLogger(__name__)
 PCA_DIM = 50
@@ -56,44 +58,8 @@ def project(vectors: np.ndarray, method: str, neighbours: int, seed: int) -> np.
     return TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(vectors)
 
 
-def draw_map(points: np.ndarray, labels: np.ndarray, classes: list[str], title: str, path: Path,
-             thumbnails: list[tuple[int, object]] | None = None) -> None:
-    """Scatter plot coloured by label (unlabelled items grey), optional thumbnails at their points."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.offsetbox import AnnotationBbox, OffsetImage
-
-    figure, axes = plt.subplots(figsize=(10, 8))
-    size = max(1.0, min(20.0, 20000 / len(points)))
-    unlabelled = labels < 0
-    if unlabelled.any():
-        axes.scatter(*points[unlabelled].T, s=size, c="lightgrey", label="no label", linewidths=0)
-    present = np.unique(labels[~unlabelled])
-    colours = plt.get_cmap("tab10" if len(present) <= 10 else "tab20")
-    for number, label in enumerate(present.tolist()):
-        name = classes[label] if label < len(classes) else str(label)
-        axes.scatter(*points[labels == label].T, s=size, color=colours(number % colours.N), label=name, linewidths=0)
-    for position, image in thumbnails or []:
-        image.thumbnail((48, 48))
-        axes.add_artist(AnnotationBbox(OffsetImage(np.asarray(image), zoom=0.6), points[position], frameon=False))
-    if 0 < len(present) <= 30:
-        axes.legend(markerscale=max(1.0, 8 / size ** 0.5), fontsize=8, loc="best")
-    axes.set_title(title)
-    axes.set_xticks([])
-    axes.set_yticks([])
-    figure.tight_layout()
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
-    figure.savefig(temporary, dpi=120)
-    plt.close(figure)
-    os.replace(temporary, path)
-
-
 def embedding_map(cfg: DictConfig) -> Path:
     """`simsearch map`: embedding_map.png in run.dir (logged to W&B), the store's vectors in 2-D."""
-    from simsearch.tracking import finish, log_image, start_run
-
     settings, seed = cfg.map, cfg.run.seed
     store = Store.open(cfg.run.dir)
     rows = sample_rows(len(store), settings.max_items, seed)
@@ -104,8 +70,6 @@ def embedding_map(cfg: DictConfig) -> Path:
     seconds = time.perf_counter() - started
     thumbnails = []
     if settings.thumbnails > 0:
-        from simsearch.search import ItemImages
-
         images = ItemImages(store)
         chosen = np.random.default_rng(seed).choice(len(rows), size=min(settings.thumbnails, len(rows)), replace=False)
         try:
