@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from simsearch.config import GROUPS, load_config
+from simsearch.drawing import draw_grid
 from simsearch.errors import SimsearchError
 from simsearch.index import open_searcher
 from simsearch.items import ItemImages
@@ -80,44 +81,23 @@ class Results:
         return [asdict(neighbour) for neighbour in self.neighbours]
 
     def show(self, columns: int = 5, tile_inches: float = 2.0) -> Figure:
-        """A matplotlib Figure of the query and its neighbours, captioned with rank, score and label;
-        relevant results framed green, others red, when the query has a label. Displays inline in Jupyter."""
+        """A matplotlib Figure of the query and its neighbours: the grid `simsearch search` draws (captions
+        with rank, score, label and id; relevant results framed green, others red). Displays inline in Jupyter."""
         import matplotlib.pyplot as plt
 
         images = [self.store.image(n.row) for n in self.neighbours]
-        columns = max(1, min(columns, len(images)))
-        rows = max(1, -(-len(images) // columns))
-        figure, axes = plt.subplots(rows, columns + 1, figsize=(tile_inches * (columns + 1), tile_inches * 1.25 * rows),
-                                    squeeze=False)
-        for axis in axes.flat:
-            axis.axis("off")
         query = self._query_image
         if isinstance(query, int):
             query = self.store.image(query)
         elif query is None:
             query = Image.new("RGB", (32, 32), "lightgrey")
-        _tile(axes[0, 0], query, f"query\n{self._query_caption[:24]}", "blue")
-        for number, (image, n) in enumerate(zip(images, self.neighbours)):
-            frame = None if n.relevant is None else ("green" if n.relevant else "red")
-            _tile(axes[number // columns, 1 + number % columns], image, f"#{n.rank} {n.score:.3f}\n{(n.label or n.id)[:22]}",
-                  frame)
-        if self.precision is not None:
-            figure.suptitle(f"Precision@{len(self)}: {self.precision:.2f}")
-        figure.tight_layout()
+        grid = draw_grid(query, self._query_caption, self._result, images, columns=max(1, min(columns, len(images))))
+        figure = plt.figure(figsize=(tile_inches * grid.width / 168, tile_inches * grid.height / 168))
+        axis = figure.add_axes((0, 0, 1, 1))
+        axis.imshow(grid)
+        axis.axis("off")
         plt.close(figure)  # shown once, as the value returned, not again by pyplot's inline backend
         return figure
-
-
-def _tile(axis: Any, image: Image.Image, caption: str, frame: str | None) -> None:
-    axis.imshow(image.convert("RGB"))
-    axis.set_title(caption, fontsize=8)
-    if frame:
-        axis.axis("on")
-        axis.set_xticks([])
-        axis.set_yticks([])
-        for spine in axis.spines.values():
-            spine.set_edgecolor(frame)
-            spine.set_linewidth(3)
 
 
 class Store:

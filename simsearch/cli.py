@@ -59,6 +59,9 @@ PLUGINS_VARIABLE = "SIMSEARCH_PLUGINS"  # modules to import first: they register
 
 
 def print_config(cfg: DictConfig) -> None:
+    from simsearch.data.registry import dataset_kind  # the one table of datasets (imports torch: not for search)
+
+    dataset_kind(cfg.data.name)  # an unknown data=NAME is refused here, as by any command that reads data
     print(OmegaConf.to_yaml(cfg, resolve=False), end="")
 
 

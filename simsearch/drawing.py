@@ -4,7 +4,6 @@ embedding map and the comparison chart. Fonts, captions and layout are made here
 from __future__ import annotations
 
 import logging
-import os
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from simsearch.files import replace_atomically
 from simsearch.metrics import metric_names
 
 log = logging.getLogger(__name__)
@@ -116,10 +116,8 @@ def draw_map(points: np.ndarray, labels: np.ndarray, classes: list[str], title: 
     axes.set_xticks([])
     axes.set_yticks([])
     figure.tight_layout()
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
-    figure.savefig(temporary, dpi=120)
+    replace_atomically(path, lambda temporary: figure.savefig(temporary, dpi=120))
     plt.close(figure)
-    os.replace(temporary, path)
 
 
 def comparison_chart(comparison: dict[str, Any], ks: list[int], path: Path) -> None:
@@ -142,7 +140,7 @@ def comparison_chart(comparison: dict[str, Any], ks: list[int], path: Path) -> N
     axes.set_title(f"{data['name']} {data['split']} ({data['items']} items): baseline vs fine-tuned")
     axes.legend()
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    replace_atomically(path, lambda temporary: figure.savefig(temporary, dpi=120))
     plt.close(figure)
 
 

@@ -26,8 +26,9 @@ def file_identity(stat: os.stat_result) -> tuple[int, int, int, int]:
 
 
 def temporary_beside(path: Path) -> Path:
-    """Where the next version of `path` is written before it replaces it (same folder: same file system)."""
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """Where the next version of `path` is written before it replaces it: the same folder (same file system),
+    hidden, and with the same suffix (image writers choose their format by it)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
 
 
 def replace_atomically(path: Path, write: Any) -> None:

@@ -28,15 +28,15 @@ def test_groups_and_overrides_compose():
 @pytest.mark.parametrize(
     "arguments, words",
     [
-        (["data.rooot=/x"], ["data.rooot"]),
-        (["model.image_size=big"], ["model.image_size"]),
-        (["data=imagenet21k"], ["data=imagenet21k", "cifar10"]),
-        (["data=folder"], ["data.root", "must be given"]),
-        (["nonsense"], ["key=value"]),
+        (["config", "data.rooot=/x"], ["data.rooot"]),
+        (["config", "model.image_size=big"], ["model.image_size"]),
+        (["config", "data=imagenet21k"], ["imagenet21k", "cifar10"]),
+        (["extract", "data=folder"], ["data.root", "must be given"]),
+        (["config", "nonsense"], ["key=value"]),
     ],
 )
 def test_bad_config_is_one_sentence_naming_the_key(arguments, words, capsys):
-    assert simsearch("config", *arguments) == 2
+    assert simsearch(*arguments) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "Traceback" not in error
     for word in words:
@@ -65,3 +65,20 @@ def test_every_config_file_loads():
         for path in (root / group).glob("*.yaml"):
             extra = ["data.root=/x"] if path.stem == "folder" and group == "data" else []
             load_config([f"{group}={path.stem}", *extra])
+
+
+def test_the_configuration_reference_is_generated_from_the_schema():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, str(root / "scripts" / "config_reference.py"), "--check"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def test_config_prints_any_group_choice_marking_required_keys(capsys):
+    assert simsearch("config", "data=folder") == 0
+    printed = capsys.readouterr().out
+    assert "root: ???" in printed and "name: folder" in printed

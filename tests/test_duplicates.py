@@ -60,7 +60,7 @@ def test_leakage_lists_items_with_a_near_duplicate_in_the_other_store(tmp_path, 
     assert simsearch("extract", *common, f"data.root={test}", "model.image_size=48", "run.dir=other-model") == 0
     result = simsearch_subprocess("duplicates", "run.dir=other-model", f"duplicates.against={tmp_path / 'train-store'}",
                                   "logger=none", cwd=tmp_path)
-    assert result.returncode == 2 and "different models (image_size differ)" in result.stderr
+    assert result.returncode == 2 and "embedded differently (model.image_size: 48 vs 32)" in result.stderr
 
 
 def test_connected_groups_joins_chains_and_orders_by_size():

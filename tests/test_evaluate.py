@@ -257,7 +257,7 @@ def brute_force_top(gallery: np.ndarray, queries: np.ndarray, k: int, exclude: n
 @pytest.mark.parametrize("block_rows, device", [(1, "cpu"), (7, "cpu"), (16, "cpu,cpu,cpu"), (1000, "cpu,cpu")])
 def test_exact_searcher_ranks_ties_by_row_across_blocks_and_devices(tmp_path, monkeypatch, block_rows, device, kernels):
     if kernels == "numpy-small-tiles":  # several query tiles per block, several partition steps per tile
-        monkeypatch.setattr("simsearch.index.CPU_TILE_ELEMENTS", 5 * block_rows)
+        monkeypatch.setattr("simsearch.knn.CPU_TILE_ELEMENTS", 5 * block_rows)
         monkeypatch.setattr("simsearch.index.PARTITION_ELEMENTS", 2 * block_rows)
     torch_on_cpu = kernels == "torch"
     vectors = sign_vectors(90, 16, seed=3)
@@ -396,7 +396,7 @@ def test_metrics_name_the_search_and_the_exact_embeddings_of_both_stores(tmp_pat
 
 def test_a_block_larger_than_the_store_is_the_store(tmp_path, caplog):
     """eval.block_rows=10^14 must not make the CPU score one query at a time (its tile is 2^24 / block)."""
-    caplog.set_level("INFO", logger="simsearch.evaluate")
+    caplog.set_level("INFO", logger="simsearch.stages.evaluate")
     queries, gallery, reference_inputs = query_gallery_stores(tmp_path, seed=6)
     assert simsearch("eval", f"run.dir={queries.dir}", f"eval.gallery={gallery.dir}", "logger=none", "eval.k=[1,5]",
                      "eval.block_rows=100000000000000", "eval.device=cpu") == 0
@@ -444,14 +444,14 @@ def test_a_gallery_holding_the_query_vectors_warns_that_every_query_finds_itself
 def test_a_gallery_re_extracted_after_eval_opened_it_is_refused_never_mixed(tmp_path, monkeypatch, capsys):
     """Another run swaps a new store into the gallery between eval's verified open and its reads: the
     new vectors must not be ranked under the old labels and checksum."""
-    from simsearch import runtime
+    from simsearch.stages import evaluate
 
     queries, gallery, _ = query_gallery_stores(tmp_path, seed=3)
 
     def re_extract_the_gallery():  # eval opened both stores just before it looks for a launcher's ranks
         make_vector_store(gallery.dir, sign_vectors(70, 16, seed=99), gallery.labels, gallery.classes)
 
-    monkeypatch.setattr(runtime, "join_launched_ranks", re_extract_the_gallery)
+    monkeypatch.setattr(evaluate, "join_launched_ranks", re_extract_the_gallery)
     code = simsearch("eval", f"run.dir={queries.dir}", f"eval.gallery={gallery.dir}", "logger=none")
     assert code == 2 and "was replaced after its store was opened" in capsys.readouterr().err
     assert not (queries.dir / "metrics.json").exists()
@@ -535,7 +535,7 @@ def test_query_gallery_refuses_stores_of_different_models(tmp_path):
         manifest = read_json(store.dir / "manifest.json")
         manifest["model"] = {"name": "resnet50", "weights": weights, "image_size": 224}
         (store.dir / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(SimsearchError, match="different models"):
+    with pytest.raises(SimsearchError, match="embedded differently \(model.weights"):
         evaluate_store(Store.open(queries.dir), *configs(), gallery=Store.open(gallery.dir))
 
 

@@ -1,9 +1,9 @@
 """examples/quickstart.ipynb runs end to end (so it can never rot): extract, search by image, show, evaluate."""
 
-import pytest
 from pathlib import Path
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "examples" / "quickstart.ipynb"

@@ -18,9 +18,11 @@ MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 def test_batched_preprocessing_equals_per_image_cpu_transforms():
     pixels = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
     batched = Preprocess(96, MEAN, STD)(pixels)
-    per_image = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Resize((96, 96), antialias=True),
-                            v2.Normalize(MEAN, STD)])
-    expected = torch.stack([per_image(image) for image in pixels])
+    # one image at a time: resized in float, antialiased, rounded back to 8 bits (simsearch's one resize rule:
+    # a file resized in the loader and a dataset item resized on the device must give the same pixels)
+    resize = v2.Compose([v2.ToDtype(torch.float32, scale=False), v2.Resize((96, 96), antialias=True)])
+    normalise = v2.Normalize(MEAN, STD)
+    expected = torch.stack([normalise(resize(image).round().clamp(0, 255) / 255) for image in pixels])
     torch.testing.assert_close(batched, expected, atol=1e-4, rtol=1e-4)
 
 

@@ -125,16 +125,16 @@ def test_ties_rank_by_row_lowest_first_in_search_and_in_eval(tmp_path):
 
 def test_duplicates_against_and_eval_gallery_share_one_model_identity(tmp_path, capsys):
     """Two pixel stores differing only in run.seed hold the same vectors: both checks accept them; a store of
-    another image size is refused by both, in a sentence naming model.image_size."""
+    another interpolation is refused by both, in a sentence naming model.interpolation."""
     common = ["data=synthetic", "data.num_items=12", "model=pixels", "model.image_size=8", *TINY[2:]]
     assert cli("extract", *common, "run.dir=a") == 0
     assert cli("extract", *common, "run.seed=7", "data.num_items=12", "run.dir=b") == 0
-    assert cli("extract", *[c for c in common if c != "model.image_size=8"], "model.image_size=12", "run.dir=c") == 0
+    assert cli("extract", *common, "model.interpolation=bicubic", "run.dir=c") == 0
     capsys.readouterr()
     assert cli("duplicates", "run.dir=a", f"duplicates.against={tmp_path / 'b'}", "logger=none") == 0
     assert cli("eval", "run.dir=a", f"eval.gallery={tmp_path / 'b'}", "logger=none") == 0
     capsys.readouterr()
     assert cli("duplicates", "run.dir=a", f"duplicates.against={tmp_path / 'c'}", "logger=none") == 2
-    assert "model.image_size: 8 vs 12" in capsys.readouterr().err
+    assert "model.interpolation: 'bilinear' vs 'bicubic'" in capsys.readouterr().err
     assert cli("eval", "run.dir=a", f"eval.gallery={tmp_path / 'c'}", "logger=none") == 2
-    assert "model.image_size: 8 vs 12" in capsys.readouterr().err
+    assert "model.interpolation: 'bilinear' vs 'bicubic'" in capsys.readouterr().err

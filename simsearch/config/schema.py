@@ -14,7 +14,7 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "synthetic"  # cifar10 | fashion_mnist | folder | synthetic | cub200 | cars196 | sop | inshop
+    name: str = "synthetic"  # a registered dataset (`simsearch --help` lists them): cifar10, fashion_mnist, folder...
     root: str | None = None  # where the files are (or go, for downloads)
     split: str = "test"  # train | test (datasets only); inshop: train | query | gallery
     limit: int | None = None  # keep the first N items only
@@ -31,7 +31,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "resnet50"  # any torchvision classification model, or timm/<name> for any timm model
+    name: str = "resnet50"  # any torchvision classification model, timm/<name>, pixels, or <family>/<name> of a registered family
     weights: str = "imagenet"  # imagenet (the library's default pretrained) | imagenet_v1 | random (seeded) | a state-dict path
     # null: the backbone's own, from its library's pretrained metadata (torchvision weights' transforms, timm's
     # pretrained_cfg); a value overrides it. The resolved values are recorded in every manifest and checkpoint.
@@ -53,8 +53,8 @@ class TrainerConfig:
     devices: Any = 1  # an int, a list of ids or "auto"
     num_nodes: int = 1
     strategy: str = "auto"  # auto picks DDP for several devices
-    # None: bf16-mixed on GPU; extraction on a CPU computes in bf16 where it is native (AVX512-BF16, AMX: cosine > 0.999
-    # from fp32, 2x faster), else fp32; 32-true asks for fp32 anywhere
+    # None: bf16-mixed on a GPU, fp32 on a CPU (bf16 on a CPU was measured below the 0.999 cosine to fp32 a store
+    # needs: docs/backbones.md); bf16-mixed asks for it anyway. Part of the store's fingerprint, used again by queries
     precision: str | None = None
     enable_progress_bar: bool = True
 
@@ -77,7 +77,7 @@ class IndexConfig:
 @dataclass
 class EvalConfig:
     k: list[int] = field(default_factory=lambda: [1, 5, 10, 20, 100])
-    backend: str = "exact"  # exact: chunked brute force in torch | index: the run's FAISS index
+    backend: str = "exact"  # exact: blocked brute force (numpy on a CPU, torch on GPUs) | index: the run's FAISS index
     gallery: str | None = None  # a second store's run dir: run.dir's items are queries against it; None: leave-one-out
     queries: int | None = None  # a seeded sample (run.seed) of N queries, every item still in the gallery; None: all
     query_chunk: int = 1024  # queries scored at once: memory is query_chunk x block_rows, never N x N

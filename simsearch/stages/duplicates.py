@@ -8,14 +8,13 @@ so a group larger than k still forms through chains of pairs. Pixel-identical co
 from __future__ import annotations
 
 import logging
-import os
 
 import numpy as np
 from omegaconf import DictConfig
 
 from simsearch.drawing import draw_groups
 from simsearch.errors import SimsearchError
-from simsearch.files import write_json_atomically
+from simsearch.files import replace_atomically, write_json_atomically
 from simsearch.identity import check_same_model, stored_identity
 from simsearch.index import open_searcher
 from simsearch.items import ItemImages
@@ -148,8 +147,7 @@ def duplicates(cfg: DictConfig) -> list[list[str]]:
     picture = store.dir / settings.image
     picture.unlink(missing_ok=True)  # a picture of an earlier run's groups would mislead
     if drawn:
-        temporary = picture.with_name(f".{picture.name}.{os.getpid()}.tmp.png")
-        draw_groups(drawn[: settings.show_groups]).save(temporary)
-        os.replace(temporary, picture)
+        sheet = draw_groups(drawn[: settings.show_groups])
+        replace_atomically(picture, sheet.save)
         print(f"Saved image: {picture}")
     return groups

@@ -39,6 +39,7 @@ from simsearch.config import save_config
 from simsearch.data import ImageCollection, Resize
 from simsearch.data.loading import ImageDataModule
 from simsearch.errors import SimsearchError
+from simsearch.files import replace_atomically
 from simsearch.identity import embedder_identity, run_fingerprint
 from simsearch.model.factory import build_embedder, resolve_model_config
 from simsearch.model.inference import check_inference_mode, prepare_inference, trainer_precision
@@ -88,9 +89,8 @@ class ShardWriter(BasePredictionWriter):
                     "keys": json.dumps([self.keys[i] for i in indices])}
         name = f"attempt{self.attempt:03d}-rank{trainer.global_rank:04d}-batch{batch_idx:08d}.safetensors"
         path = self.shard_dir / name
-        temporary = path.with_suffix(".tmp")
-        save_file(tensors, str(temporary), metadata=metadata)
-        os.replace(temporary, path)  # a shard is either complete or absent
+        # a shard is either complete or absent
+        replace_atomically(path, lambda temporary: save_file(tensors, str(temporary), metadata=metadata))
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         trainer.strategy.barrier("simsearch-shards-written")

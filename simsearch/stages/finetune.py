@@ -254,8 +254,9 @@ class MetricLearningModule(L.LightningModule):
             loss, triplets = self.loss_fn(embeddings, labels), None
         else:
             embeddings, labels = self.embed(batch, augmented=True), batch["label"]
-            triplets = self.miner(embeddings, labels) if self.miner is not None else None
-            loss = self.loss_fn(embeddings, labels, triplets)
+            mined = self.miner(embeddings, labels) if self.miner is not None else None
+            loss = self.loss_fn(embeddings, labels, mined)
+            triplets = mined if mined is not None and len(mined) == 3 else None  # a pair miner gives four tensors
         with torch.no_grad():
             detached = embeddings.detach().float()
             sample = slice(0, 128)  # all triplets of a batch grow as B^3: measure on the first 128

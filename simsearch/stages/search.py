@@ -19,6 +19,7 @@ from PIL import Image
 
 from simsearch.drawing import draw_grid
 from simsearch.errors import SimsearchError
+from simsearch.files import replace_atomically
 from simsearch.index import open_searcher
 from simsearch.items import ItemImages
 from simsearch.knn import Searcher, search_without_self
@@ -228,7 +229,7 @@ def search(cfg: DictConfig) -> SearchResult:
             log.warning("the query's image cannot be shown: %s", missing)
     grid = draw_grid(query_image, query.caption, result, [image for image, _ in tiles])
     grid_path = store.dir / cfg.search.grid
-    grid.save(grid_path)
+    replace_atomically(grid_path, grid.save)
     print(f"Saved image: {grid_path}")
     run = start_run(cfg, "search")
     log_image(run, "search/recommendations", grid_path, query.caption)
