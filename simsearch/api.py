@@ -91,7 +91,7 @@ class Results:
             query = self.store.image(query)
         elif query is None:
             query = Image.new("RGB", (32, 32), "lightgrey")
-        grid = draw_grid(query, self._query_caption, self._result, images, columns=max(1, min(columns, len(images))))
+        grid = draw_grid(query, self._query_caption, self._result, images, columns=max(1, columns))
         figure = plt.figure(figsize=(tile_inches * grid.width / 168, tile_inches * grid.height / 168))
         axis = figure.add_axes((0, 0, 1, 1))
         axis.imshow(grid)

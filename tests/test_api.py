@@ -77,10 +77,12 @@ def test_search_by_row_id_path_image_and_vector(photo_store, tmp_path):
 def test_show_returns_a_figure_of_the_query_and_its_neighbours(photo_store, tmp_path):
     from matplotlib.figure import Figure
 
-    figure = photo_store.search(0, k=4).show(columns=2)
+    figure = photo_store.search(0, k=4).show()
     assert isinstance(figure, Figure)
-    drawn = [axis for axis in figure.axes if axis.images]
-    assert len(drawn) == 5  # the query and 4 neighbours
+    shown = np.asarray(figure.axes[0].images[0].get_array())
+    # the very grid `simsearch search` draws for the same query
+    assert cli("search", f"run.dir={photo_store.dir}", "query=0", "search.k=4", "logger=none") == 0
+    np.testing.assert_array_equal(shown, np.asarray(Image.open(photo_store.dir / "recommendations.png")))
     figure.savefig(tmp_path / "grid.png")
     assert Image.open(tmp_path / "grid.png").size[0] > 300
 

@@ -258,7 +258,7 @@ def brute_force_top(gallery: np.ndarray, queries: np.ndarray, k: int, exclude: n
 def test_exact_searcher_ranks_ties_by_row_across_blocks_and_devices(tmp_path, monkeypatch, block_rows, device, kernels):
     if kernels == "numpy-small-tiles":  # several query tiles per block, several partition steps per tile
         monkeypatch.setattr("simsearch.knn.CPU_TILE_ELEMENTS", 5 * block_rows)
-        monkeypatch.setattr("simsearch.index.PARTITION_ELEMENTS", 2 * block_rows)
+        monkeypatch.setattr("simsearch.knn.PARTITION_ELEMENTS", 2 * block_rows)
     torch_on_cpu = kernels == "torch"
     vectors = sign_vectors(90, 16, seed=3)
     vectors[40:50] = vectors[3]  # exact duplicates, and cosines in 17 values only: ties everywhere
