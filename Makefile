@@ -6,7 +6,7 @@ PYTHON  ?= $(VENV)/bin/python
 RUN     := $(VENV)/bin/simsearch
 ARGS    ?=
 
-.PHONY: setup demo test test-all lint extract index eval search finetune compare serve bench results clean
+.PHONY: setup demo test test-all lint extract index eval search finetune compare serve bench bench-gpu results clean
 
 setup:  ## create .venv and install simsearch with its test, serve and weights extras
 	python3 -m venv $(VENV)
@@ -55,6 +55,12 @@ serve:
 
 bench:  ## benchmarks against the plain reference pipeline; BENCH_ARGS="--quick" for a short run
 	$(PYTHON) scripts/bench.py $(BENCH_ARGS)
+
+# The GPU record (docs/BENCHMARKS.md): on a GPU machine, after scripts/gpu_wheels.sh here; GPU_ARGS=--dry-run tries it on the CPU.
+GPU_OUT  ?= bench-results/gpu
+GPU_ARGS ?=
+bench-gpu:  ## the GPU record into $(GPU_OUT)/gpu-<device>.json (about 6 min on an H100/H200); GPU_ARGS="--dry-run" on a CPU
+	PYTHON=$(if $(wildcard $(PYTHON)),$(PYTHON),python3) bash scripts/gpu_record.sh $(GPU_OUT) $(GPU_ARGS)
 
 results:  ## docs/RESULTS.md: every row on Fashion-MNIST (CPU: 1-2 h); RESULTS_ARGS="--rows pixels lite0" for some
 	$(PYTHON) scripts/finetune_results.py $(RESULTS_ARGS)
