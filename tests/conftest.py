@@ -66,3 +66,20 @@ def _isolated(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
     monkeypatch.setenv("WANDB_SILENT", "true")
+    yield
+    forget_torchscript()
+
+
+def forget_torchscript() -> None:
+    """TorchScript keeps every traced module's code, its frozen weights included, for the life of the process
+    (~100 MB per frozen ResNet-50); a suite that extracts hundreds of times in one process would hold them
+    all. Between tests nothing frozen is alive, so the registry is emptied (a user's process extracts once)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return
+    import gc
+
+    gc.collect()
+    torch.jit._state._python_cu.drop_all_functions()
+    torch.jit._recursive.concrete_type_store.type_store.clear()
+    torch.jit._state._clear_class_state()
