@@ -77,6 +77,10 @@ class IndexConfig:
 @dataclass
 class EvalConfig:
     k: list[int] = field(default_factory=lambda: [1, 5, 10, 20, 100])
+    # k-NN classification accuracy (DINO/DINOv2's protocol: test queries against the train split as gallery)
+    knn_k: list[int] = field(default_factory=lambda: [10, 20, 100, 200])  # DINOv2's K; [] computes none
+    knn_weights: str = "exp"  # exp: exp(cosine / T), DINOv2's vote | uniform: majority | distance: 1 / (1 - cosine)
+    knn_temperature: float = 0.07  # T of the exp vote (DINOv2's 0.07)
     backend: str = "exact"  # exact: blocked brute force (numpy on a CPU, torch on GPUs) | index: the run's FAISS index
     gallery: str | None = None  # a second store's run dir: run.dir's items are queries against it; None: leave-one-out
     queries: int | None = None  # a seeded sample (run.seed) of N queries, every item still in the gallery; None: all

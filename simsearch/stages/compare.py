@@ -58,13 +58,13 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
     write_json_atomically(out / "comparison.json", comparison)
     chart = out / cfg.compare.chart
     comparison_chart(comparison, list(results["baseline"]["k"]), chart)
-    print(comparison_table(comparison, list(results["baseline"]["k"])))
+    print(comparison_table(comparison, list(results["baseline"]["k"]), list(results["baseline"].get("knn_k", []))))
     print(f"Saved: {out / 'comparison.json'}, {chart}")
     return comparison
 
 
-def comparison_table(comparison: dict[str, Any], ks: list[int]) -> str:
-    names = metric_names(ks)
+def comparison_table(comparison: dict[str, Any], ks: list[int], knn_ks: list[int] | None = None) -> str:
+    names = metric_names(ks, knn_ks or [])
     lines = [f"{'metric':<14}{'baseline':>10}{'finetuned':>11}{'change':>9}"]
     for name in names:
         b, f = comparison["baseline"][name], comparison["finetuned"][name]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import unicodedata
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ from simsearch.files import write_json_atomically
 from simsearch.identity import check_same_model, stored_identity
 from simsearch.index import FaissSearcher, open_index
 from simsearch.knn import ExactSearcher, StoredRows, search_without_self, take_rows
-from simsearch.metrics import metrics_table, per_query_metrics, summarise
+from simsearch.metrics import KNN_WEIGHTS, Ranking, metrics_table, per_query_metrics, summarise
 from simsearch.runtime import cuda_available, join_launched_ranks
 from simsearch.store import Store
 from simsearch.tracking import finish, log_metrics, start_run
@@ -132,6 +133,7 @@ def evaluate_store(store: Store, eval_cfg: DictConfig, index_cfg: DictConfig, se
     `ranks` (global rank, world size, local rank; `runtime.join_launched_ranks`): the exact search's
     blocks are shared among the ranks, and every rank returns the same metrics."""
     _check_sizes(eval_cfg)
+    knn = KnnVote.from_config(eval_cfg)
     if not store.has_labels:
         raise SimsearchError(f"the store {store.dir} has no labels: evaluation needs a labelled collection")
     if gallery is None:
@@ -143,7 +145,7 @@ def evaluate_store(store: Store, eval_cfg: DictConfig, index_cfg: DictConfig, se
         log.info("evaluating %d items of %s, leave-one-out, with %s", len(store), store.dir, searcher.description)
         metrics = rank_and_score(stored_rows(store), store.labels, store.labels, store.classes,
                                  list(eval_cfg.k), searcher, int(eval_cfg.query_chunk), leave_one_out=True,
-                                 sample=eval_cfg.queries, seed=seed)
+                                 sample=eval_cfg.queries, seed=seed, knn=knn)
         return {**metrics, "search": describe_search(eval_cfg, index_cfg)}
     if not gallery.has_labels:
         raise SimsearchError(f"the gallery {gallery.dir} has no labels: query/gallery evaluation needs both labelled")
@@ -160,7 +162,7 @@ def evaluate_store(store: Store, eval_cfg: DictConfig, index_cfg: DictConfig, se
              gallery.dir, searcher.description)
     metrics = rank_and_score(stored_rows(store), query_labels, gallery_labels, classes,
                              list(eval_cfg.k), searcher, int(eval_cfg.query_chunk), leave_one_out=False,
-                             sample=eval_cfg.queries, seed=seed)
+                             sample=eval_cfg.queries, seed=seed, knn=knn)
     return {**metrics, "search": describe_search(eval_cfg, index_cfg), "gallery": store_identity(gallery)}
 
 
@@ -182,10 +184,31 @@ def evaluate_embeddings(vectors: np.ndarray, labels: np.ndarray, classes: list[s
     return rank_and_score(vectors, labels, labels, classes, ks, searcher, query_chunk, leave_one_out=True)
 
 
+@dataclass(frozen=True)
+class KnnVote:
+    """How kNN accuracy votes (`eval.knn_k`, `eval.knn_weights`, `eval.knn_temperature`)."""
+
+    ks: tuple[int, ...] = ()
+    weights: str = "exp"
+    temperature: float = 0.07
+
+    @classmethod
+    def from_config(cls, eval_cfg: DictConfig) -> KnnVote:
+        ks = tuple(sorted({int(k) for k in eval_cfg.knn_k}))
+        if any(k < 1 for k in ks):
+            raise SimsearchError(f"eval.knn_k={list(eval_cfg.knn_k)} must be positive integers (or [] for none)")
+        if eval_cfg.knn_weights not in KNN_WEIGHTS:
+            raise SimsearchError(f"eval.knn_weights must be {', '.join(KNN_WEIGHTS)}, not '{eval_cfg.knn_weights}'")
+        if not float(eval_cfg.knn_temperature) > 0:
+            raise SimsearchError(f"eval.knn_temperature={eval_cfg.knn_temperature} must be a positive number")
+        return cls(ks, str(eval_cfg.knn_weights), float(eval_cfg.knn_temperature))
+
+
 def rank_and_score(queries: np.ndarray | StoredRows, query_labels: np.ndarray, gallery_labels: np.ndarray,
                    classes: list[str], ks: list[int], searcher: Any, query_chunk: int = 1024, leave_one_out: bool = True,
-                   sample: int | None = None, seed: int = 0) -> dict[str, Any]:
-    """Rank the gallery for every evaluable query, chunk by chunk, and average the metrics.
+                   sample: int | None = None, seed: int = 0, knn: KnnVote = KnnVote()) -> dict[str, Any]:
+    """Rank the gallery for every evaluable query, chunk by chunk, and average the metrics: one search to the
+    depth the deepest metric needs, every metric computed from the same lists.
 
     Leave-one-out: queries and gallery are the same rows and a query's own row is never ranked.
     """
@@ -204,7 +227,9 @@ def rank_and_score(queries: np.ndarray | StoredRows, query_labels: np.ndarray, g
     if ks[-1] > others:
         log.warning("eval.k=%d is more than the %d items a query is ranked against: K is capped at %d", ks[-1], others, others)
         ks = sorted({min(k, others) for k in ks})
-    depth = min(max(ks[-1], int(relevant[query_rows].max())), others)  # MAP@R needs every query's R_q neighbours
+    knn_ks = sorted({min(k, others) for k in knn.ks})  # a K past the gallery is every item: the same vote
+    # MAP@R needs every query's R_q neighbours, kNN accuracy its largest K
+    depth = min(max(ks[-1], int(relevant[query_rows].max()), *knn_ks), others)
     log.debug("evaluating %d queries against %d items, top %d, with %s", len(query_rows), len(gallery_labels), depth,
               searcher.description)
     labels_or_none = np.append(gallery_labels, -2)  # row -1 (no neighbour found) matches no label
@@ -214,16 +239,21 @@ def rank_and_score(queries: np.ndarray | StoredRows, query_labels: np.ndarray, g
         rows = query_rows[start : start + chunk]
         vectors = take_rows(queries, rows)
         if leave_one_out:
-            _, found = search_without_self(searcher, vectors, rows, depth)
+            scores, found = search_without_self(searcher, vectors, rows, depth)
         else:
-            _, found = searcher.search(vectors, depth)
-        hits = labels_or_none[found] == query_labels[rows][:, None]
-        for name, value in per_query_metrics(hits, relevant[rows], ks).items():
+            scores, found = searcher.search(vectors, depth)
+        neighbour_labels = labels_or_none[found]
+        hits = neighbour_labels == query_labels[rows][:, None]
+        ranking = Ranking(hits, relevant[rows], neighbour_labels, scores, query_labels[rows], knn.weights, knn.temperature)
+        for name, value in per_query_metrics(hits, relevant[rows], ks, ranking, knn_ks).items():
             values.setdefault(name, []).append(value)
     per_query = {name: np.concatenate(parts) for name, parts in values.items()}
     metrics = summarise(per_query, query_labels[query_rows], classes, ks, len(gallery_labels),
                         len(query_labels) - len(evaluable))
     metrics["protocol"] = "leave-one-out" if leave_one_out else "query-gallery"
+    if knn_ks:
+        metrics["knn_k"] = knn_ks
+        metrics["knn"] = {"weights": knn.weights, "temperature": knn.temperature}
     if sampling:
         metrics["query_sample"] = sampling
     return metrics
