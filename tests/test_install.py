@@ -21,7 +21,12 @@ def test_a_non_editable_install_runs_from_another_folder(tmp_path):
     # the dependencies (torch, ...) come from this environment's site-packages, simsearch itself does not:
     # a path added by a .pth file is not a site folder, so this environment's editable install is not seen
     (Path(site) / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    install = subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--quiet", str(ROOT)],
+    wheels = tmp_path / "wheels"  # a wheel built from the source, as `pip install .` builds one
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(wheels), str(ROOT)],
+                           capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stderr[-2000:]
+    wheel = next(wheels.glob("simsearch-*.whl"))
+    install = subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--quiet", str(wheel)],
                              capture_output=True, text=True, timeout=600)
     assert install.returncode == 0, install.stderr[-2000:]
     elsewhere = tmp_path / "elsewhere"

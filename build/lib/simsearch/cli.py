@@ -1,0 +1,120 @@
+"""`simsearch COMMAND [group=choice ...] [key=value ...]`: a table of commands, each a stage function.
+
+The CLI parses the config and calls one stage; the usage is generated from the tables (commands,
+datasets, model presets). A stage module is imported only when its command runs, so `simsearch search
+query=ID` never pays for torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+
+from omegaconf import DictConfig, OmegaConf
+
+from simsearch.config import config_dir, load_config
+from simsearch.errors import SimsearchError
+from simsearch.runtime import filter_library_warnings
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    target: str  # "module:function", imported when the command runs
+    example: str = ""
+
+    def function(self) -> Callable[[DictConfig], object]:
+        module, _, name = self.target.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+
+COMMANDS: dict[str, Command] = {
+    "extract": Command("embed a collection into a store (run.dir)", "simsearch.stages.extract:extract",
+                       "simsearch extract data=folder data.root=~/photos run.dir=outputs/photos"),
+    "index": Command("build the FAISS index of a store", "simsearch.stages.index:index",
+                     "simsearch index run.dir=outputs/photos index.factory=HNSW32"),
+    "eval": Command("hit@K, Precision@K, Recall@K, mAP@K, MAP@R: leave-one-out, or against eval.gallery=RUN_DIR",
+                    "simsearch.stages.evaluate:evaluate", "simsearch eval run.dir=outputs/cifar10-test"),
+    "search": Command("top-K neighbours of an item (query=ID or row), an image (query=PATH) or a vector (query=V.npy)",
+                      "simsearch.stages.search:search", "simsearch search run.dir=outputs/cifar10-test query=42"),
+    "duplicates": Command("groups of near-identical items (duplicates.against=OTHER_RUN_DIR: leakage)",
+                          "simsearch.stages.duplicates:duplicates", "simsearch duplicates run.dir=outputs/photos"),
+    "map": Command("the embeddings in 2-D (UMAP or t-SNE), coloured by label: embedding_map.png",
+                   "simsearch.stages.map:embedding_map", "simsearch map run.dir=outputs/photos"),
+    "finetune": Command("train a projection head (and optionally the last stages) with a metric-learning loss",
+                        "simsearch.stages.finetune:finetune", "simsearch finetune data=fashion_mnist data.split=train"),
+    "compare": Command("frozen baseline versus fine-tuned on the same test split", "simsearch.stages.compare:compare",
+                       "simsearch compare data=fashion_mnist model=efficientnet_lite0"),
+    "serve": Command("JSON API and web page over a store", "simsearch.stages.serve:serve",
+                     "simsearch serve run.dir=outputs/photos"),
+    "config": Command("print the resolved config (required keys shown as ???)", "simsearch.cli:print_config",
+                      "simsearch config data=folder"),
+}
+PLUGINS_VARIABLE = "SIMSEARCH_PLUGINS"  # modules to import first: they register families, datasets, metrics, losses
+
+
+def print_config(cfg: DictConfig) -> None:
+    from simsearch.data.registry import dataset_kind  # the one table of datasets (imports torch: not for search)
+
+    dataset_kind(cfg.data.name)  # an unknown data=NAME is refused here, as by any command that reads data
+    print(OmegaConf.to_yaml(cfg, resolve=False), end="")
+
+
+def presets(group: str) -> list[str]:
+    return sorted(path.stem for path in (config_dir() / group).glob("*.yaml"))
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS)) + 2
+    lines = ["usage: simsearch COMMAND [group=choice ...] [key=value ...]", "", "commands:"]
+    lines += [f"  {name:<{width}}{command.help}" for name, command in COMMANDS.items()]
+    from simsearch.data.registry import DATASETS  # the one table of datasets (imports torch: only for --help)
+
+    lines += ["", "datasets (data=NAME):"] + [f"  {name:<{width}}{kind.help}" for name, kind in DATASETS.items()]
+    lines += ["", f"groups: data=NAME (presets: {'|'.join(presets('data'))})",
+              f"        model={'|'.join(presets('model'))} (or model.name=<torchvision name>, timm/<name>, pixels)",
+              f"        logger={'|'.join(presets('logger'))}", "", "examples:"]
+    lines += [f"  {command.example}" for command in COMMANDS.values() if command.example][:4]
+    return "\n".join(lines) + "\n"
+
+
+def load_plugins() -> None:
+    """Import the modules named in $SIMSEARCH_PLUGINS and the `simsearch.plugins` entry points: registering a
+    family, dataset, metric or loss there makes it available to every command."""
+    names = [name.strip() for name in os.environ.get(PLUGINS_VARIABLE, "").split(",") if name.strip()]
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as error:
+            raise SimsearchError(f"{PLUGINS_VARIABLE}={name}: cannot import it ({error}): put it on PYTHONPATH") from None
+    for entry in entry_points(group="simsearch.plugins"):
+        entry.load()
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if not arguments or arguments[0] in ("-h", "--help", "help"):
+        print(usage(), end="")
+        return 0
+    name, rest = arguments[0], arguments[1:]
+    if name not in COMMANDS:
+        print(f"simsearch: unknown command '{name}' (known: {', '.join(COMMANDS)})", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    filter_library_warnings()
+    try:
+        load_plugins()
+        cfg = load_config(rest, allow_missing=name == "config")
+        COMMANDS[name].function()(cfg)
+    except SimsearchError as error:
+        print(f"simsearch {name}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"simsearch {name}: interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,176 @@
+"""Typed configuration: the schema (`schema.py`) + `presets/default.yaml` + one preset per chosen group +
+`key=value` overrides.
+
+The schema holds every key with its default and the reason for it; the presets only choose.
+A misspelt key or a value of the wrong type is a `SimsearchError` naming the key.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from simsearch.config.schema import (  # noqa: F401 - the schema is part of the config's API
+    Config,
+    DataConfig,
+    EvalConfig,
+    IndexConfig,
+    ModelConfig,
+    TrainerConfig,
+)
+from simsearch.errors import SimsearchError
+from simsearch.files import write_text_atomically
+
+GROUPS = ("data", "model", "logger")
+# Short spellings accepted on the command line, e.g. `simsearch search query=42`.
+ALIASES = {"query": "search.query"}
+# Taken exactly as typed, never parsed as YAML: `query=true` is a file named `true`, `query=-0` is not row 0.
+VERBATIM = ("search.query", "run.dir", "data.root", "search.grid")
+# The smallest value each number may take: below it a run would fail later, less clearly.
+MINIMUMS = {
+    "data.batch_size": 1, "data.num_workers": 0, "data.num_items": 1, "data.num_classes": 1, "data.native_size_px": 1,
+    "model.image_size": 1, "trainer.num_nodes": 1, "index.train_size": 1, "index.batch_size": 1, "eval.query_chunk": 1,
+    "search.k": 1, "serve.port": 0, "serve.max_k": 1, "serve.batch_size": 1, "serve.batch_wait_ms": 0,
+    "serve.thumbnail_px": 1,
+}
+GRID_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def config_dir() -> Path:
+    """The presets folder: $SIMSEARCH_CONFIGS, else the one shipped inside the package."""
+    env = os.environ.get("SIMSEARCH_CONFIGS")
+    path = Path(env) if env else Path(__file__).resolve().parent / "presets"
+    if not (path / "default.yaml").is_file():
+        raise SimsearchError(f"no default.yaml in {path}: set SIMSEARCH_CONFIGS to a folder of presets, or reinstall simsearch")
+    return path
+
+
+def _explain(error: OmegaConfBaseException) -> str:
+    key = getattr(error, "full_key", None) or ""
+    message = str(error).splitlines()[0]
+    return f"config error at '{key}': {message}" if key else f"config error: {message}"
+
+
+def _split_arguments(arguments: list[str]) -> tuple[dict[str, str], list[str], dict[str, str]]:
+    """Group choices, `key=value` overrides to parse, and verbatim overrides (see VERBATIM)."""
+    choices: dict[str, str] = {}
+    overrides: list[str] = []
+    verbatim: dict[str, str] = {}
+    for argument in arguments:
+        key, sep, value = argument.partition("=")
+        if not sep or not key:
+            raise SimsearchError(f"cannot read argument '{argument}': write key=value, e.g. data.root=DIR")
+        key = ALIASES.get(key, key)
+        if key in GROUPS:
+            choices[key] = value
+        elif key in VERBATIM and value not in ("null", "~"):
+            verbatim[key] = value
+        else:
+            overrides.append(f"{key}={value}")
+    return choices, overrides, verbatim
+
+
+def _lists_from_scalars(cfg: DictConfig, overrides: list[str]) -> list[str]:
+    """`eval.k=5` means `eval.k=[5]`: a scalar given for a list key becomes a list of one."""
+    result = []
+    for override in overrides:
+        key, _, value = override.partition("=")
+        try:
+            is_list = OmegaConf.is_list(OmegaConf.select(cfg, key, throw_on_missing=False))
+        except OmegaConfBaseException:
+            is_list = False
+        result.append(f"{key}=[{value}]" if is_list and not value.strip().startswith("[") else override)
+    return result
+
+
+def _nested(dotted: dict[str, str]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for key, value in dotted.items():
+        *parents, leaf = key.split(".")
+        node = tree
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = value
+    return tree
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as error:  # yaml syntax errors come in many types
+        raise SimsearchError(f"cannot read {path}: {error}") from None
+    if not isinstance(loaded, DictConfig):
+        raise SimsearchError(f"{path} must hold a mapping of keys to values")
+    return loaded
+
+
+def load_config(arguments: list[str] | None = None, allow_missing: bool = False) -> DictConfig:
+    """Compose the schema, `default.yaml`, the chosen group files and `key=value` overrides. `allow_missing`:
+    keys that must be given may stay `???` (`simsearch config` shows them so)."""
+    root = config_dir()
+    choices, overrides, verbatim = _split_arguments(list(arguments or []))
+    defaults = _load_yaml(root / "default.yaml")
+    chosen = {**OmegaConf.to_container(defaults.pop("defaults", OmegaConf.create({}))), **choices}
+    required: list[str] = []
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), defaults)
+        for group, choice in chosen.items():
+            if group not in GROUPS:
+                raise SimsearchError(f"unknown config group '{group}' in default.yaml (known: {GROUPS})")
+            group_file = root / group / f"{choice}.yaml"
+            if not group_file.is_file() and group == "data":  # a registered dataset needs no preset
+                cfg = OmegaConf.merge(cfg, {"data": {"name": choice}})
+                continue
+            if not group_file.is_file():
+                known = sorted(p.stem for p in (root / group).glob("*.yaml"))
+                raise SimsearchError(f"unknown choice {group}={choice} (known: {', '.join(known)})")
+            group_cfg = _load_yaml(group_file)
+            # `???` in a group file: the user must give it (a merge would keep the schema's default)
+            required += [f"{group}.{key}" for key in sorted(OmegaConf.missing_keys(group_cfg))]
+            cfg = OmegaConf.merge(cfg, {group: group_cfg})
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(_lists_from_scalars(cfg, overrides)), _nested(verbatim))
+        given = {item.partition("=")[0] for item in overrides} | set(verbatim)
+        missing = [key for key in required if key not in given] + sorted(OmegaConf.missing_keys(cfg))
+        if missing and not allow_missing:
+            raise SimsearchError(f"'{missing[0]}' must be given, e.g. {missing[0]}=VALUE")
+        for key in missing:  # shown as ??? by `simsearch config`
+            OmegaConf.update(cfg, key, "???", force_add=True)
+        if not missing:
+            OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as error:
+        raise SimsearchError(_explain(error)) from None
+    OmegaConf.set_readonly(cfg, False)
+    if not missing:
+        check_values(cfg)
+    return cfg
+
+
+def check_values(cfg: DictConfig) -> None:
+    """Values of the right type but out of range, each refused with one sentence naming the key."""
+    for key, minimum in MINIMUMS.items():
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value < minimum:
+            raise SimsearchError(f"{key}={value} is out of range: it must be at least {minimum}")
+    if not cfg.serve.max_upload_mb > 0:
+        raise SimsearchError(f"serve.max_upload_mb={cfg.serve.max_upload_mb} must be a positive number of megabytes")
+    if any(k < 1 for k in cfg.eval.k) or not len(cfg.eval.k):
+        raise SimsearchError(f"eval.k={list(cfg.eval.k)} must be one or more positive integers, e.g. eval.k=[1,10]")
+    devices = cfg.trainer.devices
+    if not (devices == "auto" or devices == -1 or (isinstance(devices, int) and devices >= 1)
+            or (OmegaConf.is_list(devices) and len(devices) > 0)
+            or (isinstance(devices, str) and devices.replace(",", "").isdigit() and devices.strip(",0") != "")):
+        raise SimsearchError(f"trainer.devices={devices} must be a positive count, a list of device ids, -1 or auto")
+    if Path(cfg.search.grid).suffix.lower() not in GRID_SUFFIXES:
+        raise SimsearchError(f"search.grid={cfg.search.grid} must be an image file name ending in "
+                             f"{', '.join(GRID_SUFFIXES)}")
+
+
+def save_config(cfg: DictConfig, path: Path) -> None:
+    """Write the fully resolved config next to an output (beside, then renamed: never left half-written)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomically(path, OmegaConf.to_yaml(cfg, resolve=True))
+

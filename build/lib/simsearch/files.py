@@ -1,0 +1,77 @@
+"""Files written so that a run killed at any moment leaves either the old file or the new one, never
+half of one; and the checksums and identities that readers compare files against."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from simsearch.errors import SimsearchError
+
+
+def sha256_of(path: Path, block_bytes: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(block_bytes):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_identity(stat: os.stat_result) -> tuple[int, int, int, int]:
+    """Device, inode, size and mtime: a file replaced (os.replace) or rewritten since has another."""
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+def temporary_beside(path: Path) -> Path:
+    """Where the next version of `path` is written before it replaces it: the same folder (same file system),
+    hidden, and with the same suffix (image writers choose their format by it)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
+
+
+def replace_atomically(path: Path, write: Any) -> None:
+    """Call `write(temporary)` beside `path`, then rename it over `path`: a run killed mid-write leaves
+    the old file whole, and a failed write (full disk, read-only folder) leaves no stray file."""
+    temporary = temporary_beside(path)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    replace_atomically(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
+
+
+def write_json_atomically(path: Path, value: Any, indent: int = 2) -> None:
+    write_text_atomically(path, json.dumps(value, indent=indent, ensure_ascii=False) + "\n")
+
+
+def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def read_jsonl(path: Path, sha256: str | None = None, handle: BinaryIO | None = None) -> list[dict[str, Any]]:
+    """One dict per line of `path` (or of `handle`, an open file of it); with `sha256`, the bytes read
+    must have that checksum (the file is the one the manifest describes, not one swapped in since)."""
+    data = handle.read() if handle is not None else path.read_bytes()
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise SimsearchError(f"{path} has changed since its store was opened (a new extraction?): open the store again")
+    records = []
+    for number, line in enumerate(data.split(b"\n"), start=1):  # only \n ends a line: ids may hold U+2028
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise SimsearchError(f"{path} is damaged: line {number} is not a JSON object") from None
+        if not isinstance(record, dict):
+            raise SimsearchError(f"{path} is damaged: line {number} is not a JSON object")
+        records.append(record)
+    return records

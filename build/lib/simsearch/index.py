@@ -1,0 +1,206 @@
+"""FAISS indexes over a store (exact or approximate, CPU or GPUs): build, save, load, search.
+
+Inner product = cosine: the vectors are unit norm. An exact index answers with the same tie rule as
+the exact kernel (`simsearch.knn`): equal scores rank by row, lowest first.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig
+
+from simsearch.errors import SimsearchError
+from simsearch.files import replace_atomically, write_text_atomically
+from simsearch.knn import ExactSearcher, Searcher, cuda_available
+from simsearch.store import Store
+
+log = logging.getLogger(__name__)
+FAISS_GPU_MAX_K = 2048  # FAISS GPU indexes cannot return more neighbours per query
+ADD_CHUNK = 65_536
+
+
+def import_faiss():
+    try:
+        import faiss
+    except ImportError as error:
+        raise SimsearchError(
+            f"faiss is not importable ({error}): `pip install faiss-cpu`, or the gpu extra `pip install -e .[gpu]`"
+        ) from None
+    return faiss
+
+
+def faiss_gpu_count() -> int:
+    faiss = import_faiss()
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
+class FaissSearcher:
+    """A FAISS index, on every visible GPU when faiss has GPU support; batched search."""
+
+    def __init__(self, cpu_index: Any, device: str = "auto", sharded: bool = False, batch_size: int = 4096):
+        faiss = import_faiss()
+        self.cpu_index = cpu_index
+        self.batch_size = batch_size
+        self.gpu_index = None
+        gpus = faiss_gpu_count()
+        if device in ("gpu", "cuda") and gpus == 0:
+            log.warning("index.device=%s but this faiss has no GPU support: searching on the CPU", device)
+        if device in ("auto", "gpu", "cuda") and gpus > 0:
+            options = faiss.GpuMultipleClonerOptions()
+            options.shard = sharded
+            self.gpu_index = faiss.index_cpu_to_all_gpus(cpu_index, co=options)
+            self.description = f"FAISS on {gpus} GPU(s), {'sharded' if sharded else 'replicated'}"
+        else:
+            self.description = f"FAISS on CPU ({faiss.omp_get_max_threads()} threads)"
+
+    def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        index = self.gpu_index
+        if index is None or k > FAISS_GPU_MAX_K:
+            if index is not None:
+                log.info("k=%d exceeds FAISS GPU's limit of %d: searching on the CPU copy", k, FAISS_GPU_MAX_K)
+            index = self.cpu_index
+        results = [index.search(queries[s : s + self.batch_size], k) for s in range(0, len(queries), self.batch_size)]
+        if not results:
+            return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
+        return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results]).astype(np.int64)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k with simsearch's one tie rule (equal scores rank by row, lowest first), which FAISS does not
+        keep: one extra neighbour shows a tie across the cut, and only those queries are searched deeper."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        total = int(self.cpu_index.ntotal)
+        k = min(k, total)
+        depth = min(k + 1, total)
+        scores, rows = self._search(queries, depth)
+        best_scores, best_rows = lowest_row_first(scores, rows, k)
+        if depth == k:
+            return best_scores, best_rows
+        crowded = np.flatnonzero((scores[:, k] == scores[:, k - 1]) & (rows[:, k] >= 0))
+        while len(crowded) and depth < total:  # deepen until each tie group ends inside the list
+            depth = min(total, depth * 2)
+            deep_scores, deep_rows = self._search(queries[crowded], depth)
+            best_scores[crowded], best_rows[crowded] = lowest_row_first(deep_scores, deep_rows, k)
+            crowded = crowded[(deep_scores[:, -1] == deep_scores[:, k - 1]) & (deep_rows[:, -1] >= 0)]
+        return best_scores, best_rows
+
+
+def lowest_row_first(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The best k of each list, by score, then by row (lowest first); -1 rows (none found) last."""
+    order = np.lexsort((np.where(rows < 0, np.iinfo(np.int64).max, rows), -scores), axis=1)[:, :k]
+    return np.take_along_axis(scores, order, axis=1), np.take_along_axis(rows, order, axis=1)
+
+
+def _apply_search_params(index: Any, search_params: str) -> None:
+    if search_params:
+        faiss = import_faiss()
+        try:
+            faiss.ParameterSpace().set_index_parameters(index, search_params)
+        except RuntimeError as error:
+            raise SimsearchError(f"index.search_params='{search_params}' does not fit this index: {error}") from None
+
+
+def build_index(store: Store, index_cfg: DictConfig, seed: int = 0) -> tuple[Any, dict[str, Any]]:
+    """Build a CPU FAISS index over the store (training on a seeded sample where needed)."""
+    faiss = import_faiss()
+    started = time.perf_counter()
+    try:
+        index = faiss.index_factory(store.dim, index_cfg.factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as error:
+        raise SimsearchError(f"index.factory='{index_cfg.factory}' is not a FAISS factory string: {error}") from None
+    trained_on = 0
+    if not index.is_trained:
+        rows = np.random.default_rng(seed).permutation(len(store))[: index_cfg.train_size]
+        sample = store.vectors(np.sort(rows))
+        try:
+            index.train(sample)
+        except RuntimeError as error:
+            raise SimsearchError(
+                f"cannot train index '{index_cfg.factory}' on {len(sample)} vectors: {error} "
+                "(use fewer lists/centroids or a larger index.train_size)"
+            ) from None
+        trained_on = len(sample)
+    for start in range(0, len(store), ADD_CHUNK):
+        index.add(store.vectors(slice(start, start + ADD_CHUNK)))
+    _apply_search_params(index, index_cfg.search_params)
+    info = {
+        "factory": index_cfg.factory,
+        "search_params": index_cfg.search_params,
+        "metric": "inner_product",
+        "ntotal": int(index.ntotal),
+        "dim": store.dim,
+        "trained_on": trained_on,
+        "build_seconds": round(time.perf_counter() - started, 3),
+        "store_embeddings_sha256": store.manifest.get("sha256", {}).get("embeddings.npy"),
+        "faiss_version": getattr(faiss, "__version__", "unknown"),
+    }
+    return index, info
+
+
+def save_index(index: Any, info: dict[str, Any], store_dir: Path) -> None:
+    """index.faiss then index.json, each written beside and renamed: a killed save leaves no torn file."""
+    faiss = import_faiss()
+    replace_atomically(store_dir / "index.faiss", lambda temporary: faiss.write_index(index, str(temporary)))
+    write_text_atomically(store_dir / "index.json", json.dumps(info, indent=2) + "\n")
+
+
+def load_index(store: Store, index_cfg: DictConfig) -> tuple[Any, dict[str, Any]] | None:
+    """The saved index of the store, if it exists, is current and was built with the same factory."""
+    path, info_path = store.dir / "index.faiss", store.dir / "index.json"
+    if not (path.is_file() and info_path.is_file()):
+        return None
+    try:
+        info = json.loads(info_path.read_text())
+    except (OSError, ValueError):
+        log.warning("index.json in %s is unreadable: rebuilding the index", store.dir)
+        return None
+    if not isinstance(info, dict) or info.get("store_embeddings_sha256") != store.manifest.get("sha256", {}).get("embeddings.npy"):
+        log.warning("index.faiss in %s was built from other embeddings: rebuilding it", store.dir)
+        return None
+    if info.get("factory") != index_cfg.factory:
+        return None
+    faiss = import_faiss()
+    try:  # memory-mapped where the index type allows (flat codes since FAISS 1.9): pages are read as searched
+        index = faiss.read_index(str(path), getattr(faiss, "IO_FLAG_MMAP_IFC", faiss.IO_FLAG_MMAP))
+    except RuntimeError as error:  # truncated or damaged
+        log.warning("index.faiss in %s cannot be read (%s): rebuilding it", store.dir, str(error).splitlines()[0])
+        return None
+    if index.ntotal != len(store) or index.d != store.dim:
+        log.warning("index.faiss in %s holds other rows than the store: rebuilding it", store.dir)
+        return None
+    _apply_search_params(index, index_cfg.search_params)
+    info["search_params"] = index_cfg.search_params
+    return index, info
+
+
+def open_index(store: Store, index_cfg: DictConfig, seed: int = 0, save: bool = True) -> tuple[Any, dict[str, Any]]:
+    """Load the store's index, or build (and save) it."""
+    loaded = load_index(store, index_cfg)
+    if loaded is not None:
+        return loaded
+    index, info = build_index(store, index_cfg, seed)
+    if save:
+        try:
+            save_index(index, info, store.dir)
+        except (OSError, RuntimeError) as error:  # a read-only store: search with the index in memory
+            log.warning("cannot save the index in %s (%s): it is rebuilt at every start", store.dir,
+                        str(error).splitlines()[0])
+    return index, info
+
+
+def open_searcher(store: Store, index_cfg: DictConfig, seed: int = 0) -> Searcher:
+    """What `search` and `serve` query: the FAISS index, or exact torch search on a GPU without faiss-gpu."""
+    exact = index_cfg.factory.strip().lower() in ("flat", "idmap,flat")
+    wants_gpu = index_cfg.device in ("auto", "gpu", "cuda") and cuda_available()
+    if exact and wants_gpu and faiss_gpu_count() == 0:
+        searcher: Searcher = ExactSearcher(store.vectors(), "cuda")
+    else:
+        index, _ = open_index(store, index_cfg, seed)
+        searcher = FaissSearcher(index, index_cfg.device, index_cfg.gpu_sharded, index_cfg.batch_size)
+    log.info("searching with %s", searcher.description)
+    return searcher

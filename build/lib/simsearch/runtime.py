@@ -1,0 +1,107 @@
+"""Where a stage runs: the devices a GPU or CPU offers, the Lightning Trainer (accelerator, devices, nodes, strategy, precision) from
+`cfg.trainer`, and the ranks of a launcher (torchrun) for the stages that run without a Trainer."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from omegaconf import DictConfig
+
+from simsearch.errors import SimsearchError
+
+if TYPE_CHECKING:
+    import lightning as L
+
+log = logging.getLogger(__name__)
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")  # torchrun's env:// convention
+
+
+def resolve_precision(trainer_cfg: DictConfig) -> str:
+    """`trainer.precision`, or bf16-mixed on a GPU and 32-true on a CPU when it is null."""
+    import torch
+
+    if trainer_cfg.precision:
+        return trainer_cfg.precision
+    on_gpu = torch.cuda.is_available() and trainer_cfg.accelerator in ("auto", "gpu", "cuda")
+    return "bf16-mixed" if on_gpu else "32-true"
+
+
+def build_trainer(cfg: DictConfig, callbacks: list, **extra: Any) -> L.Trainer:
+    """A Trainer from `cfg.trainer`: devices, nodes, strategy (DDP, SLURM detected by Lightning), precision."""
+    import lightning as L
+
+    trainer = cfg.trainer
+    return L.Trainer(
+        accelerator=trainer.accelerator,
+        devices=trainer.devices,
+        num_nodes=trainer.num_nodes,
+        strategy=trainer.strategy,
+        precision=resolve_precision(trainer),
+        callbacks=callbacks,
+        enable_progress_bar=trainer.enable_progress_bar,
+        enable_model_summary=False,
+        **{"logger": False, "enable_checkpointing": False, **extra},
+    )
+
+
+def join_launched_ranks(timeout_minutes: float = 10.0) -> tuple[int, int, int] | None:
+    """(global rank, world size, local rank) when a launcher started this process as one of several
+    (torchrun, or srun with RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT exported, torchrun's env://
+    convention); the process group is joined here (NCCL on GPUs, gloo otherwise). None for a lone process.
+    SLURM's own variables alone are not trusted: a batch script's single process carries them too."""
+    if not all(os.environ.get(name) for name in LAUNCHER_VARIABLES):
+        return None
+    try:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError:
+        return None
+    if world < 2:
+        return None
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local)
+        log.info("joining %d ranks as rank %d (%s, %s:%s)", world, rank, backend, os.environ["MASTER_ADDR"],
+                 os.environ["MASTER_PORT"])
+        dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes))
+    return rank, world, local
+
+
+def cuda_available() -> bool:
+    """torch.cuda.is_available(), without importing torch (~2 s) on a machine with no GPU driver at all."""
+    driver_files = ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/kfd")  # NVIDIA, or ROCm (torch.cuda too)
+    if "torch" not in sys.modules and not any(os.path.exists(path) for path in driver_files):
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'."""
+    if device == "auto":
+        return "cuda" if cuda_available() else "cpu"
+    if device in ("gpu", "cuda") and not cuda_available():
+        raise SimsearchError(f"device={device} was asked for, but torch sees no GPU")
+    return "cuda" if device in ("gpu", "cuda") else device
+
+
+def filter_library_warnings() -> None:
+    """Known harmless warnings and library banners off (the CLI, and the Python API in notebooks)."""
+    os.environ.setdefault("WANDB_SILENT", "true")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*predict_dataloader.*num_workers.*")
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*treespec.*")
+    warnings.filterwarnings("ignore", message=".*overridden `transfer_batch_to_device`.*")

@@ -1,0 +1,239 @@
+"""`simsearch search`: the neighbours of an item, a vector or a new image, printed and drawn as a grid.
+
+One query dispatch (`parse_query`, `answer`) serves the CLI, the Python API and the server. Nothing here
+imports torch: a search by item or by vector answers without it; a search by image loads the model
+(`simsearch.model.query`) on first use, the one import deferred here, for the start-up time of the others.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+
+from simsearch.drawing import draw_grid
+from simsearch.errors import SimsearchError
+from simsearch.files import replace_atomically
+from simsearch.index import open_searcher
+from simsearch.items import ItemImages
+from simsearch.knn import Searcher, search_without_self
+from simsearch.pixels import UnreadableImage, decode_image
+from simsearch.store import Store
+from simsearch.tracking import finish, log_image, start_run
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Neighbour:
+    rank: int
+    row: int
+    id: str
+    path: str | None
+    label: str | None
+    score: float
+    relevant: bool | None
+
+
+@dataclass
+class SearchResult:
+    query: dict[str, Any]  # id/row/label of an item query, or the path of an image file
+    neighbours: list[Neighbour]
+    precision: float | None  # Precision@K when the query has a label
+
+
+@dataclass
+class Query:
+    """What to search for: an item of the store (`row`), a vector, or an image to embed."""
+
+    kind: str  # item | vector | image
+    caption: str
+    row: int | None = None
+    vector: np.ndarray | None = None
+    image: Image.Image | None = None
+
+
+def parse_query(store: Store, query: Any) -> Query:
+    """Any query a user may give, as one `Query`:
+
+    - `int`: a row of the store (the item itself is left out of its results);
+    - `str`: an item id (or a row number), else the path of an image file or of a .npy vector;
+    - `pathlib.Path`: an image file or a .npy vector (even when an item has that id);
+    - a PIL image; anything else numpy reads as D numbers (a vector, normalised).
+    """
+    if isinstance(query, bool):
+        raise SimsearchError("a query cannot be True or False: give a row, an id, a path, an image or a vector")
+    if isinstance(query, (int, np.integer)):
+        if not 0 <= int(query) < len(store):
+            raise SimsearchError(f"row {int(query)} is not in the store (rows 0..{len(store) - 1})")
+        return item_query(store, int(query))
+    if isinstance(query, Image.Image):
+        return Query("image", "image", image=query.convert("RGB"))
+    if isinstance(query, Path):
+        return file_query(store, query.expanduser(), str(query))
+    if isinstance(query, str):
+        _ = store.items  # read first: a damaged or since-replaced items.jsonl is said as such, not as "no such item"
+        try:
+            return item_query(store, store.row_of(query))
+        except SimsearchError:
+            return file_query(store, Path(query).expanduser(), query)
+    return Query("vector", "vector", vector=as_query_vector(_as_array(query), store.dim))
+
+
+def item_query(store: Store, row: int) -> Query:
+    return Query("item", f"{store.items[row]['id']} ({store.label_name(row)})", row=row)
+
+
+def file_query(store: Store, path: Path, typed: str) -> Query:
+    """A .npy vector or an image file; a path that does not exist says so first."""
+    if not path.exists():
+        raise SimsearchError(f"query={typed!r}: no such file, and no item of the store has that id "
+                             f"(ids, or rows 0..{len(store) - 1})")
+    if path.is_file() and path.suffix.lower() == ".npy":
+        return Query("vector", path.name, vector=read_query_vector(path, store.dim))
+    if not path.is_file():
+        raise SimsearchError(f"query={typed!r} is a folder, not an image file")
+    return Query("image", path.name, image=read_query_image(path))
+
+
+def _as_array(query: Any) -> np.ndarray:
+    if hasattr(query, "detach"):  # a torch tensor, perhaps on a GPU
+        query = query.detach().float().cpu().numpy()
+    try:
+        return np.asarray(query, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise SimsearchError(
+            f"cannot search for a {type(query).__name__}: give a row, an id, a path, a PIL image or a vector"
+        ) from None
+
+
+def read_query_vector(path: Path, dim: int) -> np.ndarray:
+    """One query vector from a .npy file (no pickle), checked against the store's width."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise SimsearchError(f"cannot read the query vector {path}: {error}") from None
+    return as_query_vector(array, dim)
+
+
+def as_query_vector(vector: Any, dim: int) -> np.ndarray:
+    """A (D,) or (1, D) finite vector as unit-norm float32 (1, D): the store's vectors are unit norm."""
+    array = np.asarray(vector, dtype=np.float32)
+    if array.size != dim or array.ndim > 2:
+        raise SimsearchError(f"a query vector must have the store's {dim} values, not shape {array.shape}")
+    array = array.reshape(1, dim)
+    norm = float(np.linalg.norm(array))
+    if not np.isfinite(norm) or norm == 0:
+        raise SimsearchError("a query vector must be finite and not all zeros")
+    return array / norm
+
+
+def read_query_image(path: Path) -> Image.Image:
+    try:
+        return decode_image(path)
+    except UnreadableImage as error:
+        raise SimsearchError(f"cannot read the query image {path}: {error}") from None
+
+
+def neighbours_of(store: Store, searcher: Searcher, vector: np.ndarray, k: int, own_row: int | None,
+                  query_label: int | None) -> SearchResult:
+    if not 1 <= k <= len(store) - (own_row is not None):
+        raise SimsearchError(f"k={k} is out of range: 1..{len(store) - (own_row is not None)} for this store")
+    vector = vector.reshape(1, -1).astype(np.float32)
+    if own_row is None:
+        scores, rows = searcher.search(vector, k)
+    else:
+        scores, rows = search_without_self(searcher, vector, np.array([own_row]), k)
+    labelled = query_label is not None and query_label >= 0
+    neighbours = []
+    for rank, (row, score) in enumerate(zip(rows[0].tolist(), scores[0].tolist()), start=1):
+        if row < 0:
+            continue
+        item = store.items[row]
+        relevant = bool(store.labels[row] == query_label) if labelled else None
+        neighbours.append(Neighbour(rank, row, str(item["id"]), item.get("path"), store.label_name(row), score, relevant))
+    precision = sum(bool(n.relevant) for n in neighbours) / k if labelled else None
+    return SearchResult({}, neighbours, precision)
+
+
+def answer(store: Store, searcher: Searcher, query: Query, k: int, encoder: Callable[[], Any]) -> SearchResult:
+    """The top-k of a parsed query; `encoder()` gives the store's query encoder, built only for an image."""
+    if query.kind == "item":
+        result = neighbours_of(store, searcher, store.vectors(np.array([query.row])), k, query.row,
+                               int(store.labels[query.row]))
+        item = store.items[query.row]
+        result.query = {"row": query.row, "id": str(item["id"]), "path": item.get("path"),
+                        "label": store.label_name(query.row)}
+        return result
+    vector = query.vector if query.kind == "vector" else encoder().encode([query.image])
+    result = neighbours_of(store, searcher, vector, k, None, None)
+    result.query = {"vector": True} if query.kind == "vector" else {"file": query.caption}
+    return result
+
+
+def query_encoder(store: Store, device: str = "auto") -> Any:
+    """The model that embeds new images as the store's were: imported here, the one deferred import of
+    this module, so that a search by item or vector never loads torch."""
+    from simsearch.model.query import QueryEncoder
+
+    return QueryEncoder(store.manifest, device)
+
+
+def single_query_index(index_cfg: DictConfig) -> DictConfig:
+    """index.device=auto means the CPU for one query: the saved index is memory-mapped there, and a GPU
+    would first need the whole store copied to it (and torch imported)."""
+    return OmegaConf.merge(index_cfg, {"device": "cpu"}) if index_cfg.device == "auto" else index_cfg
+
+
+def result_table(result: SearchResult, missing: list[str | None] | None = None) -> str:
+    """One line per neighbour; `missing[i]`, when given, says why neighbour i's image cannot be shown."""
+    lines = [f"{'rank':>4}  {'score':>7}  {'label':<14}  id"]
+    for n, reason in zip(result.neighbours, missing or [None] * len(result.neighbours)):
+        mark = "" if n.relevant is None else (" +" if n.relevant else " -")
+        note = f"  (image unavailable: {reason})" if reason else ""
+        shown = n.id if n.id.isprintable() else repr(n.id)  # a newline in a file name stays on its line
+        lines.append(f"{n.rank:>4}  {n.score:>7.4f}  {str(n.label):<14}  {shown}{mark}{note}")
+    return "\n".join(lines)
+
+
+def search(cfg: DictConfig) -> SearchResult:
+    """Top-K of `search.query` (an item id/row, a .npy vector or an image file), printed and drawn as a grid.
+    The W&B run starts after the answer."""
+    if cfg.search.query is None:
+        raise SimsearchError("say what to search for: query=ID (an item of the store), query=PATH (an image file) "
+                             "or query=VECTOR.npy")
+    store = Store.open(cfg.run.dir)
+    query = parse_query(store, str(cfg.search.query))
+    searcher = open_searcher(store, single_query_index(cfg.index), cfg.run.seed)
+    result = answer(store, searcher, query, cfg.search.k, lambda: query_encoder(store, cfg.serve.device))
+    print({"item": f"Query Image Index: {query.row}  id: {result.query.get('id')}  label: {result.query.get('label')}",
+           "vector": f"Query vector: {cfg.search.query}", "image": f"Query image: {cfg.search.query}"}[query.kind])
+    pixels = ItemImages(store)
+    tiles = [pixels.image_or_placeholder(n.row) for n in result.neighbours] if pixels.records_images else []
+    print(result_table(result, [reason for _, reason in tiles] or None), flush=True)
+    if result.precision is not None:
+        print(f"Precision@{cfg.search.k}: {result.precision:.2f}", flush=True)
+    if not pixels.records_images:  # the answer stands without its picture
+        log.warning("no grid drawn: the store %s records no images, only vectors", store.dir)
+        return result
+    query_image = query.image if query.kind == "image" else Image.new("RGB", (32, 32), "lightgrey")
+    if query.kind == "item":
+        query_image, missing = pixels.image_or_placeholder(query.row)
+        if missing:
+            log.warning("the query's image cannot be shown: %s", missing)
+    grid = draw_grid(query_image, query.caption, result, [image for image, _ in tiles])
+    grid_path = store.dir / cfg.search.grid
+    replace_atomically(grid_path, grid.save)
+    print(f"Saved image: {grid_path}")
+    run = start_run(cfg, "search")
+    log_image(run, "search/recommendations", grid_path, query.caption)
+    if run is not None and result.precision is not None:
+        run.summary[f"search/precision@{cfg.search.k}"] = result.precision
+    finish(run)
+    return result

@@ -1,0 +1,341 @@
+"""A JSON search API and a small web page over any store (FastAPI, run by uvicorn).
+
+At start-up the store is checked against its manifest, the index loaded (or built) and the model of
+the manifest loaded and warmed up, so the first request is as fast as the hundredth. Searches by item
+need no model call; uploads are embedded in batches across concurrent requests, off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict
+from contextlib import asynccontextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import numpy as np
+from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from omegaconf import DictConfig
+from PIL import Image
+from starlette.convertors import Convertor, register_url_convertor
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from simsearch.drawing import placeholder_image
+from simsearch.errors import SimsearchError
+from simsearch.index import open_searcher
+from simsearch.items import ItemImages
+from simsearch.pixels import UnreadableImage, decode_image, to_rgb
+from simsearch.stages.search import Query as SearchQuery
+from simsearch.stages.search import SearchResult, answer, item_query, query_encoder
+from simsearch.store import Store
+
+log = logging.getLogger("simsearch.serve")
+PAGE = Path(__file__).parent.parent / "web" / "index.html"
+THUMBNAIL_CACHE_ITEMS = 512  # thumbnails kept in memory (a few tens of KB each)
+THUMBNAIL_DECODES = 2  # large images decoded at once: 8 requests for a 9000 px image wait their turn
+MULTIPART_OVERHEAD_BYTES = 64 * 1024  # form fields and boundaries around an upload
+
+
+class AnyPathConvertor(Convertor):
+    """Item ids are relative paths, which may hold any character, newlines included."""
+
+    regex = r"[\s\S]+"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("anypath", AnyPathConvertor())
+
+
+class UploadLimit:
+    """ASGI middleware: a POST body over `max_bytes` is refused with 413 as it streams in, before the
+    multipart parser has spooled it anywhere; a declared Content-Length over the limit is refused unread."""
+
+    def __init__(self, app: Any, max_bytes: int, max_upload_mb: float):
+        self.app, self.max_bytes = app, max_bytes
+        self.message = f"upload over serve.max_upload_mb={max_upload_mb}"
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        if not declared.isdigit() or int(declared) > self.max_bytes:
+            return await self.refuse(send)
+        received = 0
+
+        async def counted() -> dict:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise HTTPException(413, self.message)
+            return message
+
+        await self.app(scope, counted, send)
+
+    async def refuse(self, send: Any) -> None:
+        body = json.dumps({"error": self.message}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class UploadBatcher:
+    """Embeds uploaded images together: requests queue their image, one worker thread runs the model
+    on up to `batch_size` of them at a time, and each request awaits its own row."""
+
+    def __init__(self, encoder: Any, batch_size: int, wait_ms: float):
+        self.encoder, self.batch_size, self.wait_s = encoder, batch_size, wait_ms / 1000
+        self.queue: asyncio.Queue | None = None
+        self.worker: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self.queue = asyncio.Queue()
+        self.worker = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self.worker is not None:
+            self.worker.cancel()
+
+    async def embed(self, image: Image.Image) -> np.ndarray:
+        future = asyncio.get_running_loop().create_future()
+        await self.queue.put((image, future))
+        return await future
+
+    async def _run(self) -> None:
+        while True:
+            pending = [await self.queue.get()]
+            deadline = time.perf_counter() + self.wait_s
+            while len(pending) < self.batch_size and (left := deadline - time.perf_counter()) > 0:
+                try:
+                    pending.append(await asyncio.wait_for(self.queue.get(), left))
+                except asyncio.TimeoutError:
+                    break
+            try:
+                vectors = await asyncio.to_thread(self.encoder.encode, [image for image, _ in pending])
+                for (_, future), vector in zip(pending, vectors):
+                    if not future.done():
+                        future.set_result(vector)
+            except Exception as error:  # a model failure answers every waiting request, and serving goes on
+                log.exception("embedding a batch of %d uploads failed", len(pending))
+                for _, future in pending:
+                    if not future.done():
+                        future.set_exception(error)
+
+
+def result_json(store: Store, result: SearchResult) -> dict[str, Any]:
+    results = [{**{k: v for k, v in asdict(n).items() if k != "row"}, "image": f"/items/{quote(n.id, safe='')}/image"}
+               for n in result.neighbours]
+    body: dict[str, Any] = {"query": result.query, "results": results}
+    if result.precision is not None:
+        body["precision"] = result.precision
+    return body
+
+
+def thumbnail_bytes(image: Image.Image, size_px: int) -> bytes:
+    image = image.copy()
+    if max(image.size) < min(64, size_px):  # tiny dataset images (28, 32 px) are enlarged so they can be seen
+        scale = 64 // max(image.size) + 1
+        image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    image.thumbnail((size_px, size_px))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def file_thumbnail(path: Path, size_px: int) -> Image.Image:
+    """A file reduced to at most size_px per side while it is decoded (JPEG draft mode, Pillow's reducing
+    gap), so a 9000 x 9000 photo never sits in memory in full as RGB copies; EXIF rotation honoured."""
+    from PIL import ImageOps
+
+    try:
+        with Image.open(path) as image:
+            image.thumbnail((size_px, size_px), reducing_gap=2.0)
+            return to_rgb(ImageOps.exif_transpose(image))
+    except (ValueError, OSError, Image.DecompressionBombError):  # modes thumbnail cannot reduce: the full decoder
+        return decode_image(path)
+
+
+class ThumbnailCache:
+    """PNG thumbnails of the store's items, made once each and kept (least recently used out).
+
+    At most THUMBNAIL_DECODES images are decoded at a time, and concurrent requests for one item wait
+    for its first decoding instead of decoding it again: 8 requests for a 9000 x 9000 photo decode it
+    once. Failures (a moved file) are not cached: the file may come back.
+    """
+
+    def __init__(self, images: ItemImages, size_px: int):
+        self.images, self.size_px = images, size_px
+        self.cache: OrderedDict[int, bytes] = OrderedDict()
+        self.lock = threading.Lock()
+        self.decoding = threading.BoundedSemaphore(THUMBNAIL_DECODES)
+        self.row_locks: dict[int, threading.Lock] = {}
+
+    def cached(self, row: int) -> bytes | None:
+        with self.lock:
+            if row in self.cache:
+                self.cache.move_to_end(row)
+                return self.cache[row]
+            return None
+
+    def png(self, row: int) -> bytes:
+        if (found := self.cached(row)) is not None:
+            return found
+        with self.lock:
+            row_lock = self.row_locks.setdefault(row, threading.Lock())
+        with row_lock:
+            if (found := self.cached(row)) is not None:  # made while this request waited
+                return found
+            with self.decoding:
+                data = thumbnail_bytes(self.decode(row), self.size_px)
+            with self.lock:
+                self.cache[row] = data
+                while len(self.cache) > THUMBNAIL_CACHE_ITEMS:
+                    self.cache.popitem(last=False)
+                self.row_locks.pop(row, None)
+        return data
+
+    def decode(self, row: int) -> Image.Image:
+        path = self.images.path_of(row)
+        if path is None:
+            return self.images.image(row)
+        if not path.is_file():
+            raise UnreadableImage(f"{self.images.store.items[row]['path']} was moved or deleted since extraction")
+        return file_thumbnail(path, self.size_px)
+
+
+def create_app(cfg: DictConfig) -> FastAPI:
+    """The FastAPI app for the store in cfg.run.dir; everything heavy happens once, here."""
+    store = Store.open(cfg.run.dir, verify=True)
+    searcher = open_searcher(store, cfg.index, cfg.run.seed)
+    encoder = query_encoder(store, cfg.serve.device)
+    encoder.encode([Image.new("RGB", (encoder.image_size_px, encoder.image_size_px))])  # warm-up
+    searcher.search(store.vectors(np.array([0])), min(10, len(store)))
+    images = ItemImages(store)
+    batcher = UploadBatcher(encoder, cfg.serve.batch_size, cfg.serve.batch_wait_ms)
+    max_bytes = int(cfg.serve.max_upload_mb * 1024 * 1024)
+    max_k = min(cfg.serve.max_k, len(store) - 1)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        batcher.start()
+        yield
+        await batcher.stop()
+
+    app = FastAPI(title="simsearch", description=f"Image similarity search over {store.dir}", lifespan=lifespan)
+    app.state.batcher = batcher
+    app.add_middleware(UploadLimit, max_bytes=max_bytes + MULTIPART_OVERHEAD_BYTES, max_upload_mb=cfg.serve.max_upload_mb)
+    thumbnails = ThumbnailCache(images, cfg.serve.thumbnail_px)
+
+    @app.exception_handler(StarletteHTTPException)  # FastAPI's and Starlette's own (bad multipart, no route)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        log.warning("%s %s -> %d: %s", request.method, request.url.path, error.status_code, error.detail)
+        return JSONResponse({"error": error.detail}, status_code=error.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or e['loc'][0]}: {e['msg']}" for e in error.errors())
+        log.warning("%s %s -> 422: %s", request.method, request.url.path, problems)
+        return JSONResponse({"error": problems}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, error: Exception) -> JSONResponse:
+        log.exception("%s %s failed", request.method, request.url.path)
+        return JSONResponse({"error": "internal error: see the server's log"}, status_code=500)
+
+    def checked_k(k: int) -> int:
+        if not 1 <= k <= max_k:
+            raise HTTPException(422, f"k={k} is out of range: 1..{max_k}")
+        return k
+
+    def row_of(item_id: str) -> int:
+        try:
+            return store.row_of(item_id)
+        except SimsearchError:
+            raise HTTPException(404, f"no item {item_id!r} in this store") from None
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page() -> str:
+        return PAGE.read_text(encoding="utf-8")
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        manifest = store.manifest
+        return {"status": "ok", "items": len(store), "dim": store.dim, "model": manifest["model"].get("name"),
+                "weights": manifest.get("weights"), "checkpoint": manifest["model"].get("checkpoint"),
+                "image_size": manifest.get("image_size"), "index": searcher.description, "device": encoder.device,
+                "labelled": store.has_labels, "max_k": max_k}
+
+    @app.get("/items/{item_id:anypath}/image", responses={200: {"content": {"image/png": {}}}})
+    def item_image(item_id: str) -> Response:
+        """The item's thumbnail; a file moved or deleted since extraction gets a placeholder tile with
+        the reason (header X-Simsearch-Unavailable), so a result list is never broken."""
+        row = row_of(item_id)
+        try:
+            return Response(thumbnails.png(row), media_type="image/png", headers={"Cache-Control": "max-age=3600"})
+        except SimsearchError as error:  # a path that leaves the data root
+            raise HTTPException(403, str(error)) from None
+        except (UnreadableImage, OSError) as error:
+            reason = str(error)
+        tile = thumbnail_bytes(placeholder_image(reason, min(cfg.serve.thumbnail_px, 256)), cfg.serve.thumbnail_px)
+        header = reason.encode("ascii", "backslashreplace").decode()[:300].replace("\n", " ")
+        return Response(tile, media_type="image/png", headers={"Cache-Control": "no-store",
+                                                               "X-Simsearch-Unavailable": header})
+
+    @app.get("/items/{item_id:anypath}")
+    def item(item_id: str) -> dict[str, Any]:
+        row = row_of(item_id)
+        return {**store.items[row], "row": row, "label": store.label_name(row),
+                "image": f"/items/{quote(str(store.items[row]['id']), safe='')}/image"}
+
+    @app.get("/search")
+    def search_by_item(item: str = Query(..., description="an item id or row"), k: int = 10) -> dict[str, Any]:
+        return result_json(store, answer(store, searcher, item_query(store, row_of(item)), checked_k(k), lambda: encoder))
+
+    @app.post("/search")
+    async def search_by_upload(request: Request, file: UploadFile = File(...), k: int = Form(10)) -> dict[str, Any]:
+        k = checked_k(k)
+        declared = int(request.headers.get("content-length") or 0)
+        if declared > max_bytes + 64 * 1024:
+            raise HTTPException(413, f"upload over serve.max_upload_mb={cfg.serve.max_upload_mb}")
+        data = await file.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise HTTPException(413, f"upload over serve.max_upload_mb={cfg.serve.max_upload_mb}")
+        if not data:
+            raise HTTPException(400, "the uploaded file is empty")
+        try:
+            image = await asyncio.to_thread(decode_image, io.BytesIO(data))
+        except UnreadableImage as error:
+            raise HTTPException(400, f"the upload is not a readable image: {error}") from None
+        vector = await batcher.embed(image)
+        query = SearchQuery("vector", file.filename or "upload", vector=vector)
+        result = await asyncio.to_thread(answer, store, searcher, query, k, lambda: encoder)
+        result.query = {"file": query.caption}
+        return result_json(store, result)
+
+    return app
+
+
+def serve(cfg: DictConfig) -> None:
+    """`simsearch serve`: the app on cfg.serve.host:port (127.0.0.1 unless told otherwise)."""
+    import uvicorn
+
+    app = create_app(cfg)
+    if cfg.serve.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serving on %s: reachable from other machines; simsearch has no authentication", cfg.serve.host)
+    print(f"simsearch: serving {cfg.run.dir} on http://{cfg.serve.host}:{cfg.serve.port}/ (API docs: /docs)")
+    uvicorn.run(app, host=cfg.serve.host, port=cfg.serve.port, log_level="info")

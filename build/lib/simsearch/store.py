@@ -1,0 +1,355 @@
+"""The store: a directory of embeddings and what they belong to; the public format of simsearch.
+
+    embeddings.npy  (N, D) float32 | float16, row i = item i, unit norm
+    labels.npy      (N,) int64, -1 where unknown
+    items.jsonl     one JSON object per row: id, path (files) or index (datasets), key, label name
+    skipped.jsonl   every input that could not be read, with the reason
+    manifest.json   count, dim, dtype, data, model, fingerprint, embedded/reused, versions, sha256 of each file
+    config.yaml     the resolved config of the run that wrote it
+
+A store is replaced whole: a run writes the new one in `.staging/` beside it and moves its files in,
+manifest.json last (`swap_in`); a run holds `.lock` while it writes (`RunLock`). Readers verify the
+files against the manifest's checksums, hashing a file again only when its size or mtime changed
+since the last verification (`.verified.json`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+import socket
+import threading
+import time
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from simsearch.errors import SimsearchError
+from simsearch.files import file_identity, read_jsonl, sha256_of, write_jsonl, write_text_atomically
+
+log = logging.getLogger(__name__)
+FORMAT_VERSION = 2  # 2: items carry a `key`, the manifest a `fingerprint` and `embedded`/`reused`
+CHECKSUMMED = ("embeddings.npy", "labels.npy", "items.jsonl", "skipped.jsonl", "config.yaml")
+STAGING = ".staging"  # the next store, written beside the current one
+VERIFIED = ".verified.json"  # size, mtime and checksum of each file when it was last verified
+LOCK = ".lock"
+RACY_NS = 2_000_000_000  # a file modified this close to its verification is hashed again (git's racy rule)
+
+
+def library_versions() -> dict[str, str]:
+    import importlib.metadata as metadata
+
+    versions = {"python": platform.python_version()}
+    for name in ("simsearch", "torch", "torchvision", "lightning", "numpy", "faiss-cpu", "faiss-gpu-cu12"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def write_manifest(store_dir: Path, description: dict[str, Any]) -> dict[str, Any]:
+    """Write manifest.json: the description given, plus versions, time and a checksum of each file."""
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        **description,
+        "versions": library_versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "sha256": {name: sha256_of(store_dir / name) for name in CHECKSUMMED if (store_dir / name).exists()},
+    }
+    write_text_atomically(store_dir / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def finish_store(store_dir: Path, labels: np.ndarray, items: list[dict[str, Any]], skipped: list[dict[str, Any]],
+                 description: dict[str, Any]) -> dict[str, Any]:
+    """Write everything but embeddings.npy (already in place), then the manifest, which comes last:
+    a store without manifest.json is incomplete."""
+    np.save(store_dir / "labels.npy", np.asarray(labels, dtype=np.int64))
+    write_jsonl(store_dir / "items.jsonl", items)
+    write_jsonl(store_dir / "skipped.jsonl", skipped)
+    return write_manifest(store_dir, description)
+
+
+def create_store(store_dir: Path, embeddings: np.ndarray, labels: np.ndarray, items: list[dict[str, Any]],
+                 description: dict[str, Any]) -> Store:
+    """A store from arrays in memory (cached features, tests, imports from elsewhere)."""
+    store_dir.mkdir(parents=True, exist_ok=True)
+    staging = fresh_staging(store_dir)
+    if (store_dir / "config.yaml").is_file():  # written by the caller beside the store
+        shutil.copy2(store_dir / "config.yaml", staging / "config.yaml")
+    np.save(staging / "embeddings.npy", embeddings)
+    finish_store(staging, labels, items, [], {"count": len(embeddings), "dim": int(embeddings.shape[1]),
+                                              "dtype": str(embeddings.dtype), **description})
+    swap_in(staging, store_dir)
+    return Store.open(store_dir)
+
+
+def fresh_staging(store_dir: Path) -> Path:
+    """An empty `.staging/` in the store's directory (what an interrupted run left there is dropped)."""
+    staging = store_dir / STAGING
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    return staging
+
+
+def swap_in(staging: Path, store_dir: Path) -> None:
+    """Move a complete store from `staging` over the one in `store_dir`, file by file, manifest last.
+
+    Until the manifest moves, readers see the old manifest: a file already replaced fails its
+    checksum, so a reader mid-swap is refused with a sentence, never served rows of two stores.
+    Killed mid-swap, the next extraction (or `finish_interrupted_swap`) completes it.
+    """
+    for name in (*CHECKSUMMED, "manifest.json"):
+        if (staging / name).exists():
+            os.replace(staging / name, store_dir / name)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def finish_interrupted_swap(store_dir: Path) -> None:
+    """Complete a swap that a killed run began (a staged manifest means the staged store is complete);
+    drop a staging folder that never got that far."""
+    staging = store_dir / STAGING
+    if (staging / "manifest.json").is_file():
+        log.warning("completing the replacement of the store in %s that an earlier run began", store_dir)
+        swap_in(staging, store_dir)
+    elif staging.exists():
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+@dataclass
+class Store:
+    """A store opened for reading: embeddings are memory-mapped, and items.jsonl is read only when an
+    item is first asked for (evaluation and search by row never read it: 10^6 items are ~400 MB as dicts)."""
+
+    dir: Path
+    embeddings: np.ndarray
+    labels: np.ndarray
+    manifest: dict[str, Any]
+    # embeddings.npy as verified and mapped: a later reader of the path (StoredRows) checks it is the same file
+    embeddings_identity: tuple[int, int, int, int] | None = field(default=None, repr=False)
+    _items: list[dict[str, Any]] | None = field(default=None, repr=False)
+    _items_file: BinaryIO | None = field(default=None, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _row_of_id: dict[str, int] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def open(cls, store_dir: Path | str, verify: bool = True) -> Store:
+        """Open the store in `store_dir`; with `verify` (the default) its files must match the manifest's
+        checksums (hashed once, then again only when a file's size or mtime changes)."""
+        store_dir = Path(store_dir)
+        manifest = read_manifest(store_dir)
+        try:
+            verified: tuple[int, int, int, int] | None = file_identity((store_dir / "embeddings.npy").stat())
+        except OSError:
+            verified = None  # missing: the checksums (or the load) below say so
+        if verify:
+            verify_checksums(store_dir, manifest)
+        try:
+            embeddings = np.load(store_dir / "embeddings.npy", mmap_mode="r", allow_pickle=False)
+            labels = np.load(store_dir / "labels.npy", allow_pickle=False)
+            identity = file_identity((store_dir / "embeddings.npy").stat())
+        except (OSError, ValueError) as error:
+            raise SimsearchError(f"store {store_dir} cannot be read: {error}") from None
+        if verified is not None and identity != verified:  # replaced between the checksum and the mapping
+            raise SimsearchError(f"the store in {store_dir} was replaced while it was opened (an extraction swapping "
+                                 "in a new one): open it again")
+        if embeddings.ndim != 2 or labels.ndim != 1:
+            raise SimsearchError(f"store {store_dir} is damaged: embeddings.npy must be 2-D and labels.npy 1-D")
+        if not (len(embeddings) == len(labels) == manifest["count"]):
+            raise SimsearchError(f"store {store_dir} is inconsistent: {len(embeddings)} embeddings, "
+                                 f"{len(labels)} labels, manifest says {manifest['count']}")
+        try:  # opened now, read later: a store replaced meanwhile cannot pair new items with these rows
+            items_file = open(store_dir / "items.jsonl", "rb")
+        except OSError:
+            raise SimsearchError(f"store {store_dir} is incomplete: items.jsonl cannot be read") from None
+        store = cls(store_dir, embeddings, labels, manifest, identity, _items_file=items_file)
+        weakref.finalize(store, items_file.close)
+        return store
+
+    @property
+    def items(self) -> list[dict[str, Any]]:
+        """One dict per row (id, path or index, key), read on first use from the items.jsonl that was
+        there when the store was opened (held open since), checked against the manifest's checksum."""
+        if self._items is None:
+            with self._lock:
+                if self._items is None:
+                    self._items = self._read_items()
+        return self._items
+
+    def _read_items(self) -> list[dict[str, Any]]:
+        handle, self._items_file = self._items_file, None  # read once; after a failure, from the path
+        expected = self.manifest.get("sha256", {}).get("items.jsonl")
+        if handle is None:
+            items = read_jsonl(self.dir / "items.jsonl", expected)
+        else:
+            with handle:
+                handle.seek(0)
+                items = read_jsonl(self.dir / "items.jsonl", expected, handle)
+        if len(items) != len(self):
+            raise SimsearchError(f"store {self.dir} is inconsistent: {len(items)} items in items.jsonl, "
+                                 f"manifest says {len(self)}")
+        return items
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def dim(self) -> int:
+        return int(self.embeddings.shape[1])
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.manifest.get("data", {}).get("classes", []))
+
+    @property
+    def has_labels(self) -> bool:
+        return bool((self.labels >= 0).any())
+
+    def vectors(self, rows: slice | np.ndarray | None = None) -> np.ndarray:
+        """Rows as contiguous float32 (the store may hold float16)."""
+        selected = self.embeddings if rows is None else self.embeddings[rows]
+        return np.array(selected, dtype=np.float32, order="C")  # a writable copy
+
+    def row_of(self, query: str | int) -> int:
+        """The row of an item given by id (preferred) or by row number."""
+        if not self._row_of_id:
+            self._row_of_id = {str(item["id"]): row for row, item in enumerate(self.items)}
+        key = str(query)
+        if key in self._row_of_id:
+            return self._row_of_id[key]
+        if key.isascii() and key.isdigit() and int(key) < len(self):  # "²", "-0", "+1" are not rows
+            return int(key)
+        raise SimsearchError(f"no item '{query}' in the store {self.dir} (ids or rows 0..{len(self) - 1})")
+
+    def label_name(self, row: int) -> str | None:
+        label = int(self.labels[row])
+        if label < 0:
+            return None
+        return self.classes[label] if label < len(self.classes) else str(label)
+
+
+def read_manifest(store_dir: Path) -> dict[str, Any]:
+    """manifest.json as a dict, or one sentence saying why there is no usable store here."""
+    path = store_dir / "manifest.json"
+    if not path.is_file():
+        if (store_dir / STAGING / "manifest.json").is_file():
+            raise SimsearchError(f"the store in {store_dir} is being replaced (or its run was killed mid-swap): "
+                                 f"wait for the run, or run the same `simsearch extract` again")
+        raise SimsearchError(
+            f"no store in {store_dir} (manifest.json missing): run `simsearch extract run.dir={store_dir}` first"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError, OSError) as error:
+        raise SimsearchError(f"{path} is not a readable manifest ({type(error).__name__}): extract the store again") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("count"), int) \
+            or not isinstance(manifest.get("sha256", {}), dict):
+        raise SimsearchError(f"{path} is not a simsearch manifest (no count or checksums): extract the store again")
+    return manifest
+
+
+def verify_checksums(store_dir: Path, manifest: dict[str, Any]) -> None:
+    """Every file the manifest lists matches its sha256; a file whose size and mtime are those of its last
+    verification (recorded in .verified.json) is not hashed again."""
+    cache_path = store_dir / VERIFIED
+    try:
+        cache = json.loads(cache_path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    cache = cache if isinstance(cache, dict) else {}
+    updated = {}
+    for name, expected in manifest.get("sha256", {}).items():
+        path = store_dir / name
+        try:
+            stat = path.stat()
+        except OSError:
+            raise SimsearchError(f"store {store_dir} is incomplete: {name} is missing") from None
+        seen = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": expected}
+        if cache.get(name, {}).get("verified_ns", 0) - stat.st_mtime_ns > RACY_NS and \
+                {k: cache[name].get(k) for k in seen} == seen:
+            updated[name] = cache[name]
+            continue
+        if sha256_of(path) != expected:
+            staged = " (a newer store is being swapped in: wait, or run the same extract again)" \
+                if (store_dir / STAGING / "manifest.json").is_file() else ""
+            raise SimsearchError(
+                f"store {store_dir} is corrupt: {name} does not match its checksum in manifest.json{staged}")
+        updated[name] = {**seen, "verified_ns": time.time_ns()}
+    if updated != cache:
+        try:
+            write_text_atomically(cache_path, json.dumps(updated, indent=1) + "\n")
+        except OSError:  # a read-only store is verified again next time
+            pass
+
+
+class RunLock:
+    """`run.dir/.lock`, held while a run writes there: one writer per run.dir.
+
+    Created atomically (a complete file linked into place, so it is never seen half-written) with
+    the owner's pid, host and start time. A lock whose pid is dead on this host is stale and taken
+    over with a warning; any other lock refuses the run with one sentence.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / LOCK
+        self.owner = {"pid": os.getpid(), "host": socket.gethostname(),
+                      "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+    def __enter__(self) -> RunLock:
+        temporary = self.path.with_name(f"{LOCK}.{os.getpid()}.tmp")
+        try:
+            temporary.write_text(json.dumps(self.owner) + "\n")
+            for _ in range(3):
+                try:
+                    os.link(temporary, self.path)
+                    return self
+                except FileExistsError:
+                    self._take_over_if_stale()
+        except PermissionError:
+            raise SimsearchError(f"run.dir={self.path.parent} is not writable") from None
+        finally:
+            temporary.unlink(missing_ok=True)
+        raise SimsearchError(f"cannot take the lock {self.path}")
+
+    def _take_over_if_stale(self) -> None:
+        try:
+            holder = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return  # released meanwhile: try again
+        except (OSError, ValueError):
+            holder = {}
+        if holder.get("host") == self.owner["host"] and not _alive(int(holder.get("pid", -1))):
+            log.warning("taking over the stale lock %s of pid %s (no longer running)", self.path, holder.get("pid"))
+            self.path.unlink(missing_ok=True)
+            return
+        raise SimsearchError(
+            f"another run (pid {holder.get('pid', '?')} on {holder.get('host', '?')}, since "
+            f"{holder.get('started', '?')}) is writing to {self.path.parent}: wait for it, or if it is gone, "
+            f"delete {self.path}"
+        )
+
+    def __exit__(self, *exc_info: Any) -> None:
+        try:
+            if json.loads(self.path.read_text()).get("pid") == self.owner["pid"]:
+                self.path.unlink()
+        except (OSError, ValueError):
+            pass
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
