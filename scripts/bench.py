@@ -271,8 +271,13 @@ def loader_only_seconds(arguments: list[str]) -> float:
     from simsearch.config import load_config
     from simsearch.data.loading import ImageDataModule
 
+    from simsearch.data import Resize
+    from simsearch.model import resolve_model_config
+
     cfg = load_config(arguments + ["logger=none"])
-    datamodule = ImageDataModule(cfg.data, cfg.model.image_size, cfg.run.seed, pin_memory=torch.cuda.is_available(),
+    model = resolve_model_config(cfg.model)
+    datamodule = ImageDataModule(cfg.data, Resize(model.image_size, model.interpolation), cfg.run.seed,
+                                 pin_memory=torch.cuda.is_available(),
                                  decode_on_device_by_default=torch.cuda.is_available())
     start = time.perf_counter()
     for _ in datamodule.predict_dataloader():
@@ -430,7 +435,8 @@ def bench_latency(store_size: int, requests: int, workdir: Path) -> list[Row]:
     from reference_pipeline import PlainImages, plain_model
 
     from simsearch.index import FaissSearcher, build_index
-    from simsearch.stages.search import QueryEncoder, search_image
+    from simsearch.model.query import QueryEncoder
+    from simsearch.stages.search import Query, answer
     from simsearch.store import Store
 
     vectors, labels = clustered_unit_vectors(store_size, 2048)
@@ -448,7 +454,7 @@ def bench_latency(store_size: int, requests: int, workdir: Path) -> list[Row]:
     from simsearch.pixels import decode_image
 
     def ours() -> None:
-        search_image(store, searcher, encoder, decode_image(query), 10, "query")
+        answer(store, searcher, Query("image", "query", image=decode_image(query)), 10, lambda: encoder)
 
     model, transform = plain_model().to(encoder.device), PlainImages([query]).transform
 

@@ -7,7 +7,7 @@ against the other 9,999), P@1, P@10, hit@10 and MAP@R, for
     lite0_head     the same frozen Lite0 + a projection head trained on the train split (finetune.unfreeze=0)
     lite0_e2e      Lite0 fine-tuned end to end: every stage unfrozen, augmented images
 
-Every row but raw pixels is made by the `simsearch` CLI (extract, finetune, compare, eval), so the numbers
+Every row is made by the `simsearch` CLI (extract, finetune, compare, eval), so the numbers
 come from the product; this script only runs the commands, times them and writes the table. hit@10 (a
 query with at least one relevant item in its top 10) is computed here from each store's vectors.
 
@@ -32,7 +32,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,17 +87,9 @@ def finetune_summary(checkpoint_dir: Path, name: str) -> dict[str, Any]:
 
 
 def row_pixels(args: argparse.Namespace) -> dict[str, Any]:
-    from simsearch.data.collections import load_fashion_mnist
-    from simsearch.stages.evaluate import evaluate_embeddings
-
-    collection = load_fashion_mnist(Path(args.data_root), "test")
-    vectors = collection.images.reshape(len(collection.images), -1).astype(np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    metrics = evaluate_embeddings(vectors, collection.labels, collection.classes, [1, 10])
-    return {"scores": {"precision@1": metrics["precision@1"], "precision@10": metrics["precision@10"],
-                       "hit@10": metrics["hit@10"], "map@r": metrics["map@r"],
-                       "items": len(vectors)},
-            "image_size": 28, "commands": ["(this script: simsearch.evaluate.evaluate_embeddings on the pixels)"]}
+    """The raw-pixel baseline through the same commands as every network: the `pixels` backbone family."""
+    row = frozen_row(args, ["model=pixels", "model.image_size=28"], args.out / "pixels")
+    return {**row, "image_size": 28}
 
 
 def frozen_row(args: argparse.Namespace, model: list[str], store_dir: Path) -> dict[str, Any]:
