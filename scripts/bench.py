@@ -269,9 +269,8 @@ def simsearch_extract(arguments: list[str]) -> np.ndarray:
 def loader_only_seconds(arguments: list[str]) -> float:
     """Time to produce every batch of simsearch's DataLoader with no model: the input pipeline's ceiling."""
     from simsearch.config import load_config
-    from simsearch.data.loading import ImageDataModule
-
     from simsearch.data import Resize
+    from simsearch.data.loading import ImageDataModule
     from simsearch.model import resolve_model_config
 
     cfg = load_config(arguments + ["logger=none"])
