@@ -1,6 +1,7 @@
 """simsearch installed as a package (not editable, not from its source folder) finds its presets and runs."""
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -21,8 +22,12 @@ def test_a_non_editable_install_runs_from_another_folder(tmp_path):
     # the dependencies (torch, ...) come from this environment's site-packages, simsearch itself does not:
     # a path added by a .pth file is not a site folder, so this environment's editable install is not seen
     (Path(site) / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    source = tmp_path / "source"  # a copy: building writes build/ and *.egg-info beside the sources
+    shutil.copytree(ROOT / "simsearch", source / "simsearch", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
     wheels = tmp_path / "wheels"  # a wheel built from the source, as `pip install .` builds one
-    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(wheels), str(ROOT)],
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(wheels), str(source)],
                            capture_output=True, text=True, timeout=600)
     assert build.returncode == 0, build.stderr[-2000:]
     wheel = next(wheels.glob("simsearch-*.whl"))

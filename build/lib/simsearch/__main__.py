@@ -1,5 +1,0 @@
-import sys
-
-from simsearch.cli import main
-
-sys.exit(main())
