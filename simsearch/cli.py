@@ -25,10 +25,12 @@ from simsearch.runtime import filter_library_warnings
 @dataclass(frozen=True)
 class Command:
     help: str
-    target: str  # "module:function", imported when the command runs
+    target: str | Callable[[DictConfig], object]  # "module:function", imported when the command runs; or the function
     example: str = ""
 
     def function(self) -> Callable[[DictConfig], object]:
+        if callable(self.target):
+            return self.target
         module, _, name = self.target.partition(":")
         return getattr(importlib.import_module(module), name)
 
@@ -55,7 +57,18 @@ COMMANDS: dict[str, Command] = {
     "config": Command("print the resolved config (required keys shown as ???)", "simsearch.cli:print_config",
                       "simsearch config data=folder"),
 }
-PLUGINS_VARIABLE = "SIMSEARCH_PLUGINS"  # modules to import first: they register families, datasets, metrics, losses
+PLUGINS_VARIABLE = "SIMSEARCH_PLUGINS"
+
+
+def register_command(name: str, help: str, example: str = "") -> Callable:  # noqa: A002 - the usage's word
+    """`@register_command("count", help=...)` on `fn(cfg)`: `simsearch count ...` then runs it, with the same
+    config, errors and exit codes as every command, and the usage lists it."""
+
+    def register(function: Callable[[DictConfig], object]) -> Callable[[DictConfig], object]:
+        COMMANDS[name] = Command(help, function, example)
+        return function
+
+    return register  # modules to import first: they register families, datasets, metrics, losses
 
 
 def print_config(cfg: DictConfig) -> None:

@@ -1,5 +1,5 @@
-"""The README's "Extending simsearch" examples, run as written: a backbone family, a dataset, a metric and a
-loss, each registered and then used through the CLI, as a user who copied them would."""
+"""The README's "Extending simsearch" examples, run as written: a backbone family, a dataset, a metric, a
+loss and a command, each registered and then used through the CLI, as a user who copied them would."""
 
 import json
 import os
@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from simsearch.cli import COMMANDS
 from simsearch.data import DATASETS
 from simsearch.metrics import METRICS
 from simsearch.model import FAMILIES
@@ -33,9 +34,9 @@ def readme_examples() -> list[str]:
 @pytest.fixture
 def registered():
     """Run the README's examples; afterwards the registries are as they were (other tests see no extension)."""
-    saved = [(table, dict(table)) for table in (FAMILIES, DATASETS, METRICS, LOSSES)]
+    saved = [(table, dict(table)) for table in (FAMILIES, DATASETS, METRICS, LOSSES, COMMANDS)]
     blocks = readme_examples()
-    assert len(blocks) == 4, "the README shows one example per registry: family, dataset, metric, loss"
+    assert len(blocks) == 5, "the README shows one example per registry: family, dataset, metric, loss, command"
     for block in blocks:
         exec(compile(block, str(README), "exec"), {})
     yield
@@ -108,3 +109,15 @@ def test_plugins_reach_the_cli_through_an_environment_variable(tmp_path):
     missing = subprocess.run([str(script), "config", "data=synthetic"], cwd=tmp_path, capture_output=True, text=True,
                              env={**env, "SIMSEARCH_PLUGINS": "no_such_plugin"}, timeout=300)
     assert missing.returncode == 2 and "SIMSEARCH_PLUGINS=no_such_plugin" in missing.stderr
+
+
+def test_a_registered_command_runs_with_the_config_and_is_listed(registered, tmp_path, capsys):
+    assert simsearch("extract", "data=synthetic", "data.num_items=9", "model=pixels", "model.image_size=8", *TINY[2:],
+                     "run.dir=store") == 0
+    capsys.readouterr()
+    assert simsearch("count", "run.dir=store") == 0
+    assert capsys.readouterr().out.strip() == "9"
+    assert simsearch("count", "run.dir=nowhere") == 2  # the store's own sentence, exit 2
+    assert "no store in nowhere" in capsys.readouterr().err
+    assert simsearch("--help") == 0
+    assert "count" in capsys.readouterr().out
