@@ -535,7 +535,7 @@ def test_query_gallery_refuses_stores_of_different_models(tmp_path):
         manifest = read_json(store.dir / "manifest.json")
         manifest["model"] = {"name": "resnet50", "weights": weights, "image_size": 224}
         (store.dir / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(SimsearchError, match="embedded differently \(model.weights"):
+    with pytest.raises(SimsearchError, match=r"embedded differently \(model.weights"):
         evaluate_store(Store.open(queries.dir), *configs(), gallery=Store.open(gallery.dir))
 
 
