@@ -35,3 +35,23 @@ def test_config_prints_a_group_choice_with_its_required_keys_marked(capsys):
     assert simsearch("config", "data=folder") == 0
     printed = capsys.readouterr().out.splitlines()
     assert "data:" in printed and "  name: folder" in printed and "  root: ???" in printed
+
+
+@pytest.mark.slow
+def test_finetune_shows_one_bar_per_phase_and_a_line_per_epoch_and_nothing_else(tmp_path):
+    from tests.conftest import simsearch_subprocess
+
+    run = ("finetune", *[a for a in TINY if "progress_bar" not in a], "trainer.enable_progress_bar=true", "data=synthetic",
+           "data.num_items=64", "data.num_classes=4", "finetune.batch_size=16", "finetune.m_per_class=4", "finetune.dim=16",
+           "finetune.hidden_dim=32", "finetune.views=1", "finetune.val_fraction=0.25", "finetune.epochs=2",
+           f"finetune.checkpoint_dir={tmp_path / 'ck'}", f"run.dir={tmp_path / 'ft'}")
+    quiet = simsearch_subprocess(*run, cwd=tmp_path)
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stderr == ""  # no Lightning warning (logging interval, workers), no INFO lines
+    lines = quiet.stdout.replace("\r", "\n").splitlines()
+    assert "Validation" not in quiet.stdout and "Sanity" not in quiet.stdout and "DataLoader 0" not in quiet.stdout
+    assert any(line.startswith("embedding: 100%") and "it/s]" in line for line in lines)
+    assert any(line.startswith("training, epoch 2/2: 100%") and "<00:00" in line for line in lines)  # rate, time left
+    assert [line.split(":")[0] for line in lines if line.startswith("epoch ")] == ["epoch 1/2", "epoch 2/2"]
+    verbose = simsearch_subprocess("-v", *run, "finetune.resume=false", cwd=tmp_path)
+    assert verbose.returncode == 0 and "INFO simsearch" in verbose.stderr
