@@ -167,4 +167,5 @@ def filter_library_warnings() -> None:
     logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*treespec.*")
+    warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm.auto in a kernel without ipywidgets
     warnings.filterwarnings("ignore", message=".*overridden `transfer_batch_to_device`.*")
