@@ -84,7 +84,8 @@ def presets(group: str) -> list[str]:
 
 def usage() -> str:
     width = max(map(len, COMMANDS)) + 2
-    lines = ["usage: simsearch COMMAND [group=choice ...] [key=value ...]", "", "commands:"]
+    lines = ["usage: simsearch COMMAND [-v] [group=choice ...] [key=value ...]",
+             "  -v, --verbose: also say what each step is doing (INFO log lines)", "", "commands:"]
     lines += [f"  {name:<{width}}{command.help}" for name, command in COMMANDS.items()]
     from simsearch.data.registry import DATASETS  # the one table of datasets (imports torch: only for --help)
 
@@ -114,11 +115,17 @@ def main(argv: list[str] | None = None) -> int:
     if not arguments or arguments[0] in ("-h", "--help", "help"):
         print(usage(), end="")
         return 0
+    verbose = any(a in ("-v", "--verbose") for a in arguments)
+    arguments = [a for a in arguments if a not in ("-v", "--verbose")]
+    if not arguments:
+        print(usage(), end="")
+        return 0
     name, rest = arguments[0], arguments[1:]
     if name not in COMMANDS:
         print(f"simsearch: unknown command '{name}' (known: {', '.join(COMMANDS)})", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # what simsearch is doing (INFO) only when asked; warnings and errors always
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     filter_library_warnings()
     try:
         load_plugins()

@@ -31,6 +31,69 @@ def resolve_precision(trainer_cfg: DictConfig) -> str:
     return "bf16-mixed" if on_gpu else "32-true"
 
 
+def say(line: str) -> None:
+    """One line for the user on stdout, printed above any progress bar instead of through it."""
+    from tqdm import tqdm
+
+    tqdm.write(line, file=sys.stdout)
+
+
+def phase_progress_bar() -> Any:
+    """Lightning's tqdm bar, one bar per phase with rate and time left: "embedding" for predict, and one
+    "training" bar over every epoch (its time left is for the whole run, an upper bound under early
+    stopping); no sanity-check or validation bars (each epoch's validation is one line, see `say`).
+    Made here, not at import: `simsearch search` must not import Lightning."""
+    from lightning.pytorch.callbacks import TQDMProgressBar
+    from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm, convert_inf
+
+    class PhaseProgressBar(TQDMProgressBar):
+        @property
+        def predict_description(self) -> str:
+            return "embedding"
+
+        def on_predict_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int,
+                                   dataloader_idx: int = 0) -> None:
+            if self.has_dataloader_changed(dataloader_idx):  # Lightning's, without " DataLoader 0" in the name
+                bar = self.predict_progress_bar
+                bar.reset(total=convert_inf(self.total_predict_batches_current_dataloader))
+                bar.initial = 0
+                bar.set_description(self.predict_description)
+
+        def init_sanity_tqdm(self) -> Tqdm:
+            return Tqdm(disable=True)
+
+        def init_validation_tqdm(self) -> Tqdm:
+            return Tqdm(disable=True)
+
+        def on_train_epoch_start(self, trainer: Any, *_: Any) -> None:
+            per_epoch, epochs = convert_inf(self.total_train_batches), trainer.max_epochs
+            bar = self.train_progress_bar
+            if per_epoch is None or not epochs or epochs < 0:  # an unknown length: Lightning's bar per epoch
+                return super().on_train_epoch_start(trainer, *_)
+            if bar.total != per_epoch * epochs:  # the first epoch of this run (a resumed run starts later)
+                bar.reset(total=per_epoch * epochs)
+                bar.initial = bar.n = trainer.current_epoch * per_epoch
+            bar.set_description(f"training, epoch {trainer.current_epoch + 1}/{epochs}")
+
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+            per_epoch = convert_inf(self.total_train_batches)
+            if per_epoch is None or not trainer.max_epochs or trainer.max_epochs < 0:
+                return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            bar = self.train_progress_bar
+            n = trainer.current_epoch * per_epoch + batch_idx + 1
+            if self._should_update(n, bar.total):
+                bar.n = n
+                bar.refresh()
+                bar.set_postfix(self.get_metrics(trainer, pl_module))
+
+        def get_metrics(self, trainer: Any, pl_module: Any) -> dict[str, Any]:
+            metrics = super().get_metrics(trainer, pl_module)
+            metrics.pop("v_num", None)
+            return metrics
+
+    return PhaseProgressBar()
+
+
 def build_trainer(cfg: DictConfig, callbacks: list, **extra: Any) -> L.Trainer:
     """A Trainer from `cfg.trainer`: devices, nodes, strategy (DDP, SLURM detected by Lightning), precision."""
     import lightning as L
@@ -42,7 +105,7 @@ def build_trainer(cfg: DictConfig, callbacks: list, **extra: Any) -> L.Trainer:
         num_nodes=trainer.num_nodes,
         strategy=trainer.strategy,
         precision=resolve_precision(trainer),
-        callbacks=callbacks,
+        callbacks=[*callbacks, *([phase_progress_bar()] if trainer.enable_progress_bar else [])],
         enable_progress_bar=trainer.enable_progress_bar,
         enable_model_summary=False,
         **{"logger": False, "enable_checkpointing": False, **extra},
@@ -104,4 +167,5 @@ def filter_library_warnings() -> None:
     logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*treespec.*")
+    warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm.auto in a kernel without ipywidgets
     warnings.filterwarnings("ignore", message=".*overridden `transfer_batch_to_device`.*")

@@ -624,7 +624,7 @@ def test_eval_under_torchrun_shares_the_blocks_among_ranks_and_equals_one_proces
     assert simsearch_subprocess(*common, cwd=tmp_path).returncode == 0
     alone = read_json(tmp_path / "s" / "metrics.json")
     torchrun = Path(sys.executable).parent / "torchrun"
-    result = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node=2", "-m", "simsearch", *common],
+    result = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node=2", "-m", "simsearch", "-v", *common],
                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("Saved metrics") == 1 and "rank 1 of 2" in result.stderr

@@ -266,7 +266,7 @@ def test_killed_extraction_resumes_to_the_same_store(tmp_path):
     # a half-written shard under a final name, and a temp file, as a crash mid-write leaves them
     written[-1].write_bytes(written[-1].read_bytes()[:200])
     (shards / "attempt000-rank0000-batch99999999.tmp").write_bytes(b"partial")
-    result = simsearch_subprocess("extract", *common, "run.dir=killed", cwd=tmp_path)
+    result = simsearch_subprocess("-v", "extract", *common, "run.dir=killed", cwd=tmp_path)  # -v: INFO lines
     assert result.returncode == 0, result.stderr
     assert "resuming:" in result.stderr and "ignoring the incomplete shard" in result.stderr
     whole, resumed = Store.open(tmp_path / "whole"), Store.open(tmp_path / "killed", verify=True)
@@ -315,7 +315,8 @@ def test_fully_resumed_ddp_extraction_is_merged_once(tmp_path):
                   str(shards / f"attempt000-rank0000-batch{batch:08d}.safetensors"),
                   metadata={"fingerprint": shard_fingerprint(run_fingerprint(cfg, one.manifest["embedder"], None)), "reasons": "{}",
                             "keys": json.dumps([one.items[i]["key"] for i in rows.tolist()])})
-    ddp = simsearch_subprocess("extract", *common, "run.dir=two", "trainer.devices=2", "trainer.strategy=ddp", cwd=tmp_path)
+    ddp = simsearch_subprocess("-v", "extract", *common, "run.dir=two", "trainer.devices=2", "trainer.strategy=ddp",
+                               cwd=tmp_path)
     assert ddp.returncode == 0, ddp.stderr
     assert "every item is already embedded" in ddp.stderr
     assert ddp.stdout.count("store of 11 items") == 1  # one merge, by rank 0

@@ -104,6 +104,7 @@ def test_best_checkpoint_round_trips_into_extract_and_compare(tmp_path):
     np.testing.assert_allclose(projected.embeddings, tuned.embeddings, atol=1e-5)
     comparison = read_json(tmp_path / "cmp" / "comparison.json")
     assert {"baseline", "finetuned", "difference"} <= set(comparison)
+    assert "supcon loss" in comparison["finetuned_model"] and comparison["baseline_model"].endswith("weights)")
     assert comparison["difference"]["map@r"] == pytest.approx(
         comparison["finetuned"]["map@r"] - comparison["baseline"]["map@r"])
     from PIL import Image

@@ -62,6 +62,33 @@ def test_health_item_and_image_endpoints(folder_store):
         assert "/search" in client.get("/openapi.json").json()["paths"]
 
 
+def test_item_ids_are_suggested_by_prefix_and_bounded(folder_store):
+    with client_for(folder_store) as client:
+        body = client.get("/items", params={"prefix": "red/0", "limit": 3}).json()
+        assert body == {"prefix": "red/0", "ids": ["red/00.png", "red/01.png", "red/02.png"], "more": True}
+        assert client.get("/items", params={"prefix": "blue/1"}).json()["ids"] == ["blue/10.png", "blue/11.png"]
+        assert client.get("/items", params={"prefix": "green"}).json() == {"prefix": "green", "ids": [], "more": False}
+        assert len(client.get("/items").json()["ids"]) == 20
+        for limit in (0, 101):
+            response = client.get("/items", params={"limit": limit})
+            assert response.status_code == 422 and "limit" in response.json()["error"]
+
+
+def test_the_page_loads_its_script_and_style_from_files(folder_store):
+    """No inline script or style: the page works under a Content-Security-Policy of 'self'."""
+    with client_for(folder_store) as client:
+        html = client.get("/").text
+        assert "<style" not in html and "<script>" not in html and " style=" not in html and "onclick" not in html
+        assert '<script src="/static/app.js" defer></script>' in html and 'href="/static/app.css"' in html
+        script, style = client.get("/static/app.js"), client.get("/static/app.css")
+        assert script.status_code == 200 and script.headers["content-type"].startswith("text/javascript")
+        assert style.status_code == 200 and style.headers["content-type"].startswith("text/css")
+        assert "[hidden] { display: none !important; }" in style.text  # the query box stays hidden at start
+        response = client.get("/static/index.py")
+        assert response.status_code == 404 and "no file 'index.py'" in response.json()["error"]
+        assert client.get("/static/..%2Fstages%2Fserve.py").status_code == 404
+
+
 def test_search_by_item_equals_the_cli(folder_store, capsys):
     with client_for(folder_store) as client:
         body = client.get("/search", params={"item": "blue/05.png", "k": 5}).json()
@@ -237,48 +264,134 @@ def chromium_paths() -> tuple[str, str] | None:
     return (browser, driver) if browser and driver else None
 
 
+def screenshot(page) -> np.ndarray:
+    """The page as the user sees it: (height, width, 3) pixels of the viewport."""
+    return np.asarray(Image.open(io.BytesIO(page.get_screenshot_as_png())).convert("RGB")).astype(int)
+
+
+def blank(pixels: np.ndarray, rect: dict) -> bool:
+    """Whether the region of an element's rectangle (CSS px, device pixel ratio 1) is plain page background."""
+    x, y, w, h = (int(rect[key]) for key in ("x", "y", "width", "height"))
+    region = pixels[max(y, 0):y + h, max(x, 0):x + w]
+    return region.size > 0 and bool((region >= 250).all())
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(chromium_paths() is None, reason="no chromium and chromedriver (apt-get install chromium chromium-driver)")
 @pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="apt-get install dataset-fashion-mnist (CI installs it)")
-def test_browser_searches_by_upload_and_by_click(tmp_path):
+def test_browser_walk_as_a_person(tmp_path):
+    """Start, random item, upload (busy while it is embedded), a bad upload (results cleared), search by id
+    with suggestions and Enter, a result opened from the keyboard, the permalink reloaded and shared."""
     selenium = pytest.importorskip("selenium")  # noqa: F841
+    from urllib.parse import parse_qs, urlparse
+
     from selenium import webdriver
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions as ready
+    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
     assert simsearch("extract", "data=fashion_mnist", "data.limit=120", *TINY, "run.dir=store") == 0
     query = tmp_path / "query.png"
     ItemImages(Store.open(tmp_path / "store")).image(7).resize((112, 112)).save(query)
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("these are notes, not pixels")
     browser, driver = chromium_paths()
     options = webdriver.ChromeOptions()
     options.binary_location = browser
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
                  "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={tmp_path / 'chromium-profile'}", "--window-size=1200,900"):
+                 f"--user-data-dir={tmp_path / 'chromium-profile'}", "--window-size=1200,900",
+                 "--force-device-scale-factor=1"):
         options.add_argument(flag)
     service = webdriver.ChromeService(executable_path=driver)
     with LiveServer(tmp_path / "store") as url:
         page = webdriver.Chrome(options=options, service=service)
         try:
-            page.get(url)
             wait = WebDriverWait(page, 60)
-            wait.until(lambda p: "items" in p.find_element(By.ID, "info").text)
-            page.find_element(By.ID, "file").send_keys(str(query))
-            wait.until(ready.presence_of_element_located((By.CSS_SELECTOR, "#results .result")))
-            tiles = page.find_elements(By.CSS_SELECTOR, "#results .result")
-            assert len(tiles) == 10 and tiles[0].get_attribute("data-id") == "7"
-            assert "uploaded: query.png" in page.find_element(By.ID, "query-caption").text
-            clicked = tiles[3].get_attribute("data-id")
-            tiles[3].click()
-            wait.until(lambda p: p.find_element(By.ID, "query-caption").text.startswith(f"{clicked} ("))
-            assert "Precision@10" in page.find_element(By.ID, "query-caption").text
-            relevant = page.find_elements(By.CSS_SELECTOR, "#results .result.relevant, #results .result.irrelevant")
-            assert len(relevant) == 10
+            element = page.find_element
+            tiles = lambda: page.find_elements(By.CSS_SELECTOR, "#results .result")  # noqa: E731
+            caption = lambda: element(By.ID, "query-caption").text  # noqa: E731
+            item_in_url = lambda: parse_qs(urlparse(page.current_url).query).get("item", [None])[0]  # noqa: E731
+
+            # start: no query box, no broken image, no results; nothing but the controls drawn
+            page.get(url)
+            wait.until(lambda p: "120 items" in element(By.ID, "info").text)
+            assert not element(By.ID, "query").is_displayed() and tiles() == []
+            assert not [e for e in page.get_log("browser") if e["level"] == "SEVERE" and "favicon" not in e["message"]]
+            drawn = screenshot(page)
+            controls = element(By.ID, "drop").rect
+            assert blank(drawn, {"x": 0, "y": controls["y"] + controls["height"] + 40, "width": 1100, "height": 400})
+
+            # a random item: results, its id in the address bar
+            element(By.ID, "random").click()
+            wait.until(lambda p: len(tiles()) == 10 and item_in_url() is not None)
+            assert caption().startswith(f"{item_in_url()} (") and "Precision@10" in caption()
+            assert len(page.find_elements(By.CSS_SELECTOR, "#results .relevant, #results .irrelevant")) == 10
+
+            # an upload: busy while it is embedded, then its results; the URL no longer names an item
+            page.execute_script("""window.busySeen = false;
+                new MutationObserver(() => { if (document.body.classList.contains('busy')) window.busySeen = true; })
+                  .observe(document.body, {attributes: true});""")
+            element(By.ID, "file").send_keys(str(query))
+            wait.until(lambda p: caption().startswith("uploaded: query.png"))
+            assert page.execute_script("return window.busySeen") and "busy" not in element(By.TAG_NAME, "body").get_attribute("class")
+            assert tiles()[0].get_attribute("data-id") == "7" and item_in_url() is None
+            results_rect = element(By.ID, "results").rect
+            assert not blank(screenshot(page), results_rect)  # thumbnails drawn
+
+            # a bad upload: the error, and no results left standing under it
+            element(By.ID, "file").send_keys(str(not_an_image))
+            wait.until(lambda p: "error" in element(By.ID, "status").get_attribute("class"))
+            assert "not a readable image" in element(By.ID, "status").text
+            assert tiles() == [] and not element(By.ID, "query").is_displayed()
+            assert blank(screenshot(page), results_rect)  # where the thumbnails were: background only
+
+            # search by id: suggestions as one types, Enter searches
+            box = element(By.ID, "item")
+            assert box.get_attribute("value") == ""  # the upload was the last query
+            box.send_keys("11")
+            wait.until(lambda p: len(p.find_elements(By.CSS_SELECTOR, "#item-ids option")) == 11)
+            suggested = [o.get_attribute("value") for o in page.find_elements(By.CSS_SELECTOR, "#item-ids option")]
+            assert suggested == ["11"] + [f"11{d}" for d in range(10)]
+            box.send_keys("3", Keys.ENTER)
+            wait.until(lambda p: caption().startswith("113 (") and len(tiles()) == 10)
+            assert item_in_url() == "113" and "error" not in element(By.ID, "status").get_attribute("class")
+
+            # a result is a link: reached with Tab and opened with Enter, it searches from itself
+            third = tiles()[2]
+            chosen = third.get_attribute("data-id")
+            assert third.tag_name == "a" and parse_qs(urlparse(third.get_attribute("href")).query)["item"] == [chosen]
+            page.execute_script("arguments[0].focus()", tiles()[1])
+            page.switch_to.active_element.send_keys(Keys.TAB)
+            assert page.switch_to.active_element.get_attribute("data-id") == chosen
+            page.switch_to.active_element.send_keys(Keys.ENTER)
+            wait.until(lambda p: caption().startswith(f"{chosen} (") and item_in_url() == chosen)
+            shown = [t.get_attribute("data-id") for t in tiles()]
+
+            # the permalink: back goes to the previous query, a reload or a shared link shows the same results
+            page.back()
+            wait.until(lambda p: caption().startswith("113 ("))
+            page.forward()
+            wait.until(lambda p: caption().startswith(f"{chosen} ("))
+            link = page.current_url
+            page.get("about:blank")
+            page.get(link)
+            wait.until(lambda p: caption().startswith(f"{chosen} (") and len(tiles()) == 10)
+            assert [t.get_attribute("data-id") for t in tiles()] == shown
+            assert element(By.ID, "query").is_displayed() and element(By.ID, "item").get_attribute("value") == chosen
+            page.execute_script("window.scrollTo(0, 0)")
+            drawn = screenshot(page)
+            query_box = element(By.ID, "query-image").rect
+            assert not blank(drawn, query_box) and not blank(drawn, tiles()[0].rect)
             shot = Path(os.environ.get("SIMSEARCH_SCREENSHOTS", tmp_path)) / "serve-page.png"
             shot.parent.mkdir(parents=True, exist_ok=True)
             page.save_screenshot(str(shot))
             assert shot.stat().st_size > 10_000
+
+            # a permalink to an item that is not there: the error, no results
+            page.get(f"{url}/?item=no-such-item")
+            wait.until(lambda p: "no item 'no-such-item'" in element(By.ID, "status").text)
+            assert tiles() == [] and not element(By.ID, "query").is_displayed()
         finally:
             page.quit()
 

@@ -33,7 +33,8 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
     base_cfg = base_model_config(cfg, checkpoint)
     baseline = extract_or_reuse(OmegaConf.merge(base_cfg, {"run": {"dir": str(out / "baseline")}, "store": {"dtype": "float32"}}))
     tuned_cfg = OmegaConf.merge(cfg, {"run": {"dir": str(out / "finetuned")}, "model": {"checkpoint": str(checkpoint)}})
-    if checkpoint_metadata(checkpoint)["unfreeze"] == 0:
+    trained = checkpoint_metadata(checkpoint)
+    if trained["unfreeze"] == 0:
         tuned = project_store(baseline, checkpoint, out / "finetuned", tuned_cfg)
     else:
         extract(tuned_cfg)
@@ -51,6 +52,9 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
     comparison = {
         "data": {"name": cfg.data.name, "split": cfg.data.split, "limit": cfg.data.limit, "items": len(baseline)},
         "checkpoint": str(checkpoint), "baseline_weights": base_cfg.model.weights,
+        "baseline_model": f"{base_cfg.model.name} ({base_cfg.model.weights} weights)",
+        "finetuned_model": f"{base_cfg.model.name} + head, {trained['loss']} loss, "
+                           f"{trained['unfreeze']} backbone group{'s' if trained['unfreeze'] != 1 else ''} unfrozen",
         "baseline": {k: results["baseline"][k] for k in scalars},
         "finetuned": {k: results["finetuned"][k] for k in scalars},
         "difference": {k: results["finetuned"][k] - results["baseline"][k] for k in scalars},

@@ -104,6 +104,12 @@ def find_leaks(store: Store, other: Store, other_searcher: Searcher, k: int,
     return [(row, rows, found) for row, (rows, found) in sorted(leaks.items())]
 
 
+def cosines_to_first(store: Store, rows: list[int]) -> np.ndarray:
+    """The cosine of each row's vector to the first row's (stored vectors are unit length)."""
+    vectors = np.asarray(store.vectors(np.asarray(rows)), dtype=np.float32)
+    return vectors @ vectors[0]
+
+
 def duplicates(cfg: DictConfig) -> list[list[str]]:
     """`simsearch duplicates`: duplicates.json (a list of groups of item ids), a summary, a PNG of the top groups.
 
@@ -125,8 +131,11 @@ def duplicates(cfg: DictConfig) -> list[list[str]]:
         other_images = ItemImages(other)
         leaks = find_leaks(store, other, open_searcher(other, cfg.index, cfg.run.seed), settings.k, threshold)
         groups = [[store.items[row]["id"], *(other.items[r]["id"] for r in rows)] for row, rows, _ in leaks]
-        drawn = [[(images, row, f"{store.items[row]['id']}")] + [(other_images, r, f"other:{other.items[r]['id']}")
-                                                                 for r in rows] for row, rows, _ in leaks]
+        drawn = [[(images, row, str(store.items[row]["id"]), None)]
+                 + [(other_images, r, f"other: {other.items[r]['id']}", float(score)) for r, score in zip(rows, scores)]
+                 for row, rows, scores in leaks]
+        headings = [f"{store.items[row]['id']}: {len(rows)} near-duplicate{'s' if len(rows) > 1 else ''} in {other.dir}"
+                    for row, rows, _ in leaks]
         print(f"{len(leaks)} of {len(store)} items of {store.dir} have a near-duplicate in {other.dir} "
               f"(cosine >= {threshold}, top {settings.k})")
         for row, rows, scores in leaks[: settings.show_groups]:
@@ -135,7 +144,9 @@ def duplicates(cfg: DictConfig) -> list[list[str]]:
     else:
         row_groups = find_duplicates(store, open_searcher(store, cfg.index, cfg.run.seed), settings.k, threshold)
         groups = [[store.items[row]["id"] for row in rows] for rows in row_groups]
-        drawn = [[(images, row, str(store.items[row]["id"])) for row in rows] for rows in row_groups]
+        drawn = [[(images, row, str(store.items[row]["id"]), None if number == 0 else float(score))
+                  for number, (row, score) in enumerate(zip(rows, cosines_to_first(store, rows)))] for rows in row_groups]
+        headings = [f"group {number + 1}: {len(rows)} items (cosine >= {threshold})" for number, rows in enumerate(row_groups)]
         in_groups = sum(len(g) for g in groups)
         print(f"{len(groups)} groups of near-duplicates in {store.dir}: {in_groups} of {len(store)} items, "
               f"{in_groups - len(groups)} removable (cosine >= {threshold}, top {settings.k})")
@@ -147,7 +158,7 @@ def duplicates(cfg: DictConfig) -> list[list[str]]:
     picture = store.dir / settings.image
     picture.unlink(missing_ok=True)  # a picture of an earlier run's groups would mislead
     if drawn:
-        sheet = draw_groups(drawn[: settings.show_groups])
+        sheet = draw_groups(drawn[: settings.show_groups], headings=headings[: settings.show_groups])
         replace_atomically(picture, sheet.save)
         print(f"Saved image: {picture}")
     return groups

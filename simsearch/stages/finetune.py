@@ -42,7 +42,7 @@ from simsearch.model import (
     resolve_model_config,
     stage_groups,
 )
-from simsearch.runtime import build_trainer
+from simsearch.runtime import build_trainer, say
 from simsearch.stages.evaluate import evaluate_embeddings
 from simsearch.stages.extract import extract
 from simsearch.store import Store, create_store
@@ -296,8 +296,9 @@ class MetricLearningModule(L.LightningModule):
             shown = name in ("precision@10", "map@r")
             self.log(f"val/{name}", metrics[name], prog_bar=shown, sync_dist=False, rank_zero_only=False)
         # one line per epoch, also without a progress bar or logger (long CPU runs, batch jobs)
-        log.info("epoch %d: val/precision@10 %.4f, val/map@r %.4f", self.current_epoch, metrics["precision@10"],
-                 metrics["map@r"])
+        if self.trainer.is_global_zero:
+            say(f"epoch {self.current_epoch + 1}/{self.trainer.max_epochs}: val/precision@10 "
+                f"{metrics['precision@10']:.4f}, val/map@r {metrics['map@r']:.4f}")
 
     def all_gather_validation(self, embeddings: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Under DDP every rank evaluates the whole validation set (padding duplicates included)."""
@@ -460,7 +461,9 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
                              enable_version_counter=False)
     stop = EarlyStopping(monitor=ft.monitor, mode="max", patience=ft.patience)
     run = start_run(cfg, "finetune", name=f"finetune-{ft.name}")
-    extra: dict[str, Any] = {"max_epochs": ft.epochs, "enable_checkpointing": True, "log_every_n_steps": 10,
+    # at most once per epoch: Lightning warns of a logging interval longer than an epoch
+    extra: dict[str, Any] = {"max_epochs": ft.epochs, "enable_checkpointing": True,
+                             "log_every_n_steps": max(1, min(10, len(train_loader))),
                              "num_sanity_val_steps": 0}
     if run is not None:
         from lightning.pytorch.loggers import WandbLogger

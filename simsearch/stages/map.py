@@ -58,6 +58,15 @@ def project(vectors: np.ndarray, method: str, neighbours: int, seed: int) -> np.
     return TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(vectors)
 
 
+def store_name(store: Store) -> str:
+    """What a user calls the store: a folder's data.root, a dataset's name and split; with its run.dir."""
+    manifest, data = store.manifest, store.manifest.get("data", {})
+    if manifest.get("dataset") == "folder" and data.get("root"):
+        return f"{data['root']} (store {store.dir})"
+    collection = " ".join(str(part) for part in (manifest.get("dataset"), manifest.get("split")) if part)
+    return f"{collection} (store {store.dir})" if collection else str(store.dir)
+
+
 def embedding_map(cfg: DictConfig) -> Path:
     """`simsearch map`: embedding_map.png in run.dir (logged to W&B), the store's vectors in 2-D."""
     settings, seed = cfg.map, cfg.run.seed
@@ -77,9 +86,8 @@ def embedding_map(cfg: DictConfig) -> Path:
         except (SimsearchError, UnreadableImage) as error:  # the map stands without its thumbnails
             log.warning("map drawn without thumbnails: %s", error)
     manifest = store.manifest
-    collection = " ".join(str(part) for part in (manifest.get("dataset"), manifest.get("split")) if part) or store.dir.name
-    weights = f"{manifest['weights']} weights, " if manifest.get("weights") else ""
-    title = f"{collection}: {len(rows)} items, {settings.method.upper()} ({weights}dim {store.dim})"
+    weights = f"{manifest['weights']} weights, " if manifest.get("weights") not in (None, "none") else ""
+    title = f"{store_name(store)}\n{len(rows)} items, {settings.method.upper()} ({weights}dim {store.dim})"
     path = store.dir / settings.image
     draw_map(points, store.labels[rows], store.classes, title, path, thumbnails)
     print(f"{settings.method} of {len(rows)} vectors in {seconds:.1f} s. Saved image: {path}")

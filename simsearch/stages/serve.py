@@ -8,6 +8,7 @@ need no model call; uploads are embedded in batches across concurrent requests, 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import io
 import json
 import logging
@@ -39,7 +40,10 @@ from simsearch.stages.search import SearchResult, answer, item_query, query_enco
 from simsearch.store import Store
 
 log = logging.getLogger("simsearch.serve")
-PAGE = Path(__file__).parent.parent / "web" / "index.html"
+WEB = Path(__file__).parent.parent / "web"
+PAGE = WEB / "index.html"
+STATIC = {"app.js": "text/javascript; charset=utf-8", "app.css": "text/css; charset=utf-8"}  # the page's own files
+MAX_SUGGESTIONS = 100  # ids one GET /items answers at most
 THUMBNAIL_CACHE_ITEMS = 512  # thumbnails kept in memory (a few tens of KB each)
 THUMBNAIL_DECODES = 2  # large images decoded at once: 8 requests for a 9000 px image wait their turn
 MULTIPART_OVERHEAD_BYTES = 64 * 1024  # form fields and boundaries around an upload
@@ -271,6 +275,29 @@ def create_app(cfg: DictConfig) -> FastAPI:
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> str:
         return PAGE.read_text(encoding="utf-8")
+
+    @app.get("/static/{name}", include_in_schema=False)
+    def static(name: str) -> Response:
+        if name not in STATIC:
+            raise HTTPException(404, f"no file {name!r} here")
+        return Response((WEB / name).read_bytes(), media_type=STATIC[name], headers={"Cache-Control": "no-cache"})
+
+    sorted_ids: list[str] = []
+    sorted_ids_lock = threading.Lock()
+
+    @app.get("/items")
+    def item_ids(prefix: str = "", limit: int = Query(20, ge=1, le=MAX_SUGGESTIONS)) -> dict[str, Any]:
+        """Item ids starting with `prefix`, in sorted order (the page suggests them as one types)."""
+        with sorted_ids_lock:  # sorted once, on the first call: a store's items are read only when asked for
+            if not sorted_ids:
+                sorted_ids.extend(sorted(str(item["id"]) for item in store.items))
+        start = bisect.bisect_left(sorted_ids, prefix)
+        ids = []
+        for item_id in sorted_ids[start:start + limit + 1]:
+            if not item_id.startswith(prefix):
+                break
+            ids.append(item_id)
+        return {"prefix": prefix, "ids": ids[:limit], "more": len(ids) > limit}
 
     @app.get("/health")
     def health() -> dict[str, Any]:
