@@ -202,15 +202,18 @@ def draw_map(points: np.ndarray, labels: np.ndarray, classes: list[str], title: 
     plt.close(figure)
 
 
-def metric_families(ks: list[int]) -> list[tuple[str, list[tuple[str, str]]]]:
-    """The metrics table as chart groups: one per per-K metric (its heading, then (K, name) per K), and one
-    for the metrics without K (heading, name): [("Precision@K", [("1", "precision@1"), ...]), ...]."""
-    families = [(m.heading, [(str(k), m.name.format(k=k)) for k in ks]) for m in METRICS.values() if m.per_k]
+def metric_families(ks: list[int], knn_ks: list[int] | tuple[int, ...] = ()) -> list[tuple[str, list[tuple[str, str]]]]:
+    """The metrics table as chart groups: one per per-K metric (its heading, then (K, name) per K of eval.k,
+    or of eval.knn_k for kNN accuracy), and one for the metrics without K (heading, name):
+    [("Precision@K", [("1", "precision@1"), ...]), ...]."""
+    families = [(m.heading, [(str(k), m.name.format(k=k)) for k in (knn_ks if m.ks == "knn_k" else ks)])
+                for m in METRICS.values() if m.per_k]
+    families = [(heading, members) for heading, members in families if members]
     single = [(m.heading, m.name) for m in METRICS.values() if not m.per_k]
     return families + ([(" and ".join(heading for heading, _ in single), single)] if single else [])
 
 
-def comparison_figure(comparison: dict[str, Any], ks: list[int]) -> Any:
+def comparison_figure(comparison: dict[str, Any], ks: list[int], knn_ks: list[int] | tuple[int, ...] = ()) -> Any:
     """One panel per metric family (hit@K, Precision@K, Recall@K, mAP@K, then MAP@R and R-precision),
     baseline beside fine-tuned with each value printed on its bar; titled with the data and both models."""
     import matplotlib
@@ -218,7 +221,7 @@ def comparison_figure(comparison: dict[str, Any], ks: list[int]) -> Any:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    families = metric_families(ks)
+    families = metric_families(ks, knn_ks)
     columns = min(3, len(families))
     rows = -(-len(families) // columns)
     figure, panels = plt.subplots(rows, columns, figsize=(4.6 * columns, 3.4 * rows + 0.9), squeeze=False)
@@ -250,10 +253,10 @@ def comparison_title(comparison: dict[str, Any]) -> str:
             f"vs fine-tuned {tuned} (checkpoint {checkpoint})")
 
 
-def comparison_chart(comparison: dict[str, Any], ks: list[int], path: Path) -> None:
+def comparison_chart(comparison: dict[str, Any], ks: list[int], path: Path, knn_ks: list[int] | tuple[int, ...] = ()) -> None:
     """The comparison (`comparison_figure`) saved as a PNG."""
     import matplotlib.pyplot as plt
 
-    figure = comparison_figure(comparison, ks)
+    figure = comparison_figure(comparison, ks, knn_ks)
     replace_atomically(path, lambda temporary: figure.savefig(temporary, dpi=120))
     plt.close(figure)

@@ -141,7 +141,7 @@ def test_comparison_chart_has_one_panel_per_metric_family_with_values(synthetic_
     families = metric_families([1, 5])
     panels = [axes for axes in figure.axes if axes.get_visible()]
     assert [axes.get_title() for axes in panels] == [heading for heading, _ in families]
-    assert [heading for heading, _ in families][:4] == [m.heading for m in METRICS.values() if m.per_k]
+    assert [heading for heading, _ in families][:4] == [m.heading for m in METRICS.values() if m.per_k and m.ks == "k"]
     for axes, (_, members) in zip(panels, families):
         printed = [t.get_text() for t in axes.texts]
         expected = [f"{comparison[key][name]:.2f}" for key in ("baseline", "finetuned") for _, name in members]

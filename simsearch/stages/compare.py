@@ -61,7 +61,7 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
     }
     write_json_atomically(out / "comparison.json", comparison)
     chart = out / cfg.compare.chart
-    comparison_chart(comparison, list(results["baseline"]["k"]), chart)
+    comparison_chart(comparison, list(results["baseline"]["k"]), chart, list(results["baseline"].get("knn_k", [])))
     print(comparison_table(comparison, list(results["baseline"]["k"]), list(results["baseline"].get("knn_k", []))))
     print(f"Saved: {out / 'comparison.json'}, {chart}")
     return comparison
