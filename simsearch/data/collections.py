@@ -133,8 +133,8 @@ class FolderCollection(ImageCollection):
     Hidden files and folders (a name starting with `.`: `.thumbnails/`, `.DS_Store`) are ignored.
     Symbolic links are followed while their target stays inside the root; a link that leaves the
     root, a dangling link and a link loop are not read but recorded in `self.unlisted` with the
-    reason (they end up in skipped.jsonl). Each file's size and modification time are taken when the
-    folder is listed: with its relative path they are the item's key (see `item_record`).
+    reason (they end up in skipped.jsonl), as is every file of a format not read. Each file's size,
+    modification time and change time are taken when the folder is listed: with its relative path they are the item's key (see `item_record`).
 
     Files are resized to the model's input size in the loader, the one CPU step that cannot wait
     for the device: images of different sizes must share a size to be stacked into a batch. With
@@ -148,7 +148,7 @@ class FolderCollection(ImageCollection):
         self.decode_on_device = decode_on_device
         listed, self.unlisted = list_image_files(root)
         self.paths = [path for path, _ in listed]
-        self.stats = [stat for _, stat in listed]  # (size in bytes, mtime in ns) when listed
+        self.stats = [stat for _, stat in listed]  # (size in bytes, mtime in ns, ctime in ns) when listed
         relative = [p.relative_to(root) for p in self.paths]
         folders = [r.parts[0] if len(r.parts) > 1 else None for r in relative]
         self.classes = sorted({f for f in folders if f is not None}) if with_labels else []
@@ -156,10 +156,11 @@ class FolderCollection(ImageCollection):
         self.labels = np.array([class_index.get(f, -1) for f in folders], dtype=np.int64)
 
     def item_record(self, index: int) -> dict[str, Any]:
-        """The key is path, size and mtime: a file changed in place or moved is a new item."""
+        """The key is path, size, mtime and ctime: a file changed in place or moved is a new item, even
+        rewritten at the same size with its mtime put back (`touch -r`): no one can set a ctime back."""
         path = self.paths[index].relative_to(self.root).as_posix()
-        size, mtime_ns = self.stats[index]
-        return {"id": path, "path": path, "key": f"{path}:{size}:{mtime_ns}"}
+        size, mtime_ns, ctime_ns = self.stats[index]
+        return {"id": path, "path": path, "key": f"{path}:{size}:{mtime_ns}:{ctime_ns}"}
 
     def image(self, index: int) -> Image.Image:
         return decode_image(self.paths[index])
@@ -185,12 +186,13 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def list_image_files(root: Path) -> tuple[list[tuple[Path, tuple[int, int]]], list[dict[str, Any]]]:
-    """Image files under `root` in sorted relative-path order, each with (size, mtime_ns), and the
-    links that were not followed, each with the reason. One rule for links: followed while the
-    target is inside `root`, else recorded and left out."""
+def list_image_files(root: Path) -> tuple[list[tuple[Path, tuple[int, int, int]]], list[dict[str, Any]]]:
+    """Image files under `root` in sorted relative-path order, each with (size, mtime_ns, ctime_ns), and
+    every other entry that is not read, with the reason: links not followed (one rule: followed while
+    the target is inside `root`), files of other formats (.avif, .heic, .svg, .txt...), pipes and
+    devices named like images, folders named like images that hold none. Hidden entries are ignored."""
     real_root = root.resolve()
-    files: list[tuple[Path, tuple[int, int]]] = []
+    files: list[tuple[Path, tuple[int, int, int]]] = []
     unlisted: list[dict[str, Any]] = []
     visited: set[Path] = {real_root}
 
@@ -229,16 +231,25 @@ def list_image_files(root: Path) -> tuple[list[tuple[Path, tuple[int, int]]], li
             target = target_of(path) if entry.is_symlink() else path
             if target is None:
                 continue
+            suffix = path.suffix.lower()
             if target.is_dir():
                 real = target.resolve()
                 if real in visited or real_root.is_relative_to(real):
                     unlist(path, "symlink loop: a folder already listed")
                     continue
                 visited.add(real)
+                before = len(files)
                 walk(path)
-            elif path.suffix.lower() in IMAGE_SUFFIXES and target.is_file():
+                if suffix in IMAGE_SUFFIXES and len(files) == before:
+                    unlist(path, "a folder named like an image file, holding no image: not read")
+            elif suffix in IMAGE_SUFFIXES and target.is_file():
                 stat = target.stat()
-                files.append((path, (stat.st_size, stat.st_mtime_ns)))
+                files.append((path, (stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)))
+            elif suffix in IMAGE_SUFFIXES:
+                unlist(path, "not a regular file (a pipe, socket or device named like an image): not read")
+            else:
+                unlist(path, f"not read: {f'the suffix {suffix}' if suffix else 'a file without a suffix'} is not "
+                             f"an image format simsearch reads ({' '.join(sorted(IMAGE_SUFFIXES))})")
 
     walk(root)
     files.sort(key=lambda item: item[0].relative_to(root).as_posix())

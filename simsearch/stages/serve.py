@@ -246,6 +246,11 @@ def create_app(cfg: DictConfig) -> FastAPI:
         log.warning("%s %s -> %d: %s", request.method, request.url.path, error.status_code, error.detail)
         return JSONResponse({"error": error.detail}, status_code=error.status_code)
 
+    @app.exception_handler(SimsearchError)  # a query that cannot be answered (a blank upload): its sentence
+    async def refused(request: Request, error: SimsearchError) -> JSONResponse:
+        log.warning("%s %s -> 400: %s", request.method, request.url.path, error)
+        return JSONResponse({"error": str(error)}, status_code=400)
+
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or e['loc'][0]}: {e['msg']}" for e in error.errors())

@@ -1,0 +1,286 @@
+"""The holes a hostile probe found (issue 19), each tried again through the CLI, the Python API or HTTP:
+blank images, formats not read, a tampered manifest, index or cache, a same-size rewrite, the lock,
+full disks, swapped links, hostile values and the server's headers."""
+
+import errno
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import simsearch as api
+from simsearch.errors import SimsearchError
+from simsearch.files import read_jsonl
+from simsearch.store import RunLock, Store
+from tests.conftest import simsearch
+
+PIXELS = ["model=pixels", "model.image_size=8", "logger=none", "trainer.enable_progress_bar=false",
+          "trainer.accelerator=cpu", "data.num_workers=0"]
+
+
+def write_image(path: Path, seed: int, suffix_format: str = "PNG") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (12, 12, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, format=suffix_format)
+
+
+def write_folder(root: Path, per_class: int = 3) -> None:
+    for number, label in enumerate(("cats", "dogs")):
+        for i in range(per_class):
+            write_image(root / label / f"{i:03d}.png", seed=10 * number + i)
+
+
+def extract(root: Path, run_dir: str = "store", *extra: str) -> int:
+    return simsearch("extract", "data=folder", f"data.root={root}", "data.batch_size=4", *PIXELS,
+                     f"run.dir={run_dir}", *extra)
+
+
+def one_sentence(capsys) -> str:
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "Traceback" not in error, error
+    return error
+
+
+# ---------------------------------------------------------------- 1. no zero vector, no file silently ignored
+
+
+def test_blank_images_and_unread_files_are_in_skipped_jsonl(tmp_path):
+    root = tmp_path / "images"
+    write_folder(root)
+    Image.new("RGB", (12, 12), (0, 0, 0)).save(root / "cats" / "black.png")  # raw pixels: a zero vector
+    for name in ("photo.avif", "photo.heic", "photo.jfif", "drawing.svg", "notes.txt"):
+        (root / "dogs" / name).write_bytes(b"not read")
+    (root / "dogs" / "folder.png").mkdir()
+    os.mkfifo(root / "dogs" / "pipe.png")
+    assert extract(root) == 0
+    store = Store.open(tmp_path / "store")
+    norms = np.linalg.norm(store.vectors(), axis=1)
+    np.testing.assert_allclose(norms, 1.0, atol=1e-5)
+    assert len(store) == 6
+    skipped = {s["path"]: s["reason"] for s in read_jsonl(tmp_path / "store" / "skipped.jsonl")}
+    assert "zero or not finite" in skipped["cats/black.png"]
+    for name in ("photo.avif", "photo.heic", "photo.jfif", "drawing.svg", "notes.txt"):
+        assert "not an image format simsearch reads" in skipped[f"dogs/{name}"]
+    assert "folder named like an image" in skipped["dogs/folder.png"]
+    assert "not a regular file" in skipped["dogs/pipe.png"]
+    assert store.manifest["skipped"] == 8
+
+
+def test_a_blank_query_is_one_sentence(tmp_path, capsys):
+    root = tmp_path / "images"
+    write_folder(root)
+    assert extract(root) == 0
+    Image.new("RGBA", (12, 12), (0, 0, 0, 255)).save(tmp_path / "blank.png")
+    capsys.readouterr()
+    assert simsearch("search", "run.dir=store", "query=blank.png", "logger=none") == 2
+    assert "zero or non-finite embedding" in one_sentence(capsys)
+
+
+def test_a_blank_upload_is_a_400_with_the_reason(tmp_path):
+    pytest.importorskip("fastapi")
+    from tests.test_serve import client_for, png_bytes
+
+    root = tmp_path / "images"
+    write_folder(root)
+    assert extract(root) == 0
+    with client_for(tmp_path / "store") as client:
+        response = client.post("/search", files={"file": ("blank.png", png_bytes(Image.new("RGB", (12, 12))), "image/png")},
+                               data={"k": "3"})
+    assert response.status_code == 400 and "zero or non-finite embedding" in response.json()["error"]
+
+
+# ---------------------------------------------------------------- 2. the manifest, the index and the cache protected
+
+
+@pytest.fixture
+def store_dir(tmp_path) -> Path:
+    root = tmp_path / "images"
+    write_folder(root)
+    assert extract(root) == 0
+    return tmp_path / "store"
+
+
+def test_a_read_mid_swap_through_the_api_is_refused(store_dir, tmp_path):
+    """A kill between moving embeddings.npy and the manifest: the API refuses, as the CLI does."""
+    other = tmp_path / "images2"
+    write_folder(other, per_class=4)
+    assert extract(other, "store2") == 0
+    os.replace(tmp_path / "store2" / "embeddings.npy", store_dir / "embeddings.npy")
+    with pytest.raises(SimsearchError, match="embeddings.npy does not match its checksum"):
+        api.open(store_dir)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m["data"].update(root="/"),
+    lambda m: m["data"]["classes"].reverse(),
+    lambda m: m.update(image_size=9),
+    lambda m: m.update(dim=7),
+])
+def test_any_change_to_the_manifest_is_refused_with_a_sentence(store_dir, edit, capsys):
+    path = store_dir / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest, indent=2))
+    capsys.readouterr()
+    assert simsearch("eval", f"run.dir={store_dir}", "logger=none") == 2
+    assert "does not match its own checksum" in one_sentence(capsys)
+    with pytest.raises(SimsearchError, match="does not match its own checksum"):
+        api.open(store_dir, verify=False)
+
+
+def test_a_bit_flipped_anywhere_in_the_manifest_is_one_sentence(store_dir, capsys):
+    path = store_dir / "manifest.json"
+    original = path.read_bytes()
+    for position in range(0, len(original), max(1, len(original) // 60)):
+        flipped = bytearray(original)
+        flipped[position] ^= 0x01
+        path.write_bytes(bytes(flipped))
+        with pytest.raises(SimsearchError):
+            Store.open(store_dir, verify=False)
+    path.write_bytes(original)
+    Store.open(store_dir)
+
+
+def test_a_row_copied_inside_the_index_is_never_used(store_dir, caplog):
+    assert simsearch("index", f"run.dir={store_dir}") == 0
+    path = store_dir / "index.faiss"
+    original = path.read_bytes()
+    dim = Store.open(store_dir).dim
+    row = dim * 4
+    data = bytearray(original)
+    data[-2 * row:-row] = data[-row:]  # the last vector over the one before it (flat codes end the file)
+    path.write_bytes(bytes(data))
+    assert simsearch("search", f"run.dir={store_dir}", "query=cats/001.png", "search.k=2", "logger=none") == 0
+    assert "does not match its checksum in index.json" in caplog.text
+    assert path.read_bytes() == original  # rebuilt
+
+
+def test_an_index_of_another_store_is_rebuilt(store_dir, tmp_path, caplog):
+    assert simsearch("index", f"run.dir={store_dir}") == 0
+    info = json.loads((store_dir / "index.json").read_text())
+    info["store_manifest_sha256"] = "0" * 64
+    (store_dir / "index.json").write_text(json.dumps(info))
+    assert simsearch("search", f"run.dir={store_dir}", "query=0", "search.k=2", "logger=none") == 0
+    assert "built from another store" in caplog.text
+
+
+def test_a_flip_with_the_mtime_put_back_is_refused(store_dir):
+    Store.open(store_dir)  # verified and cached
+    time.sleep(0.01)
+    path = store_dir / "labels.npy"
+    stat = path.stat()
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with pytest.raises(SimsearchError, match="labels.npy does not match its checksum"):
+        api.open(store_dir)
+
+
+def test_verify_full_hashes_every_file_again(store_dir, monkeypatch):
+    import simsearch.store as store_module
+
+    monkeypatch.setattr(store_module, "RACY_NS", 0)
+    Store.open(store_dir)
+    hashed = []
+    real = store_module.sha256_of
+    monkeypatch.setattr(store_module, "sha256_of", lambda path: hashed.append(path.name) or real(path))
+    api.open(store_dir)
+    assert hashed == []
+    api.open(store_dir, verify="full")
+    assert sorted(hashed) == sorted(Store.open(store_dir).manifest["sha256"])
+
+
+def test_a_flipped_npy_header_byte_is_one_sentence(store_dir):
+    path = store_dir / "labels.npy"
+    data = bytearray(path.read_bytes())
+    data[data.index(b"'descr'")] = ord("(")  # the header's dict no longer parses
+    path.write_bytes(bytes(data))
+    with pytest.raises(SimsearchError, match="cannot be read"):
+        api.open(store_dir, verify=False)
+    with pytest.raises(SimsearchError, match="labels.npy does not match"):
+        api.open(store_dir)
+
+
+# ---------------------------------------------------------------- 3. item identity
+
+
+def test_a_same_size_rewrite_with_the_mtime_kept_is_embedded_again(tmp_path):
+    root = tmp_path / "images"
+    write_folder(root)
+    write_image(root / "cats" / "001.ppm", seed=1, suffix_format="PPM")  # fixed size: same bytes count
+    assert extract(root) == 0
+    path = root / "cats" / "001.ppm"
+    stat = path.stat()
+    rewritten = np.random.default_rng(99).integers(0, 256, (12, 12, 3), dtype=np.uint8)
+    Image.fromarray(rewritten).save(path, format="PPM")
+    assert path.stat().st_size == stat.st_size
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # touch -r
+    assert extract(root) == 0
+    store = Store.open(tmp_path / "store")
+    assert store.manifest["embedded"] == 1
+    assert extract(root, "fresh") == 0
+    np.testing.assert_allclose(store.embeddings, Store.open(tmp_path / "fresh").embeddings, atol=1e-6)
+
+
+# ---------------------------------------------------------------- 4. one run per run.dir
+
+
+def test_a_held_lock_refuses_a_second_run_with_a_sentence(store_dir, tmp_path, capsys):
+    manifest = (store_dir / "manifest.json").read_bytes()
+    with RunLock(store_dir):
+        capsys.readouterr()
+        assert extract(tmp_path / "images") == 2
+        assert "another run (pid" in one_sentence(capsys)
+    assert (store_dir / "manifest.json").read_bytes() == manifest and not (store_dir / ".lock").exists()
+
+
+def test_the_lock_file_of_a_dead_run_does_not_block(store_dir, tmp_path):
+    (store_dir / ".lock").write_text(json.dumps({"pid": 2**22 + 7, "host": "elsewhere", "started": "then"}))
+    assert extract(tmp_path / "images") == 0
+
+
+RACER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from simsearch.errors import SimsearchError
+    from simsearch.store import RunLock
+    run_dir, start, log = Path(sys.argv[1]), float(sys.argv[2]), Path(sys.argv[3])
+    time.sleep(max(0.0, start - time.time()))
+    try:
+        with RunLock(run_dir):
+            with open(log, "a") as handle:
+                handle.write(f"in {time.monotonic_ns()}\\n")
+            time.sleep(0.02)
+            with open(log, "a") as handle:
+                handle.write(f"out {time.monotonic_ns()}\\n")
+    except SimsearchError:
+        pass
+""")
+
+
+@pytest.mark.slow
+def test_two_processes_racing_for_the_lock_never_both_hold_it(tmp_path):
+    script = tmp_path / "racer.py"
+    script.write_text(RACER)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    for trial in range(60):
+        run_dir, log = tmp_path / f"run{trial}", tmp_path / f"log{trial}"
+        run_dir.mkdir()
+        if trial % 2:  # a dead run's lock file left behind
+            (run_dir / ".lock").write_text(json.dumps({"pid": 2**22 + 7, "host": "x", "started": "then"}))
+        start = time.time() + 0.6
+        racers = [subprocess.Popen([sys.executable, str(script), str(run_dir), str(start), str(log)], env=env,
+                                   stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        for racer in racers:
+            assert racer.wait(timeout=60) == 0, racer.stderr.read()
+        events = log.read_text().split() if log.exists() else []
+        kinds = events[0::2]
+        assert kinds and all(kinds[i] == "in" and kinds[i + 1] == "out" for i in range(0, len(kinds), 2)), events
