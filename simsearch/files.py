@@ -47,6 +47,9 @@ def replace_atomically(path: Path, write: Any) -> None:
     try:
         write(temporary)
         os.replace(temporary, path)
+    except OSError as error:  # named by the file meant, not by the temporary one
+        temporary.unlink(missing_ok=True)
+        raise OSError(error.errno, error.strerror or str(error), str(path)) from None
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise

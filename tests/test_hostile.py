@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 from PIL import Image
 
 import simsearch as api
@@ -284,3 +285,43 @@ def test_two_processes_racing_for_the_lock_never_both_hold_it(tmp_path):
         events = log.read_text().split() if log.exists() else []
         kinds = events[0::2]
         assert kinds and all(kinds[i] == "in" and kinds[i + 1] == "out" for i in range(0, len(kinds), 2)), events
+
+
+# ---------------------------------------------------------------- 7. hostile values: one sentence, exit 2, nothing created
+
+LONG = "a" * 5000
+
+
+@pytest.mark.parametrize("arguments, words", [
+    (["eval", "eval.k=${oc.env:HOME}"], "eval.k"),
+    (["extract", f"run.dir={LONG}"], "run.dir is too long"),
+    (["extract", "data=folder", f"data.root={LONG}", "run.dir=new"], "data.root is too long"),
+    (["search", f"query={LONG}"], "search.query is too long"),
+    (["eval", "run.seed=-1", "eval.queries=3"], "run.seed=-1"),
+    (["search", "query=0", "search.k=2", "search.grid=missing/x.png"], "No such file or directory"),
+    (["duplicates", "duplicates.output=missing/d.json"], "No such file or directory"),
+    (["serve", "serve.port=70000"], "serve.port=70000"),
+    (["extract", "trainer.precision=bad", "run.dir=new"], "trainer.precision=bad"),
+    (["extract", "trainer.accelerator=tpu", "run.dir=new"], "trainer.accelerator=tpu"),
+    (["extract", "run.dir="], "run.dir= is empty"),
+    (["extract", "data=folder", "data.root=missing", "run.dir=new"], "missing"),
+])
+def test_hostile_values_are_one_sentence_and_create_nothing(store_dir, tmp_path, arguments, words, capsys):
+    command, *rest = arguments
+    run_dir = [] if any(a.startswith("run.dir=") for a in rest) else [f"run.dir={store_dir}"]
+    data = [] if command != "extract" or any(a.startswith("data=") for a in rest) else ["data=synthetic"]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    capsys.readouterr()
+    assert simsearch(command, *data, *PIXELS, *run_dir, *rest) == 2
+    assert words in one_sentence(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no run.dir made
+    assert not [p.name for p in store_dir.iterdir() if ".tmp" in p.name]  # no temporary file left
+
+
+@pytest.mark.parametrize("key", ["run.dir", "query", "data.root", "search.grid"])
+def test_keys_taken_as_typed_are_never_interpolated(key):
+    from simsearch.config import load_config
+
+    cfg = load_config(["data=folder", "data.root=images", f"{key}=x${{oc.env:HOME}}${{run.seed}}.png"])
+    value = OmegaConf.select(cfg, "search.query" if key == "query" else key)
+    assert value == "x${oc.env:HOME}${run.seed}.png"

@@ -294,9 +294,18 @@ def extract(cfg: DictConfig, augment_seed: int | None = None) -> dict[str, Any]:
         raise SimsearchError(f"store.dtype must be float32 or float16, not '{cfg.store.dtype}'")
     check_inference_mode(cfg.model.inference)
     store_dir = Path(cfg.run.dir)
+    created = not store_dir.exists()
     prepare_run_dir(store_dir)
-    with nullcontext() if is_secondary_rank() else RunLock(store_dir):
-        return extract_locked(cfg, store_dir, augment_seed)
+    try:
+        with nullcontext() if is_secondary_rank() else RunLock(store_dir):
+            return extract_locked(cfg, store_dir, augment_seed)
+    except BaseException:
+        if created:  # a run refused (missing data.root, bad weights) leaves no empty run.dir behind
+            try:
+                store_dir.rmdir()
+            except OSError:
+                pass  # not empty: shards of a run to resume
+        raise
 
 
 def extract_locked(cfg: DictConfig, store_dir: Path, augment_seed: int | None) -> dict[str, Any]:
