@@ -325,3 +325,82 @@ def test_keys_taken_as_typed_are_never_interpolated(key):
     cfg = load_config(["data=folder", "data.root=images", f"{key}=x${{oc.env:HOME}}${{run.seed}}.png"])
     value = OmegaConf.select(cfg, "search.query" if key == "query" else key)
     assert value == "x${oc.env:HOME}${run.seed}.png"
+
+
+# ---------------------------------------------------------------- 8. the server: headers, Host, paths, slow uploads
+
+
+def test_every_answer_has_the_security_headers_and_the_page_satisfies_its_csp(store_dir):
+    pytest.importorskip("fastapi")
+    import base64
+    import hashlib
+    import re
+
+    from tests.test_serve import client_for
+
+    with client_for(store_dir) as client:
+        page = client.get("/")
+        for response in (page, client.get("/health"), client.get("/items/nothing"), client.get("/search?item=0&k=2")):
+            assert response.headers["x-content-type-options"] == "nosniff"
+            assert response.headers["x-frame-options"] == "DENY"
+            assert "frame-ancestors 'none'" in response.headers["content-security-policy"]
+    csp = dict(part.strip().split(" ", 1) for part in page.headers["content-security-policy"].split(";"))
+    assert csp["default-src"] == "'none'" and "'unsafe-inline'" not in csp["script-src"]
+    for script in re.findall(r"<script[^>]*>(.*?)</script>", page.text, re.S):
+        digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+        assert f"'sha256-{digest}'" in csp["script-src"]
+    for style in re.findall(r"<style[^>]*>(.*?)</style>", page.text, re.S) + re.findall(r'\sstyle="([^"]*)"', page.text):
+        digest = base64.b64encode(hashlib.sha256(style.encode()).digest()).decode()
+        assert f"'sha256-{digest}'" in csp["style-src"]
+
+
+@pytest.mark.parametrize("host, status", [
+    ("localhost", 200), ("127.0.0.1:8000", 200), ("[::1]:8000", 200), ("photos.lan", 200),
+    ("evil.example", 400), ("127.0.0.1.evil.example", 400), ("", 400),
+])
+def test_only_allowed_hosts_are_answered(store_dir, host, status):
+    pytest.importorskip("fastapi")
+    from tests.test_serve import client_for
+
+    with client_for(store_dir, "serve.allowed_hosts=[photos.lan]") as client:
+        response = client.get("/health", headers={"host": host})
+    assert response.status_code == status
+    if status == 400:
+        assert "serve.allowed_hosts" in response.json()["error"]
+
+
+def test_no_absolute_path_of_the_machine_in_any_answer(store_dir, tmp_path):
+    pytest.importorskip("fastapi")
+    from tests.test_serve import client_for
+
+    outside = tmp_path / "secret"
+    write_image(outside / "x.png", seed=3)
+    (tmp_path / "images" / "cats" / "000.png").unlink()
+    (tmp_path / "images" / "cats" / "000.png").symlink_to(outside / "x.png")
+    with client_for(store_dir) as client:
+        answers = [client.get("/openapi.json"), client.get("/items/cats/000.png/image"), client.get("/items/%2Fetc%2Fpasswd"),
+                   client.get("/health")]
+    assert answers[1].status_code == 403
+    for response in answers:
+        text = response.text + json.dumps(dict(response.headers))
+        assert str(tmp_path) not in text and "/root" not in text and "/tmp" not in text, text[:300]
+
+
+def test_a_slow_upload_is_answered_408_within_the_time_limit(store_dir):
+    pytest.importorskip("uvicorn")
+    import socket
+
+    from tests.test_serve import LiveServer
+
+    with LiveServer(store_dir, "serve.upload_timeout_s=1") as url:
+        port = int(url.rsplit(":", 1)[1])
+        started = time.monotonic()
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+            connection.sendall(b"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; "
+                               b"boundary=x\r\nContent-Length: 5000\r\n\r\n--x\r\n")
+            answer = b""
+            while chunk := connection.recv(65536):  # the server answers, then closes
+                answer += chunk
+        elapsed = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 408") and b"serve.upload_timeout_s" in answer, answer[:200]
+    assert elapsed < 5

@@ -319,7 +319,8 @@ def test_read_only_run_dir_is_one_sentence_and_serve_still_starts(tmp_path, caps
         from simsearch.config import load_config
         from simsearch.stages.serve import create_app
 
-        with TestClient(create_app(load_config(["run.dir=store", "logger=none", "serve.device=cpu"]))) as client:
+        with TestClient(create_app(load_config(["run.dir=store", "logger=none", "serve.device=cpu"])),
+                        base_url="http://localhost") as client:
             assert client.get("/search", params={"item": "2", "k": 3}).status_code == 200
         assert not (store_dir / "index.faiss").exists()
     finally:

@@ -195,6 +195,8 @@ def check_values(cfg: DictConfig) -> None:
                              "(or null: simsearch chooses)")
     if cfg.trainer.accelerator not in ACCELERATORS:
         raise SimsearchError(f"trainer.accelerator={cfg.trainer.accelerator} is not one of {', '.join(ACCELERATORS)}")
+    if not cfg.serve.upload_timeout_s > 0:
+        raise SimsearchError(f"serve.upload_timeout_s={cfg.serve.upload_timeout_s} must be a positive number of seconds")
     if not cfg.serve.max_upload_mb > 0:
         raise SimsearchError(f"serve.max_upload_mb={cfg.serve.max_upload_mb} must be a positive number of megabytes")
     if any(k < 1 for k in cfg.eval.k) or not len(cfg.eval.k):
