@@ -117,8 +117,12 @@ def swap_in(staging: Path, store_dir: Path) -> None:
     Killed mid-swap, the next extraction (or `finish_interrupted_swap`) completes it.
     """
     names = [name for name in (*CHECKSUMMED, "manifest.json") if (staging / name).exists()]
-    for name in names:  # on disk before any is moved: a power loss cannot leave a manifest over lost data
-        fsync_path(staging / name)
+    try:
+        for name in names:  # on disk before any is moved: a power loss cannot leave a manifest over lost data
+            fsync_path(staging / name)
+    except OSError:  # nothing moved yet: the previous store stays whole
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     for name in names:
         os.replace(staging / name, store_dir / name)
     fsync_path(store_dir)  # the renames themselves: a reported success survives a power loss
@@ -330,6 +334,11 @@ def mismatched(store_dir: Path, expected: dict[str, str], full: bool = False) ->
     return bad
 
 
+def _write_owner(fd: int, data: bytes) -> None:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, data, 0)
+
+
 class RunLock:
     """`run.dir/.lock`, held while a run writes there: one writer per run.dir.
 
@@ -371,8 +380,7 @@ class RunLock:
                 if left:  # a run killed while it held the lock: the kernel released it
                     log.warning("taking over the stale lock %s of a run that ended without releasing it (%s)",
                                 self.path, left.decode("utf-8", "replace").strip()[:200])
-                os.ftruncate(fd, 0)
-                os.write(fd, (json.dumps(self.owner) + "\n").encode())
+                _write_owner(fd, (json.dumps(self.owner) + "\n").encode())
             except OSError as error:
                 self.__exit__()
                 raise SimsearchError(f"cannot write the lock {self.path}: {error.strerror or error}") from None

@@ -404,3 +404,71 @@ def test_a_slow_upload_is_answered_408_within_the_time_limit(store_dir):
         elapsed = time.monotonic() - started
     assert answer.startswith(b"HTTP/1.1 408") and b"serve.upload_timeout_s" in answer, answer[:200]
     assert elapsed < 5
+
+
+# ---------------------------------------------------------------- 5. a full disk at every write
+
+
+def no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def half_written(path_argument: int):
+    """A writer that leaves part of its file, then finds the disk full."""
+    def write(*args, **kwargs):
+        Path(str(args[path_argument])).write_bytes(b"\0" * 10)
+        no_space()
+    return write
+
+
+def full_disk_at(where: str, monkeypatch) -> list[str]:
+    """Make the write at `where` fail with ENOSPC; returns the command that reaches it."""
+    import faiss
+    import PIL.Image
+
+    import simsearch.stages.extract as extract_module
+    import simsearch.store as store_module
+
+    extract_cmd = ["extract", "data=folder", "data.root=images", "data.batch_size=4", *PIXELS]
+    if where == "lock":
+        monkeypatch.setattr(store_module, "_write_owner", no_space)
+    elif where == "shards":
+        monkeypatch.setattr(extract_module, "save_file", lambda tensors, path, metadata: half_written(0)(path))
+    elif where == "staging space":
+        monkeypatch.setattr(extract_module.shutil, "disk_usage", lambda path: type("U", (), {"free": 1000})())
+    elif where == "staging":
+        monkeypatch.setattr(extract_module.os, "posix_fallocate", no_space)
+    elif where == "items":
+        monkeypatch.setattr(store_module, "write_jsonl", half_written(0))
+    elif where == "swap":
+        monkeypatch.setattr(store_module, "fsync_path", no_space)
+    elif where == "index":
+        def write_index(index, path):
+            Path(path).write_bytes(b"\0" * 10)
+            raise RuntimeError("Error in faiss::FileIOWriter: fwrite failed: No space left on device")
+        monkeypatch.setattr(faiss, "write_index", write_index)
+        return ["index"]
+    elif where == "grid":
+        monkeypatch.setattr(PIL.Image.Image, "save", lambda self, path, *a, **k: half_written(0)(path))
+        return ["search", "query=0", "search.k=2"]
+    elif where == "metrics":
+        monkeypatch.setattr(Path, "write_text", lambda self, *a, **k: half_written(0)(self))
+        return ["eval", "eval.k=[1]"]
+    return extract_cmd
+
+
+@pytest.mark.parametrize("where", ["lock", "shards", "staging space", "staging", "items", "swap", "index", "grid",
+                                   "metrics"])
+def test_a_full_disk_at_any_write_is_one_sentence_and_keeps_the_store(store_dir, tmp_path, where, monkeypatch, capsys):
+    write_image(tmp_path / "images" / "cats" / "new.png", seed=77)  # something to embed
+    manifest = (store_dir / "manifest.json").read_bytes()
+    command = full_disk_at(where, monkeypatch)
+    capsys.readouterr()
+    assert simsearch(*command, "run.dir=store", "logger=none") == 2
+    error = one_sentence(capsys)
+    assert "space" in error, error
+    monkeypatch.undo()
+    assert (store_dir / "manifest.json").read_bytes() == manifest
+    assert len(Store.open(store_dir)) == 6
+    left = [p.name for p in store_dir.rglob("*") if ".tmp" in p.name or p.name in (".staging", ".lock")]
+    assert left == []

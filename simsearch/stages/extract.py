@@ -58,6 +58,7 @@ from simsearch.tracking import finish, log_metrics, start_run
 log = logging.getLogger(__name__)
 STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 COPY_CHUNK = 65_536  # reused rows copied per step: bounded memory for any store size
+FREE_MARGIN_BYTES = 1 << 20  # beyond the vectors: labels, items, manifest of a small store
 
 
 class ShardWriter(BasePredictionWriter):
@@ -203,7 +204,14 @@ def merge_vectors(plan: Plan, previous: Store | None, dim: int, dtype: str, out_
     kept = np.flatnonzero((plan.previous_row >= 0) | (plan.shard_of >= 0))
     row_of_position = np.full(len(plan.keys), -1, dtype=np.int64)
     row_of_position[kept] = np.arange(len(kept))
+    needed = len(kept) * dim * np.dtype(dtype).itemsize
+    free = shutil.disk_usage(out_path.parent).free
+    if needed + FREE_MARGIN_BYTES > free:
+        raise SimsearchError(f"not enough free disk space for the new store in {out_path.parent.parent}: its vectors "
+                             f"need {needed / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free; the previous store is untouched")
     output = np.lib.format.open_memmap(out_path, mode="w+", dtype=dtype, shape=(len(kept), dim))
+    with open(out_path, "r+b") as handle:  # every block allocated now: a disk filled meanwhile is ENOSPC here, not SIGBUS
+        os.posix_fallocate(handle.fileno(), 0, os.fstat(handle.fileno()).st_size)
     reused = np.flatnonzero(plan.previous_row >= 0)
     for start in range(0, len(reused), COPY_CHUNK):
         positions = reused[start : start + COPY_CHUNK]
@@ -356,7 +364,11 @@ def extract_locked(cfg: DictConfig, store_dir: Path, augment_seed: int | None) -
         known = set(plan.shards)
         plan.add_shards([p for p in complete_shards(shard_dir, shard_fingerprint(fingerprint)) if p not in known])
         staging = fresh_staging(store_dir)
-        manifest = write_store(cfg, collection, staging, plan, previous, {"fingerprint": fingerprint, "embedder": identity})
+        try:
+            manifest = write_store(cfg, collection, staging, plan, previous, {"fingerprint": fingerprint, "embedder": identity})
+        except BaseException:  # a full disk, a bad value: the half-written next store goes, the previous one stays
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         previous = None  # its memory map, before its files are replaced
         swap_in(staging, store_dir)
         shutil.rmtree(shard_dir, ignore_errors=True)
@@ -390,6 +402,9 @@ def merge_on_rank_zero(trainer: L.Trainer, write: Callable[[], dict[str, Any]],
             outcome["manifest"] = write()
         except SimsearchError as error:
             outcome["error"] = str(error)
+        except OSError as error:  # a full disk: the same sentence on every rank
+            outcome["error"] = f"cannot write the store: {error.strerror or error}" + \
+                (f": {error.filename}" if error.filename else "")
     outcome = trainer.strategy.broadcast(outcome, src=0)
     if "error" in outcome:
         raise SimsearchError(outcome["error"])
