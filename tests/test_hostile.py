@@ -472,3 +472,41 @@ def test_a_full_disk_at_any_write_is_one_sentence_and_keeps_the_store(store_dir,
     assert len(Store.open(store_dir)) == 6
     left = [p.name for p in store_dir.rglob("*") if ".tmp" in p.name or p.name in (".staging", ".lock")]
     assert left == []
+
+
+# ---------------------------------------------------------------- 6. files opened once; run.dir outside the collection
+
+
+def test_a_link_retargeted_outside_after_listing_is_not_read(tmp_path, monkeypatch):
+    import simsearch.data.collections as collections
+
+    root = tmp_path / "images"
+    write_folder(root)
+    write_image(tmp_path / "outside" / "secret.png", seed=42)
+    link = root / "cats" / "link.png"
+    link.symlink_to(root / "cats" / "000.png")  # inside the root when listed
+    listed = collections.list_image_files
+
+    def list_then_retarget(folder):
+        result = listed(folder)
+        link.unlink()
+        link.symlink_to(tmp_path / "outside" / "secret.png")
+        return result
+
+    monkeypatch.setattr(collections, "list_image_files", list_then_retarget)
+    assert extract(root) == 0
+    skipped = {s["path"]: s["reason"] for s in read_jsonl(tmp_path / "store" / "skipped.jsonl")}
+    assert "outside data.root" in skipped["cats/link.png"]
+    assert "cats/link.png" not in {item["path"] for item in Store.open(tmp_path / "store").items}
+
+
+def test_a_run_dir_inside_the_collection_is_refused(tmp_path, capsys):
+    root = tmp_path / "images"
+    write_folder(root)
+    for run_dir in (root, root / "cats" / "out"):
+        capsys.readouterr()
+        assert extract(root, str(run_dir)) == 2
+        assert "is inside data.root" in one_sentence(capsys)
+    assert not (root / "cats" / "out").exists() and not (root / ".lock").exists()
+    assert extract(root, str(root / ".simsearch")) == 0  # hidden: never listed
+    assert extract(root, str(root / ".simsearch")) == 0 and len(Store.open(root / ".simsearch")) == 6

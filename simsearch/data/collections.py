@@ -12,6 +12,7 @@ import logging
 import os
 import warnings
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from simsearch.pixels import (
     SyntheticImages,
     UnreadableImage,
     decode_image,
+    open_inside,
     read_idx,
 )
 
@@ -162,8 +164,14 @@ class FolderCollection(ImageCollection):
         size, mtime_ns, ctime_ns = self.stats[index]
         return {"id": path, "path": path, "key": f"{path}:{size}:{mtime_ns}:{ctime_ns}"}
 
+    @cached_property
+    def real_root(self) -> Path:
+        return self.root.resolve()
+
     def image(self, index: int) -> Image.Image:
-        return decode_image(self.paths[index])
+        """The file opened once and checked after opening (`open_inside`), then decoded."""
+        with open_inside(self.paths[index], self.real_root) as handle:
+            return decode_image(handle)
 
     def pixels(self, index: int) -> torch.Tensor:
         return resize_pixels(to_pixels(self.image(index)), self.resize)
@@ -176,7 +184,8 @@ class FolderCollection(ImageCollection):
         if not (self.decode_on_device and path.suffix.lower() in JPEG_SUFFIXES):
             return super().__getitem__(index)
         try:
-            encoded = read_jpeg_bytes(path)
+            with open_inside(path, self.real_root) as handle:
+                encoded = read_jpeg_bytes(handle)
         except UnreadableImage as error:
             return {"pixels": self.placeholder(), "index": index, "valid": False, "reason": str(error)}
         return {"pixels": self.placeholder(), "index": index, "valid": True, "reason": "", "encoded": encoded}
@@ -256,15 +265,17 @@ def list_image_files(root: Path) -> tuple[list[tuple[Path, tuple[int, int, int]]
     return files, unlisted
 
 
-def read_jpeg_bytes(path: Path) -> torch.Tensor:
-    """A JPEG file's bytes for decoding on the device, after PIL has checked its header (size limits)."""
+def read_jpeg_bytes(handle: BinaryIO) -> torch.Tensor:
+    """A JPEG file's bytes (from its open file) for decoding on the device, after PIL has checked its header
+    (size limits)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:  # reads the header only
-                if image.format != "JPEG":
-                    raise UnreadableImage(f"not a JPEG file ({image.format})")
-        return torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
+            image = Image.open(handle)  # reads the header only; the handle stays open for the bytes
+            if image.format != "JPEG":
+                raise UnreadableImage(f"not a JPEG file ({image.format})")
+        handle.seek(0)
+        return torch.frombuffer(bytearray(handle.read()), dtype=torch.uint8)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise UnreadableImage(f"too many pixels (decompression bomb): {error}") from None
     except Image.UnidentifiedImageError:

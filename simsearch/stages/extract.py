@@ -290,6 +290,17 @@ def prepare_run_dir(store_dir: Path) -> None:
         raise SimsearchError(f"run.dir={store_dir} is not writable")
 
 
+def check_outside_collection(cfg: DictConfig, store_dir: Path) -> None:
+    """A folder collection must not hold run.dir (its pictures would become items of the next extraction),
+    unless run.dir is hidden there (a name starting with `.`: never listed)."""
+    if cfg.data.name != "folder" or not cfg.data.root:
+        return
+    root, run = Path(cfg.data.root).expanduser().resolve(), store_dir.expanduser().resolve()
+    if run.is_relative_to(root) and not any(part.startswith(".") for part in run.relative_to(root).parts):
+        raise SimsearchError(f"run.dir={cfg.run.dir} is inside data.root={cfg.data.root}: the store's own pictures would "
+                             "become items of the next extraction; choose a run.dir outside it (or a hidden one, .simsearch)")
+
+
 def extract(cfg: DictConfig, augment_seed: int | None = None) -> dict[str, Any]:
     """Embed `cfg.data` with `cfg.model` into a store at `cfg.run.dir`; returns its manifest on every rank.
 
@@ -302,6 +313,7 @@ def extract(cfg: DictConfig, augment_seed: int | None = None) -> dict[str, Any]:
         raise SimsearchError(f"store.dtype must be float32 or float16, not '{cfg.store.dtype}'")
     check_inference_mode(cfg.model.inference)
     store_dir = Path(cfg.run.dir)
+    check_outside_collection(cfg, store_dir)
     created = not store_dir.exists()
     prepare_run_dir(store_dir)
     try:
