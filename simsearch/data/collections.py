@@ -14,7 +14,7 @@ import warnings
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -136,7 +136,8 @@ class FolderCollection(ImageCollection):
     Symbolic links are followed while their target stays inside the root; a link that leaves the
     root, a dangling link and a link loop are not read but recorded in `self.unlisted` with the
     reason (they end up in skipped.jsonl), as is every file of a format not read. Each file's size,
-    modification time and change time are taken when the folder is listed: with its relative path they are the item's key (see `item_record`).
+    modification time and change time are taken when the folder is listed: with its relative path they are
+    the item's key (see `item_record`).
 
     Files are resized to the model's input size in the loader, the one CPU step that cannot wait
     for the device: images of different sizes must share a size to be stacked into a batch. With
