@@ -322,7 +322,7 @@ def test_an_oversized_upload_is_refused_while_it_streams_in(folder_store):
         sent.append(message)
 
     scope = {"type": "http", "method": "POST", "path": "/search", "raw_path": b"/search", "query_string": b"",
-             "headers": [(b"content-type", b"multipart/form-data; boundary=b")], "http_version": "1.1",
+             "headers": [(b"host", b"127.0.0.1"), (b"content-type", b"multipart/form-data; boundary=b")], "http_version": "1.1",
              "scheme": "http", "server": ("test", 80), "client": ("test", 1), "root_path": "", "app": app}
     asyncio.run(app(scope, receive, send))
     start = next(m for m in sent if m["type"] == "http.response.start")
