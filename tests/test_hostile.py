@@ -172,7 +172,10 @@ def test_an_index_of_another_store_is_rebuilt(store_dir, tmp_path, caplog):
     assert "built from another store" in caplog.text
 
 
-def test_a_flip_with_the_mtime_put_back_is_refused(store_dir):
+def test_a_flip_with_the_mtime_put_back_is_refused(store_dir, monkeypatch):
+    import simsearch.store as store_module
+
+    monkeypatch.setattr(store_module, "RACY_NS", 0)  # as if the store were written a while ago
     Store.open(store_dir)  # verified and cached
     time.sleep(0.01)
     path = store_dir / "labels.npy"
@@ -269,14 +272,16 @@ RACER = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_two_processes_racing_for_the_lock_never_both_hold_it(tmp_path):
+    import socket
+
     script = tmp_path / "racer.py"
     script.write_text(RACER)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     for trial in range(60):
         run_dir, log = tmp_path / f"run{trial}", tmp_path / f"log{trial}"
         run_dir.mkdir()
-        if trial % 2:  # a dead run's lock file left behind
-            (run_dir / ".lock").write_text(json.dumps({"pid": 2**22 + 7, "host": "x", "started": "then"}))
+        if trial % 2:  # a dead run's lock file left behind on this host
+            (run_dir / ".lock").write_text(json.dumps({"pid": 2**22 + 7, "host": socket.gethostname(), "started": "then"}))
         start = time.time() + 0.6
         racers = [subprocess.Popen([sys.executable, str(script), str(run_dir), str(start), str(log)], env=env,
                                    stderr=subprocess.PIPE, text=True) for _ in range(2)]
