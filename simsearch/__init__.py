@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 __all__ = ["open", "extract", "Store", "Results", "SimsearchError"]
 
 
-def open(run_dir: str | Path, *overrides: str, verify: bool = True) -> Any:  # noqa: A001 - the API's name
+def open(run_dir: str | Path, *overrides: str, verify: bool | str = True) -> Any:  # noqa: A001 - the API's name
     """Open the store in `run_dir` for search and evaluation: see `simsearch.api.open`."""
     from simsearch import api
 

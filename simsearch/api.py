@@ -244,10 +244,11 @@ def _override_value(value: Any) -> str:
     return str(value)
 
 
-def open(run_dir: str | Path, *overrides: str, verify: bool = True) -> Store:  # noqa: A001 - simsearch.open
+def open(run_dir: str | Path, *overrides: str, verify: bool | str = True) -> Store:  # noqa: A001 - simsearch.open
     """Open the store in `run_dir` for search and evaluation; `overrides` are CLI strings
     (`"index.factory=HNSW32"`, `"eval.k=[1,10]"`). Every file is checked against the manifest's sha256
-    first (hashed again only when it changed); `verify=False` skips that, for a store you just wrote."""
+    first (hashed again only when its identity changed); `verify="full"` hashes every file again now;
+    `verify=False` skips the files (the manifest's own checksum is always checked), for a store you just wrote."""
     cfg = load_config(_overrides(overrides, {}))
     cfg.run.dir = str(run_dir)
     return Store(StoreFiles.open(run_dir, verify=verify), cfg)

@@ -137,4 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"simsearch {name}: interrupted", file=sys.stderr)
         return 130
+    except OSError as error:  # a full disk, a name too long, a folder that vanished: what failed, in one sentence
+        where = f": {str(error.filename)[:200]}" if error.filename else ""
+        print(f"simsearch {name}: error: {error.strerror or error}{where}", file=sys.stderr)
+        return 2
     return 0

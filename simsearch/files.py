@@ -25,6 +25,15 @@ def file_identity(stat: os.stat_result) -> tuple[int, int, int, int]:
     return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
+def fsync_path(path: Path) -> None:
+    """Flush a file's (or a folder's: its entries, renames included) data to the disk."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def temporary_beside(path: Path) -> Path:
     """Where the next version of `path` is written before it replaces it: the same folder (same file system),
     hidden, and with the same suffix (image writers choose their format by it)."""
@@ -38,6 +47,9 @@ def replace_atomically(path: Path, write: Any) -> None:
     try:
         write(temporary)
         os.replace(temporary, path)
+    except OSError as error:  # named by the file meant, not by the temporary one
+        temporary.unlink(missing_ok=True)
+        raise OSError(error.errno, error.strerror or str(error), str(path)) from None
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise

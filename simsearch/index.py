@@ -16,9 +16,9 @@ import numpy as np
 from omegaconf import DictConfig
 
 from simsearch.errors import SimsearchError
-from simsearch.files import replace_atomically, write_text_atomically
+from simsearch.files import replace_atomically, sha256_of, write_text_atomically
 from simsearch.knn import ExactSearcher, Searcher, cuda_available
-from simsearch.store import Store
+from simsearch.store import Store, mismatched
 
 log = logging.getLogger(__name__)
 FAISS_GPU_MAX_K = 2048  # FAISS GPU indexes cannot return more neighbours per query
@@ -137,15 +137,22 @@ def build_index(store: Store, index_cfg: DictConfig, seed: int = 0) -> tuple[Any
         "trained_on": trained_on,
         "build_seconds": round(time.perf_counter() - started, 3),
         "store_embeddings_sha256": store.manifest.get("sha256", {}).get("embeddings.npy"),
+        "store_manifest_sha256": store.manifest.get("manifest_sha256"),  # the store it was built from
         "faiss_version": getattr(faiss, "__version__", "unknown"),
     }
     return index, info
 
 
 def save_index(index: Any, info: dict[str, Any], store_dir: Path) -> None:
-    """index.faiss then index.json, each written beside and renamed: a killed save leaves no torn file."""
+    """index.faiss then index.json (with the checksum of index.faiss), each written beside and renamed: a
+    killed save leaves no torn file, and an index.faiss changed since is never used."""
     faiss = import_faiss()
-    replace_atomically(store_dir / "index.faiss", lambda temporary: faiss.write_index(index, str(temporary)))
+
+    def write(temporary: Path) -> None:
+        faiss.write_index(index, str(temporary))
+        info["index_sha256"] = sha256_of(temporary)
+
+    replace_atomically(store_dir / "index.faiss", write)
     write_text_atomically(store_dir / "index.json", json.dumps(info, indent=2) + "\n")
 
 
@@ -159,10 +166,15 @@ def load_index(store: Store, index_cfg: DictConfig) -> tuple[Any, dict[str, Any]
     except (OSError, ValueError):
         log.warning("index.json in %s is unreadable: rebuilding the index", store.dir)
         return None
-    if not isinstance(info, dict) or info.get("store_embeddings_sha256") != store.manifest.get("sha256", {}).get("embeddings.npy"):
-        log.warning("index.faiss in %s was built from other embeddings: rebuilding it", store.dir)
+    if not isinstance(info, dict) or info.get("store_embeddings_sha256") != store.manifest.get("sha256", {}).get("embeddings.npy") \
+            or info.get("store_manifest_sha256") != store.manifest.get("manifest_sha256"):
+        log.warning("index.faiss in %s was built from another store: rebuilding it", store.dir)
         return None
     if info.get("factory") != index_cfg.factory:
+        return None
+    if not isinstance(info.get("index_sha256"), str) or mismatched(store.dir, {"index.faiss": info["index_sha256"]}):
+        log.warning("index.faiss in %s does not match its checksum in index.json (changed since it was saved): "
+                    "rebuilding it", store.dir)
         return None
     faiss = import_faiss()
     try:  # memory-mapped where the index type allows (flat codes since FAISS 1.9): pages are read as searched

@@ -39,7 +39,7 @@ class ItemImages:
             return None
         path = (self.root / relative).resolve()
         if not path.is_relative_to(self.root):
-            raise SimsearchError(f"item path {relative!r} leaves the data root {self.root}")
+            raise SimsearchError(f"item path {relative!r} leaves the data root")
         return path
 
     def image(self, row: int) -> Image.Image:

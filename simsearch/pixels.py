@@ -7,9 +7,11 @@ never imports torch; `simsearch.data` builds its datasets on them.
 from __future__ import annotations
 
 import gzip
+import os
+import stat
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -56,6 +58,29 @@ def to_rgb(image: Image.Image) -> Image.Image:
         background.paste(image, mask=image.getchannel("A"))
         return background
     return image.convert("RGB")
+
+
+def open_inside(path: Path, real_root: Path) -> BinaryIO:
+    """`path` opened for reading, once, after checking what was opened: a regular file whose real path
+    (the kernel's, /proc/self/fd) is inside `real_root`. A link retargeted outside the root between the
+    listing and this read, or a pipe swapped in, is refused with the reason (UnreadableImage)."""
+    try:  # non-blocking: a pipe swapped in for the file must not hang the run
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as error:
+        raise UnreadableImage(f"{type(error).__name__}: {error.strerror or error}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UnreadableImage("not a regular file (a pipe, socket or device): not read")
+        proc = Path(f"/proc/self/fd/{fd}")
+        real = Path(os.readlink(proc)) if proc.is_symlink() else path.resolve()
+        if not real.is_relative_to(real_root):
+            raise UnreadableImage("the file opened is outside data.root (a link changed after the folder was "
+                                  "listed): not read")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def decode_image(source: Any) -> Image.Image:

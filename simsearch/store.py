@@ -15,6 +15,8 @@ since the last verification (`.verified.json`).
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -31,13 +33,13 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from simsearch.errors import SimsearchError
-from simsearch.files import file_identity, read_jsonl, sha256_of, write_jsonl, write_text_atomically
+from simsearch.files import file_identity, fsync_path, read_jsonl, sha256_of, write_jsonl, write_text_atomically
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 2  # 2: items carry a `key`, the manifest a `fingerprint` and `embedded`/`reused`
+FORMAT_VERSION = 3  # 2: items carry a `key`, the manifest a `fingerprint`; 3: the manifest its own checksum
 CHECKSUMMED = ("embeddings.npy", "labels.npy", "items.jsonl", "skipped.jsonl", "config.yaml")
 STAGING = ".staging"  # the next store, written beside the current one
-VERIFIED = ".verified.json"  # size, mtime and checksum of each file when it was last verified
+VERIFIED = ".verified.json"  # identity (device, inode, size, mtime, ctime) and checksum of each file when verified
 LOCK = ".lock"
 RACY_NS = 2_000_000_000  # a file modified this close to its verification is hashed again (git's racy rule)
 
@@ -54,8 +56,15 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+def manifest_checksum(manifest: dict[str, Any]) -> str:
+    """sha256 of the manifest's canonical JSON (sorted keys, ASCII), its own `manifest_sha256` left out."""
+    content = {key: value for key, value in manifest.items() if key != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, ensure_ascii=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def write_manifest(store_dir: Path, description: dict[str, Any]) -> dict[str, Any]:
-    """Write manifest.json: the description given, plus versions, time and a checksum of each file."""
+    """Write manifest.json: the description given, plus versions, time, a checksum of each file and the
+    checksum of the manifest itself (`manifest_sha256`), so that any change to it is refused."""
     manifest = {
         "format_version": FORMAT_VERSION,
         **description,
@@ -63,6 +72,7 @@ def write_manifest(store_dir: Path, description: dict[str, Any]) -> dict[str, An
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "sha256": {name: sha256_of(store_dir / name) for name in CHECKSUMMED if (store_dir / name).exists()},
     }
+    manifest["manifest_sha256"] = manifest_checksum(manifest)
     write_text_atomically(store_dir / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     return manifest
 
@@ -106,9 +116,16 @@ def swap_in(staging: Path, store_dir: Path) -> None:
     checksum, so a reader mid-swap is refused with a sentence, never served rows of two stores.
     Killed mid-swap, the next extraction (or `finish_interrupted_swap`) completes it.
     """
-    for name in (*CHECKSUMMED, "manifest.json"):
-        if (staging / name).exists():
-            os.replace(staging / name, store_dir / name)
+    names = [name for name in (*CHECKSUMMED, "manifest.json") if (staging / name).exists()]
+    try:
+        for name in names:  # on disk before any is moved: a power loss cannot leave a manifest over lost data
+            fsync_path(staging / name)
+    except OSError:  # nothing moved yet: the previous store stays whole
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    for name in names:
+        os.replace(staging / name, store_dir / name)
+    fsync_path(store_dir)  # the renames themselves: a reported success survives a power loss
     shutil.rmtree(staging, ignore_errors=True)
 
 
@@ -140,23 +157,28 @@ class Store:
     _row_of_id: dict[str, int] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def open(cls, store_dir: Path | str, verify: bool = True) -> Store:
-        """Open the store in `store_dir`; with `verify` (the default) its files must match the manifest's
-        checksums (hashed once, then again only when a file's size or mtime changes)."""
+    def open(cls, store_dir: Path | str, verify: bool | str = True) -> Store:
+        """Open the store in `store_dir`. manifest.json must match its own checksum, always; with `verify`
+        (True, the default) every file must match the manifest's checksums, hashed once, then again only
+        when a file's identity (device, inode, size, mtime, ctime) changes; `verify="full"` hashes every
+        file now whatever was verified before; `verify=False` trusts the files (a store you just wrote)."""
         store_dir = Path(store_dir)
+        if verify not in (True, False, "full"):
+            raise SimsearchError(f"verify={verify!r} must be True, False or 'full'")
         manifest = read_manifest(store_dir)
         try:
             verified: tuple[int, int, int, int] | None = file_identity((store_dir / "embeddings.npy").stat())
         except OSError:
             verified = None  # missing: the checksums (or the load) below say so
         if verify:
-            verify_checksums(store_dir, manifest)
+            verify_checksums(store_dir, manifest, full=verify == "full")
         try:
             embeddings = np.load(store_dir / "embeddings.npy", mmap_mode="r", allow_pickle=False)
             labels = np.load(store_dir / "labels.npy", allow_pickle=False)
             identity = file_identity((store_dir / "embeddings.npy").stat())
-        except (OSError, ValueError) as error:
-            raise SimsearchError(f"store {store_dir} cannot be read: {error}") from None
+        except Exception as error:  # noqa: BLE001 - a damaged .npy header raises SyntaxError, TokenError, ...
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise SimsearchError(f"store {store_dir} cannot be read (a damaged .npy file?): {reason}") from None
         if verified is not None and identity != verified:  # replaced between the checksum and the mapping
             raise SimsearchError(f"the store in {store_dir} was replaced while it was opened (an extraction swapping "
                                  "in a new one): open it again")
@@ -252,104 +274,136 @@ def read_manifest(store_dir: Path) -> dict[str, Any]:
     if not isinstance(manifest, dict) or not isinstance(manifest.get("count"), int) \
             or not isinstance(manifest.get("sha256", {}), dict):
         raise SimsearchError(f"{path} is not a simsearch manifest (no count or checksums): extract the store again")
+    if "manifest_sha256" not in manifest:
+        raise SimsearchError(f"{path} has no checksum of its own (format_version {manifest.get('format_version')}, "
+                             f"an older simsearch): run the same `simsearch extract` again")
+    if manifest_checksum(manifest) != manifest["manifest_sha256"]:
+        raise SimsearchError(f"{path} was changed after it was written (it does not match its own checksum): "
+                             "extract the store again")
     return manifest
 
 
-def verify_checksums(store_dir: Path, manifest: dict[str, Any]) -> None:
-    """Every file the manifest lists matches its sha256; a file whose size and mtime are those of its last
-    verification (recorded in .verified.json) is not hashed again."""
+def verify_checksums(store_dir: Path, manifest: dict[str, Any], full: bool = False) -> None:
+    """Every file the manifest lists matches its sha256 (else one sentence naming the file)."""
+    staged = " (a newer store is being swapped in: wait, or run the same extract again)" \
+        if (store_dir / STAGING / "manifest.json").is_file() else ""
+    for name in mismatched(store_dir, manifest.get("sha256", {}), full):
+        if not (store_dir / name).exists():
+            raise SimsearchError(f"store {store_dir} is incomplete: {name} is missing")
+        raise SimsearchError(f"store {store_dir} is corrupt: {name} does not match its checksum in manifest.json{staged}")
+
+
+def mismatched(store_dir: Path, expected: dict[str, str], full: bool = False) -> list[str]:
+    """The files of `expected` (name -> sha256) in store_dir that are missing or do not match, first one only.
+
+    A file whose identity (device, inode, size, mtime and ctime: a ctime cannot be set back by `touch`)
+    is the one of its last verification, recorded in .verified.json, and that was not modified within
+    2 s of it (git's "racy" rule), is not hashed again; `full` hashes every file.
+    """
     cache_path = store_dir / VERIFIED
     try:
         cache = json.loads(cache_path.read_text())
     except (OSError, ValueError):
         cache = {}
     cache = cache if isinstance(cache, dict) else {}
-    updated = {}
-    for name, expected in manifest.get("sha256", {}).items():
+    updated = dict(cache)
+    bad: list[str] = []
+    for name, checksum in expected.items():
         path = store_dir / name
         try:
             stat = path.stat()
         except OSError:
-            raise SimsearchError(f"store {store_dir} is incomplete: {name} is missing") from None
-        seen = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": expected}
-        if cache.get(name, {}).get("verified_ns", 0) - stat.st_mtime_ns > RACY_NS and \
-                {k: cache[name].get(k) for k in seen} == seen:
-            updated[name] = cache[name]
+            bad.append(name)
+            break
+        seen = {"dev": stat.st_dev, "ino": stat.st_ino, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                "ctime_ns": stat.st_ctime_ns, "sha256": checksum}
+        known = cache.get(name) if isinstance(cache.get(name), dict) else {}
+        changed_ns = max(stat.st_mtime_ns, stat.st_ctime_ns)
+        if not full and known.get("verified_ns", 0) - changed_ns > RACY_NS and {k: known.get(k) for k in seen} == seen:
             continue
-        if sha256_of(path) != expected:
-            staged = " (a newer store is being swapped in: wait, or run the same extract again)" \
-                if (store_dir / STAGING / "manifest.json").is_file() else ""
-            raise SimsearchError(
-                f"store {store_dir} is corrupt: {name} does not match its checksum in manifest.json{staged}")
+        if sha256_of(path) != checksum:
+            updated.pop(name, None)
+            bad.append(name)
+            break
         updated[name] = {**seen, "verified_ns": time.time_ns()}
     if updated != cache:
         try:
             write_text_atomically(cache_path, json.dumps(updated, indent=1) + "\n")
-        except OSError:  # a read-only store is verified again next time
+        except OSError:  # a read-only store (or a full disk) is verified again next time
             pass
+    return bad
+
+
+def _write_owner(fd: int, data: bytes) -> None:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, data, 0)
 
 
 class RunLock:
     """`run.dir/.lock`, held while a run writes there: one writer per run.dir.
 
-    Created atomically (a complete file linked into place, so it is never seen half-written) with
-    the owner's pid, host and start time. A lock whose pid is dead on this host is stale and taken
-    over with a warning; any other lock refuses the run with one sentence.
+    The lock is `fcntl.flock` on the file, taken without waiting: the kernel lets one open file hold it
+    and drops it when its process dies, so a dead run's lock is free with no takeover to race on. The
+    holder writes its pid, host and start time into the file for the sentence that refuses the others,
+    and removes the file while still holding the lock; a run that locked a file removed meanwhile
+    (another inode than the path's) lets it go and tries again.
     """
 
     def __init__(self, run_dir: Path):
         self.path = run_dir / LOCK
         self.owner = {"pid": os.getpid(), "host": socket.gethostname(),
                       "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        self.fd: int | None = None
 
     def __enter__(self) -> RunLock:
-        temporary = self.path.with_name(f"{LOCK}.{os.getpid()}.tmp")
-        try:
-            temporary.write_text(json.dumps(self.owner) + "\n")
-            for _ in range(3):
-                try:
-                    os.link(temporary, self.path)
-                    return self
-                except FileExistsError:
-                    self._take_over_if_stale()
-        except PermissionError:
-            raise SimsearchError(f"run.dir={self.path.parent} is not writable") from None
-        finally:
-            temporary.unlink(missing_ok=True)
-        raise SimsearchError(f"cannot take the lock {self.path}")
+        for _ in range(100):
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            except PermissionError:
+                raise SimsearchError(f"run.dir={self.path.parent} is not writable") from None
+            except OSError as error:
+                raise SimsearchError(f"cannot create the lock {self.path}: {error.strerror or error}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                self._refuse()
+            try:
+                if os.fstat(fd).st_ino != os.stat(self.path, follow_symlinks=False).st_ino:
+                    raise FileNotFoundError  # the holder removed this file as it finished: lock the new one
+            except FileNotFoundError:
+                os.close(fd)
+                continue
+            self.fd = fd
+            try:
+                left = os.pread(fd, 4096, 0)
+                if left:  # a run killed while it held the lock: the kernel released it
+                    log.warning("taking over the stale lock %s of a run that ended without releasing it (%s)",
+                                self.path, left.decode("utf-8", "replace").strip()[:200])
+                _write_owner(fd, (json.dumps(self.owner) + "\n").encode())
+            except OSError as error:
+                self.__exit__()
+                raise SimsearchError(f"cannot write the lock {self.path}: {error.strerror or error}") from None
+            return self
+        raise SimsearchError(f"cannot take the lock {self.path}: other runs keep replacing it")
 
-    def _take_over_if_stale(self) -> None:
+    def _refuse(self) -> None:
         try:
             holder = json.loads(self.path.read_text())
-        except FileNotFoundError:
-            return  # released meanwhile: try again
         except (OSError, ValueError):
             holder = {}
-        if holder.get("host") == self.owner["host"] and not _alive(int(holder.get("pid", -1))):
-            log.warning("taking over the stale lock %s of pid %s (no longer running)", self.path, holder.get("pid"))
-            self.path.unlink(missing_ok=True)
-            return
+        holder = holder if isinstance(holder, dict) else {}
         raise SimsearchError(
             f"another run (pid {holder.get('pid', '?')} on {holder.get('host', '?')}, since "
-            f"{holder.get('started', '?')}) is writing to {self.path.parent}: wait for it, or if it is gone, "
-            f"delete {self.path}"
+            f"{holder.get('started', '?')}) is writing to {self.path.parent}: wait for it to finish"
         )
 
     def __exit__(self, *exc_info: Any) -> None:
+        if self.fd is None:
+            return
         try:
-            if json.loads(self.path.read_text()).get("pid") == self.owner["pid"]:
-                self.path.unlink()
-        except (OSError, ValueError):
+            self.path.unlink(missing_ok=True)  # still locked: no one else holds this file
+        except OSError:
             pass
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
+        os.close(self.fd)  # releases the lock
+        self.fd = None

@@ -24,7 +24,7 @@ from simsearch.index import FAISS_GPU_MAX_K, FaissSearcher, build_index
 from simsearch.knn import ExactSearcher, StoredRows
 from simsearch.metrics import per_query_metrics
 from simsearch.stages.evaluate import evaluate_store, sample_queries
-from simsearch.store import Store, finish_store
+from simsearch.store import Store, finish_store, manifest_checksum
 from tests.conftest import FASHION_MNIST, TINY, clustered, make_vector_store, read_json, simsearch, simsearch_subprocess
 from tests.wandb_records import offline_summary
 
@@ -534,6 +534,7 @@ def test_query_gallery_refuses_stores_of_different_models(tmp_path):
     for store, weights in ((queries, "imagenet"), (gallery, "random")):
         manifest = read_json(store.dir / "manifest.json")
         manifest["model"] = {"name": "resnet50", "weights": weights, "image_size": 224}
+        manifest["manifest_sha256"] = manifest_checksum(manifest)  # as if extracted so
         (store.dir / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(SimsearchError, match=r"embedded differently \(model.weights"):
         evaluate_store(Store.open(queries.dir), *configs(), gallery=Store.open(gallery.dir))

@@ -15,7 +15,7 @@ from PIL import Image
 
 from simsearch.config import load_config
 from simsearch.items import ItemImages
-from simsearch.store import Store
+from simsearch.store import Store, manifest_checksum
 from tests.conftest import FASHION_MNIST, TINY, simsearch
 
 fastapi = pytest.importorskip("fastapi")
@@ -46,7 +46,7 @@ def folder_store(tmp_path):
 
 def client_for(store_dir, *overrides):
     cfg = load_config([f"run.dir={store_dir}", "logger=none", "serve.device=cpu", *overrides])
-    return TestClient(create_app(cfg))
+    return TestClient(create_app(cfg), base_url="http://localhost")  # a Host the server answers
 
 
 def test_health_item_and_image_endpoints(folder_store):
@@ -166,6 +166,7 @@ def test_no_file_outside_the_data_root_is_served(folder_store, tmp_path):
     (folder_store / "items.jsonl").write_text("".join(__import__("json").dumps(i) + "\n" for i in items))
     manifest = __import__("json").loads((folder_store / "manifest.json").read_text())
     manifest["sha256"].pop("items.jsonl")
+    manifest["manifest_sha256"] = manifest_checksum(manifest)  # tampered by someone who knows the format
     (folder_store / "manifest.json").write_text(__import__("json").dumps(manifest))
     with client_for(folder_store) as client:
         response = client.get(f"/items/{items[0]['id'].replace('/', '%2F')}/image")
@@ -434,7 +435,7 @@ def test_an_oversized_upload_is_refused_while_it_streams_in(folder_store):
         sent.append(message)
 
     scope = {"type": "http", "method": "POST", "path": "/search", "raw_path": b"/search", "query_string": b"",
-             "headers": [(b"content-type", b"multipart/form-data; boundary=b")], "http_version": "1.1",
+             "headers": [(b"host", b"127.0.0.1"), (b"content-type", b"multipart/form-data; boundary=b")], "http_version": "1.1",
              "scheme": "http", "server": ("test", 80), "client": ("test", 1), "root_path": "", "app": app}
     asyncio.run(app(scope, receive, send))
     start = next(m for m in sent if m["type"] == "http.response.start")

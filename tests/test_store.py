@@ -187,12 +187,11 @@ def test_a_run_killed_mid_swap_is_refused_by_readers_and_completed_by_the_next_r
 @pytest.mark.slow
 def test_a_second_run_on_the_same_run_dir_is_refused(tmp_path):
     store_dir, manifest = good_store(tmp_path)
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from simsearch.store import RunLock\n"
+                               f"with RunLock(__import__('pathlib').Path({str(store_dir)!r})):\n"
+                               "    print('held', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
     try:
-        import socket
-
-        (store_dir / ".lock").write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname(),
-                                                     "started": "2026-01-01T00:00:00"}))
+        assert holder.stdout.readline().strip() == "held"
         result = simsearch_subprocess("extract", "data=folder", "data.root=images", *TINY, "run.dir=store",
                                       cwd=tmp_path)
     finally:
@@ -235,12 +234,11 @@ def test_a_flipped_byte_is_refused_naming_the_file(tmp_path, command, capsys):
     assert "embeddings.npy does not match its checksum" in error and error.count("\n") == 1
 
 
-def test_verification_is_cached_by_size_and_mtime(tmp_path, monkeypatch):
+def test_verification_is_cached_by_file_identity(tmp_path, monkeypatch):
     import simsearch.store as store_module
 
     assert simsearch("extract", "data=synthetic", "data.num_items=4", *TINY, "run.dir=store") == 0
-    for path in (tmp_path / "store").iterdir():  # as if written a while ago
-        os.utime(path, ns=(time.time_ns() - 10**10, time.time_ns() - 10**10))
+    monkeypatch.setattr(store_module, "RACY_NS", 0)  # a ctime cannot be set back: as if written a while ago
     Store.open(tmp_path / "store")
     hashed = []
     monkeypatch.setattr(store_module, "sha256_of", lambda path: hashed.append(path.name) or "x")
@@ -321,7 +319,8 @@ def test_read_only_run_dir_is_one_sentence_and_serve_still_starts(tmp_path, caps
         from simsearch.config import load_config
         from simsearch.stages.serve import create_app
 
-        with TestClient(create_app(load_config(["run.dir=store", "logger=none", "serve.device=cpu"]))) as client:
+        with TestClient(create_app(load_config(["run.dir=store", "logger=none", "serve.device=cpu"])),
+                        base_url="http://localhost") as client:
             assert client.get("/search", params={"item": "2", "k": 3}).status_code == 200
         assert not (store_dir / "index.faiss").exists()
     finally:

@@ -35,8 +35,14 @@ MINIMUMS = {
     "data.batch_size": 1, "data.num_workers": 0, "data.num_items": 1, "data.num_classes": 1, "data.native_size_px": 1,
     "model.image_size": 1, "trainer.num_nodes": 1, "index.train_size": 1, "index.batch_size": 1, "eval.query_chunk": 1,
     "search.k": 1, "serve.port": 0, "serve.max_k": 1, "serve.batch_size": 1, "serve.batch_wait_ms": 0,
-    "serve.thumbnail_px": 1,
+    "serve.thumbnail_px": 1, "run.seed": 0,
 }
+MAXIMUMS = {"serve.port": 65535}
+# What Lightning's Trainer accepts (simsearch picks one when None); anything else would fail inside it
+PRECISIONS = ("16-mixed", "bf16-mixed", "32-true", "64-true", "16-true", "bf16-true", "16", "32", "64", "bf16")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+PATH_KEYS = ("run.dir", "data.root", "search.query", "search.grid", "duplicates.output", "duplicates.image")
+NAME_MAX_BYTES, PATH_MAX_BYTES = 255, 4096  # Linux's limits (errno 36 past them)
 GRID_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
@@ -68,7 +74,9 @@ def _split_arguments(arguments: list[str]) -> tuple[dict[str, str], list[str], d
         if key in GROUPS:
             choices[key] = value
         elif key in VERBATIM and value not in ("null", "~"):
-            verbatim[key] = value
+            if key == "run.dir" and not value.strip():
+                raise SimsearchError("run.dir= is empty: give the store's folder, e.g. run.dir=outputs/photos")
+            verbatim[key] = value.replace("${", "\\${")  # escaped: never an interpolation
         else:
             overrides.append(f"{key}={value}")
     return choices, overrides, verbatim
@@ -85,6 +93,17 @@ def _lists_from_scalars(cfg: DictConfig, overrides: list[str]) -> list[str]:
             is_list = False
         result.append(f"{key}=[{value}]" if is_list and not value.strip().startswith("[") else override)
     return result
+
+
+def _parse_overrides(overrides: list[str]) -> DictConfig:
+    """`key=value` strings as a config, each parsed alone so a bad one is named in one sentence."""
+    for override in overrides:
+        try:
+            OmegaConf.from_dotlist([override])
+        except Exception as error:  # noqa: BLE001 - YAML and grammar errors come in many types
+            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise SimsearchError(f"cannot read the override '{override[:200]}': {message}") from None
+    return OmegaConf.from_dotlist(overrides)
 
 
 def _nested(dotted: dict[str, str]) -> dict[str, Any]:
@@ -132,7 +151,7 @@ def load_config(arguments: list[str] | None = None, allow_missing: bool = False)
             # `???` in a group file: the user must give it (a merge would keep the schema's default)
             required += [f"{group}.{key}" for key in sorted(OmegaConf.missing_keys(group_cfg))]
             cfg = OmegaConf.merge(cfg, {group: group_cfg})
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(_lists_from_scalars(cfg, overrides)), _nested(verbatim))
+        cfg = OmegaConf.merge(cfg, _parse_overrides(_lists_from_scalars(cfg, overrides)), _nested(verbatim))
         given = {item.partition("=")[0] for item in overrides} | set(verbatim)
         missing = [key for key in required if key not in given] + sorted(OmegaConf.missing_keys(cfg))
         if missing and not allow_missing:
@@ -141,8 +160,12 @@ def load_config(arguments: list[str] | None = None, allow_missing: bool = False)
             OmegaConf.update(cfg, key, "???", force_add=True)
         if not missing:
             OmegaConf.resolve(cfg)
+            for key, value in verbatim.items():  # resolve() unescapes: keep them literal for every later reader
+                OmegaConf.update(cfg, key, value, merge=False)
     except OmegaConfBaseException as error:
         raise SimsearchError(_explain(error)) from None
+    except (ValueError, TypeError, KeyError) as error:  # a resolver's own failure (oc.decode, a list of the wrong type)
+        raise SimsearchError(f"config error: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
     OmegaConf.set_readonly(cfg, False)
     if not missing:
         check_values(cfg)
@@ -155,6 +178,25 @@ def check_values(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value is not None and value < minimum:
             raise SimsearchError(f"{key}={value} is out of range: it must be at least {minimum}")
+    for key, maximum in MAXIMUMS.items():
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value > maximum:
+            raise SimsearchError(f"{key}={value} is out of range: it must be at most {maximum}")
+    for key in PATH_KEYS:
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, str) and (len(value.encode()) > PATH_MAX_BYTES
+                                       or any(len(part.encode()) > NAME_MAX_BYTES for part in value.split("/"))):
+            raise SimsearchError(f"{key} is too long ({len(value)} characters): a path may hold at most "
+                                 f"{PATH_MAX_BYTES} bytes and each name in it {NAME_MAX_BYTES}")
+    if not str(cfg.run.dir).strip():
+        raise SimsearchError("run.dir is empty: give the store's folder, e.g. run.dir=outputs/photos")
+    if cfg.trainer.precision is not None and str(cfg.trainer.precision) not in PRECISIONS:
+        raise SimsearchError(f"trainer.precision={cfg.trainer.precision} is not one of {', '.join(PRECISIONS)} "
+                             "(or null: simsearch chooses)")
+    if cfg.trainer.accelerator not in ACCELERATORS:
+        raise SimsearchError(f"trainer.accelerator={cfg.trainer.accelerator} is not one of {', '.join(ACCELERATORS)}")
+    if not cfg.serve.upload_timeout_s > 0:
+        raise SimsearchError(f"serve.upload_timeout_s={cfg.serve.upload_timeout_s} must be a positive number of seconds")
     if not cfg.serve.max_upload_mb > 0:
         raise SimsearchError(f"serve.max_upload_mb={cfg.serve.max_upload_mb} must be a positive number of megabytes")
     if any(k < 1 for k in cfg.eval.k) or not len(cfg.eval.k):

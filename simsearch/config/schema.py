@@ -161,6 +161,9 @@ class ServeConfig:
     batch_wait_ms: float = 5.0  # how long the first upload of a batch waits for others
     thumbnail_px: int = 256  # longest side of the images served at /items/{id}/image
     device: str = "auto"  # where uploads are embedded: auto | cpu | cuda
+    # Host headers answered besides serve.host, localhost, 127.0.0.1 and [::1] (others get 400: DNS rebinding)
+    allowed_hosts: list[str] = field(default_factory=list)
+    upload_timeout_s: float = 30.0  # an upload body not received whole within this is answered 408 and closed
 
 
 @dataclass

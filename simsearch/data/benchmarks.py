@@ -51,13 +51,14 @@ class BenchmarkCollection(FolderCollection):
         self.labels = np.array([number[name] for name in item_classes], dtype=np.int64)
 
 
-def file_stat(path: Path) -> tuple[int, int]:
-    """(size, mtime_ns) of a listed image; (-1, 0) for a missing one, which the loader then records as skipped."""
+def file_stat(path: Path) -> tuple[int, int, int]:
+    """(size, mtime_ns, ctime_ns) of a listed image; (-1, 0, 0) for a missing one, which the loader then records
+    as skipped."""
     try:
         stat = path.stat()
     except OSError:
-        return -1, 0
-    return stat.st_size, stat.st_mtime_ns
+        return -1, 0, 0
+    return stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
 
 
 def read_benchmark(name: str, root: Path, split: str, resize: Resize, download: bool = False,

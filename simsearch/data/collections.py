@@ -12,8 +12,9 @@ import logging
 import os
 import warnings
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -28,6 +29,7 @@ from simsearch.pixels import (
     SyntheticImages,
     UnreadableImage,
     decode_image,
+    open_inside,
     read_idx,
 )
 
@@ -133,8 +135,9 @@ class FolderCollection(ImageCollection):
     Hidden files and folders (a name starting with `.`: `.thumbnails/`, `.DS_Store`) are ignored.
     Symbolic links are followed while their target stays inside the root; a link that leaves the
     root, a dangling link and a link loop are not read but recorded in `self.unlisted` with the
-    reason (they end up in skipped.jsonl). Each file's size and modification time are taken when the
-    folder is listed: with its relative path they are the item's key (see `item_record`).
+    reason (they end up in skipped.jsonl), as is every file of a format not read. Each file's size,
+    modification time and change time are taken when the folder is listed: with its relative path they are
+    the item's key (see `item_record`).
 
     Files are resized to the model's input size in the loader, the one CPU step that cannot wait
     for the device: images of different sizes must share a size to be stacked into a batch. With
@@ -148,7 +151,7 @@ class FolderCollection(ImageCollection):
         self.decode_on_device = decode_on_device
         listed, self.unlisted = list_image_files(root)
         self.paths = [path for path, _ in listed]
-        self.stats = [stat for _, stat in listed]  # (size in bytes, mtime in ns) when listed
+        self.stats = [stat for _, stat in listed]  # (size in bytes, mtime in ns, ctime in ns) when listed
         relative = [p.relative_to(root) for p in self.paths]
         folders = [r.parts[0] if len(r.parts) > 1 else None for r in relative]
         self.classes = sorted({f for f in folders if f is not None}) if with_labels else []
@@ -156,13 +159,20 @@ class FolderCollection(ImageCollection):
         self.labels = np.array([class_index.get(f, -1) for f in folders], dtype=np.int64)
 
     def item_record(self, index: int) -> dict[str, Any]:
-        """The key is path, size and mtime: a file changed in place or moved is a new item."""
+        """The key is path, size, mtime and ctime: a file changed in place or moved is a new item, even
+        rewritten at the same size with its mtime put back (`touch -r`): no one can set a ctime back."""
         path = self.paths[index].relative_to(self.root).as_posix()
-        size, mtime_ns = self.stats[index]
-        return {"id": path, "path": path, "key": f"{path}:{size}:{mtime_ns}"}
+        size, mtime_ns, ctime_ns = self.stats[index]
+        return {"id": path, "path": path, "key": f"{path}:{size}:{mtime_ns}:{ctime_ns}"}
+
+    @cached_property
+    def real_root(self) -> Path:
+        return self.root.resolve()
 
     def image(self, index: int) -> Image.Image:
-        return decode_image(self.paths[index])
+        """The file opened once and checked after opening (`open_inside`), then decoded."""
+        with open_inside(self.paths[index], self.real_root) as handle:
+            return decode_image(handle)
 
     def pixels(self, index: int) -> torch.Tensor:
         return resize_pixels(to_pixels(self.image(index)), self.resize)
@@ -175,7 +185,8 @@ class FolderCollection(ImageCollection):
         if not (self.decode_on_device and path.suffix.lower() in JPEG_SUFFIXES):
             return super().__getitem__(index)
         try:
-            encoded = read_jpeg_bytes(path)
+            with open_inside(path, self.real_root) as handle:
+                encoded = read_jpeg_bytes(handle)
         except UnreadableImage as error:
             return {"pixels": self.placeholder(), "index": index, "valid": False, "reason": str(error)}
         return {"pixels": self.placeholder(), "index": index, "valid": True, "reason": "", "encoded": encoded}
@@ -185,12 +196,13 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def list_image_files(root: Path) -> tuple[list[tuple[Path, tuple[int, int]]], list[dict[str, Any]]]:
-    """Image files under `root` in sorted relative-path order, each with (size, mtime_ns), and the
-    links that were not followed, each with the reason. One rule for links: followed while the
-    target is inside `root`, else recorded and left out."""
+def list_image_files(root: Path) -> tuple[list[tuple[Path, tuple[int, int, int]]], list[dict[str, Any]]]:
+    """Image files under `root` in sorted relative-path order, each with (size, mtime_ns, ctime_ns), and
+    every other entry that is not read, with the reason: links not followed (one rule: followed while
+    the target is inside `root`), files of other formats (.avif, .heic, .svg, .txt...), pipes and
+    devices named like images, folders named like images that hold none. Hidden entries are ignored."""
     real_root = root.resolve()
-    files: list[tuple[Path, tuple[int, int]]] = []
+    files: list[tuple[Path, tuple[int, int, int]]] = []
     unlisted: list[dict[str, Any]] = []
     visited: set[Path] = {real_root}
 
@@ -229,31 +241,42 @@ def list_image_files(root: Path) -> tuple[list[tuple[Path, tuple[int, int]]], li
             target = target_of(path) if entry.is_symlink() else path
             if target is None:
                 continue
+            suffix = path.suffix.lower()
             if target.is_dir():
                 real = target.resolve()
                 if real in visited or real_root.is_relative_to(real):
                     unlist(path, "symlink loop: a folder already listed")
                     continue
                 visited.add(real)
+                before = len(files)
                 walk(path)
-            elif path.suffix.lower() in IMAGE_SUFFIXES and target.is_file():
+                if suffix in IMAGE_SUFFIXES and len(files) == before:
+                    unlist(path, "a folder named like an image file, holding no image: not read")
+            elif suffix in IMAGE_SUFFIXES and target.is_file():
                 stat = target.stat()
-                files.append((path, (stat.st_size, stat.st_mtime_ns)))
+                files.append((path, (stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)))
+            elif suffix in IMAGE_SUFFIXES:
+                unlist(path, "not a regular file (a pipe, socket or device named like an image): not read")
+            else:
+                unlist(path, f"not read: {f'the suffix {suffix}' if suffix else 'a file without a suffix'} is not "
+                             f"an image format simsearch reads ({' '.join(sorted(IMAGE_SUFFIXES))})")
 
     walk(root)
     files.sort(key=lambda item: item[0].relative_to(root).as_posix())
     return files, unlisted
 
 
-def read_jpeg_bytes(path: Path) -> torch.Tensor:
-    """A JPEG file's bytes for decoding on the device, after PIL has checked its header (size limits)."""
+def read_jpeg_bytes(handle: BinaryIO) -> torch.Tensor:
+    """A JPEG file's bytes (from its open file) for decoding on the device, after PIL has checked its header
+    (size limits)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:  # reads the header only
-                if image.format != "JPEG":
-                    raise UnreadableImage(f"not a JPEG file ({image.format})")
-        return torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
+            image = Image.open(handle)  # reads the header only; the handle stays open for the bytes
+            if image.format != "JPEG":
+                raise UnreadableImage(f"not a JPEG file ({image.format})")
+        handle.seek(0)
+        return torch.frombuffer(bytearray(handle.read()), dtype=torch.uint8)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise UnreadableImage(f"too many pixels (decompression bomb): {error}") from None
     except Image.UnidentifiedImageError:

@@ -46,9 +46,21 @@ class EmbeddingModule(L.LightningModule):
         if self.augment_seed is not None:
             torch.manual_seed(self.augment_seed * 1_000_003 + batch_idx)
             pixels = augment(pixels, strong=True)
-        return {
-            "index": batch["index"],
-            "valid": batch["valid"],
-            "reason": batch["reason"],
-            "embeddings": self.embedder(pixels),
-        }
+        embeddings = self.embedder(pixels)
+        valid, reason = blank_rows(embeddings, batch["valid"], batch["reason"])
+        return {"index": batch["index"], "valid": valid, "reason": reason, "embeddings": embeddings}
+
+
+BLANK_REASON = ("its embedding is zero or not finite (a blank image: all white, all black or fully transparent, "
+                "for this model): a store holds unit vectors only")
+
+
+def blank_rows(embeddings: torch.Tensor, valid: torch.Tensor, reason: list[str]) -> tuple[torch.Tensor, list[str]]:
+    """Rows whose vector is not a unit vector (zero: F.normalize of a zero feature; NaN or inf) are marked
+    unreadable with the reason, so no store ever holds one."""
+    unit = torch.isfinite(embeddings).all(dim=1) & (embeddings.float().norm(dim=1) > 0.5)
+    blank = valid.bool() & ~unit.to(valid.device)
+    if not blank.any():
+        return valid, reason
+    flags = blank.tolist()
+    return valid.bool() & ~blank, [BLANK_REASON if flag else text for flag, text in zip(flags, reason)]

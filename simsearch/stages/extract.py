@@ -58,6 +58,7 @@ from simsearch.tracking import finish, log_metrics, start_run
 log = logging.getLogger(__name__)
 STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 COPY_CHUNK = 65_536  # reused rows copied per step: bounded memory for any store size
+FREE_MARGIN_BYTES = 1 << 20  # beyond the vectors: labels, items, manifest of a small store
 
 
 class ShardWriter(BasePredictionWriter):
@@ -203,7 +204,14 @@ def merge_vectors(plan: Plan, previous: Store | None, dim: int, dtype: str, out_
     kept = np.flatnonzero((plan.previous_row >= 0) | (plan.shard_of >= 0))
     row_of_position = np.full(len(plan.keys), -1, dtype=np.int64)
     row_of_position[kept] = np.arange(len(kept))
+    needed = len(kept) * dim * np.dtype(dtype).itemsize
+    free = shutil.disk_usage(out_path.parent).free
+    if needed + FREE_MARGIN_BYTES > free:
+        raise SimsearchError(f"not enough free disk space for the new store in {out_path.parent.parent}: its vectors "
+                             f"need {needed / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free; the previous store is untouched")
     output = np.lib.format.open_memmap(out_path, mode="w+", dtype=dtype, shape=(len(kept), dim))
+    with open(out_path, "r+b") as handle:  # every block allocated now: a disk filled meanwhile is ENOSPC here, not SIGBUS
+        os.posix_fallocate(handle.fileno(), 0, os.fstat(handle.fileno()).st_size)
     reused = np.flatnonzero(plan.previous_row >= 0)
     for start in range(0, len(reused), COPY_CHUNK):
         positions = reused[start : start + COPY_CHUNK]
@@ -282,6 +290,17 @@ def prepare_run_dir(store_dir: Path) -> None:
         raise SimsearchError(f"run.dir={store_dir} is not writable")
 
 
+def check_outside_collection(cfg: DictConfig, store_dir: Path) -> None:
+    """A folder collection must not hold run.dir (its pictures would become items of the next extraction),
+    unless run.dir is hidden there (a name starting with `.`: never listed)."""
+    if cfg.data.name != "folder" or not cfg.data.root:
+        return
+    root, run = Path(cfg.data.root).expanduser().resolve(), store_dir.expanduser().resolve()
+    if run.is_relative_to(root) and not any(part.startswith(".") for part in run.relative_to(root).parts):
+        raise SimsearchError(f"run.dir={cfg.run.dir} is inside data.root={cfg.data.root}: the store's own pictures would "
+                             "become items of the next extraction; choose a run.dir outside it (or a hidden one, .simsearch)")
+
+
 def extract(cfg: DictConfig, augment_seed: int | None = None) -> dict[str, Any]:
     """Embed `cfg.data` with `cfg.model` into a store at `cfg.run.dir`; returns its manifest on every rank.
 
@@ -294,9 +313,19 @@ def extract(cfg: DictConfig, augment_seed: int | None = None) -> dict[str, Any]:
         raise SimsearchError(f"store.dtype must be float32 or float16, not '{cfg.store.dtype}'")
     check_inference_mode(cfg.model.inference)
     store_dir = Path(cfg.run.dir)
+    check_outside_collection(cfg, store_dir)
+    created = not store_dir.exists()
     prepare_run_dir(store_dir)
-    with nullcontext() if is_secondary_rank() else RunLock(store_dir):
-        return extract_locked(cfg, store_dir, augment_seed)
+    try:
+        with nullcontext() if is_secondary_rank() else RunLock(store_dir):
+            return extract_locked(cfg, store_dir, augment_seed)
+    except BaseException:
+        if created:  # a run refused (missing data.root, bad weights) leaves no empty run.dir behind
+            try:
+                store_dir.rmdir()
+            except OSError:
+                pass  # not empty: shards of a run to resume
+        raise
 
 
 def extract_locked(cfg: DictConfig, store_dir: Path, augment_seed: int | None) -> dict[str, Any]:
@@ -347,7 +376,11 @@ def extract_locked(cfg: DictConfig, store_dir: Path, augment_seed: int | None) -
         known = set(plan.shards)
         plan.add_shards([p for p in complete_shards(shard_dir, shard_fingerprint(fingerprint)) if p not in known])
         staging = fresh_staging(store_dir)
-        manifest = write_store(cfg, collection, staging, plan, previous, {"fingerprint": fingerprint, "embedder": identity})
+        try:
+            manifest = write_store(cfg, collection, staging, plan, previous, {"fingerprint": fingerprint, "embedder": identity})
+        except BaseException:  # a full disk, a bad value: the half-written next store goes, the previous one stays
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         previous = None  # its memory map, before its files are replaced
         swap_in(staging, store_dir)
         shutil.rmtree(shard_dir, ignore_errors=True)
@@ -381,6 +414,9 @@ def merge_on_rank_zero(trainer: L.Trainer, write: Callable[[], dict[str, Any]],
             outcome["manifest"] = write()
         except SimsearchError as error:
             outcome["error"] = str(error)
+        except OSError as error:  # a full disk: the same sentence on every rank
+            outcome["error"] = f"cannot write the store: {error.strerror or error}" + \
+                (f": {error.filename}" if error.filename else "")
     outcome = trainer.strategy.broadcast(outcome, src=0)
     if "error" in outcome:
         raise SimsearchError(outcome["error"])

@@ -172,6 +172,9 @@ def answer(store: Store, searcher: Searcher, query: Query, k: int, encoder: Call
                         "label": store.label_name(query.row)}
         return result
     vector = query.vector if query.kind == "vector" else encoder().encode([query.image])
+    if not (np.isfinite(vector).all() and float(np.linalg.norm(vector)) > 0.5):  # unit norm expected
+        raise SimsearchError(f"the query {query.caption!r} gives a zero or non-finite embedding (a blank image: "
+                             "all white, all black or fully transparent, for this model): nothing is similar to it")
     result = neighbours_of(store, searcher, vector, k, None, None)
     result.query = {"vector": True} if query.kind == "vector" else {"file": query.caption}
     return result

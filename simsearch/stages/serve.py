@@ -8,13 +8,17 @@ need no model call; uploads are embedded in batches across concurrent requests, 
 from __future__ import annotations
 
 import asyncio
+import base64
 import bisect
+import hashlib
 import io
 import json
 import logging
+import re
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -66,10 +70,12 @@ register_url_convertor("anypath", AnyPathConvertor())
 
 class UploadLimit:
     """ASGI middleware: a POST body over `max_bytes` is refused with 413 as it streams in, before the
-    multipart parser has spooled it anywhere; a declared Content-Length over the limit is refused unread."""
+    multipart parser has spooled it anywhere; a declared Content-Length over the limit is refused unread;
+    a body not received whole within `timeout_s` of the request is answered 408 (a slow client holds no
+    connection for long)."""
 
-    def __init__(self, app: Any, max_bytes: int, max_upload_mb: float):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: Any, max_bytes: int, max_upload_mb: float, timeout_s: float = 30.0):
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
         self.message = f"upload over serve.max_upload_mb={max_upload_mb}"
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -79,10 +85,15 @@ class UploadLimit:
         if not declared.isdigit() or int(declared) > self.max_bytes:
             return await self.refuse(send)
         received = 0
+        deadline = time.monotonic() + self.timeout_s
 
         async def counted() -> dict:
             nonlocal received
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.0))
+            except asyncio.TimeoutError:
+                raise HTTPException(408, f"upload not received within serve.upload_timeout_s={self.timeout_s:g}",
+                                    headers={"Connection": "close"}) from None
             received += len(message.get("body", b""))
             if received > self.max_bytes:
                 raise HTTPException(413, self.message)
@@ -96,6 +107,90 @@ class UploadLimit:
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": body})
+
+
+def request_host(headers: list[tuple[bytes, bytes]]) -> str:
+    """The host named by the Host header, without its port, lower case ("[::1]" keeps its brackets)."""
+    value = dict(headers).get(b"host", b"").decode("latin-1").strip().lower()
+    if value.startswith("["):
+        return value[: value.find("]") + 1] if "]" in value else value
+    return value.partition(":")[0]
+
+
+def allowed_host_names(bound_host: str, extra: list[str]) -> set[str]:
+    """The bound host, the loopback names and serve.allowed_hosts, as Host headers spell them."""
+    names = {bound_host, "localhost", "127.0.0.1", "::1", *extra}
+    return {f"[{name}]" if ":" in name and not name.startswith("[") else name.lower() for name in names}
+
+
+def page_csp(page: str) -> str:
+    """A Content-Security-Policy the page satisfies with nothing else allowed: its inline scripts, <style>
+    blocks and style attributes by their sha256 (computed from the page as it is at start-up), its
+    requests and images from this server only (and the object URL of the image being uploaded)."""
+
+    def hashes(sources: list[str]) -> str:
+        digests = {base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() for text in sources}
+        return " ".join(f"'sha256-{digest}'" for digest in sorted(digests))
+
+    scripts = re.findall(r"<script(?![^>]*\bsrc=)[^>]*>(.*?)</script>", page, re.S | re.I)
+    handlers = re.findall(r"\son[a-z]+=\"([^\"]*)\"", page, re.I)
+    styles = re.findall(r"<style[^>]*>(.*?)</style>", page, re.S | re.I)
+    attributes = re.findall(r"\sstyle=\"([^\"]*)\"", page, re.I)
+    script_hashes = ("'unsafe-hashes' " if handlers else "") + hashes(scripts + handlers)  # handlers need it
+    style_hashes = ("'unsafe-hashes' " if attributes else "") + hashes(styles + attributes)  # style="" too
+    return (f"default-src 'none'; script-src 'self' {script_hashes}; "
+            f"style-src 'self' {style_hashes}; img-src 'self' blob: data:; "
+            "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
+
+
+class Guard:
+    """ASGI middleware in front of every route: a Host header not in the allow-list is answered 400 (a page
+    of another site, DNS-rebound to this address, cannot reach the API through a browser); every response
+    gets nosniff, a Content-Security-Policy, no framing and no referrer; absolute paths of this machine
+    are cut out of the headers that carry a reason."""
+
+    def __init__(self, app: Any, allowed_hosts: set[str], csp: str, hide: Callable[[str], str]):
+        self.app, self.allowed_hosts, self.hide = app, allowed_hosts, hide
+        self.headers = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
+                        (b"referrer-policy", b"no-referrer")]
+        self.csp = csp.encode()
+        self.docs_csp = b"frame-ancestors 'none'"  # /docs and /redoc load FastAPI's script from a CDN
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        host = request_host(scope["headers"])
+        if host not in self.allowed_hosts:
+            log.warning("%s %s -> 400: Host %r is not served", scope["method"], scope["path"], host[:100])
+            body = json.dumps({"error": f"the Host header {host[:100]!r} is not served here: add it to "
+                                        "serve.allowed_hosts"}).encode()
+            await send({"type": "http.response.start", "status": 400, "headers": [
+                (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *self.headers]})
+            return await send({"type": "http.response.body", "body": body})
+        csp = self.docs_csp if scope["path"] in ("/docs", "/redoc", "/docs/oauth2-redirect") else self.csp
+
+        async def guarded(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(key, self.hide(value.decode("latin-1")).encode("latin-1"))
+                           if key.lower() == b"x-simsearch-unavailable" else (key, value)
+                           for key, value in message.get("headers", [])]
+                message = {**message, "headers": [*headers, *self.headers, (b"content-security-policy", csp)]}
+            await send(message)
+
+        await self.app(scope, receive, guarded)
+
+
+def path_hider(*roots: Path | None) -> Callable[[str], str]:
+    """A function cutting this machine's absolute paths out of a text: the store's and the data's folders
+    become their names in the config, any other absolute path `<path>`."""
+    known = [(str(root.resolve()), name) for root, name in zip(roots, ("data.root", "run.dir")) if root is not None]
+
+    def hide(text: str) -> str:
+        for prefix, name in known:
+            text = text.replace(prefix, name)
+        return re.sub(r"(?<![\w.~<])/[^\s'\"),;]+", "<path>", text)
+
+    return hide
 
 
 class UploadBatcher:
@@ -240,15 +335,31 @@ def create_app(cfg: DictConfig) -> FastAPI:
         yield
         await batcher.stop()
 
-    app = FastAPI(title="simsearch", description=f"Image similarity search over {store.dir}", lifespan=lifespan)
+    # no absolute path of this machine in the OpenAPI document or any answer
+    app = FastAPI(title="simsearch", description=f"Image similarity search over the store {store.dir.name}",
+                  lifespan=lifespan)
     app.state.batcher = batcher
-    app.add_middleware(UploadLimit, max_bytes=max_bytes + MULTIPART_OVERHEAD_BYTES, max_upload_mb=cfg.serve.max_upload_mb)
+    app.add_middleware(UploadLimit, max_bytes=max_bytes + MULTIPART_OVERHEAD_BYTES, max_upload_mb=cfg.serve.max_upload_mb,
+                       timeout_s=cfg.serve.upload_timeout_s)
+    data_root = store.manifest.get("data", {}).get("root")
+    hide = path_hider(Path(data_root) if data_root else None, store.dir)
+    allowed_hosts = allowed_host_names(cfg.serve.host, list(cfg.serve.allowed_hosts))
+    if cfg.serve.host in ("0.0.0.0", "::"):
+        log.warning("serving on every address: requests must name a host in serve.allowed_hosts (now %s)",
+                    sorted(allowed_hosts))
+    app.add_middleware(Guard, allowed_hosts=allowed_hosts, csp=page_csp(PAGE.read_text(encoding="utf-8")), hide=hide)
     thumbnails = ThumbnailCache(images, cfg.serve.thumbnail_px)
 
     @app.exception_handler(StarletteHTTPException)  # FastAPI's and Starlette's own (bad multipart, no route)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         log.warning("%s %s -> %d: %s", request.method, request.url.path, error.status_code, error.detail)
-        return JSONResponse({"error": error.detail}, status_code=error.status_code)
+        detail = hide(error.detail) if isinstance(error.detail, str) else error.detail
+        return JSONResponse({"error": detail}, status_code=error.status_code, headers=getattr(error, "headers", None))
+
+    @app.exception_handler(SimsearchError)  # a query that cannot be answered (a blank upload): its sentence
+    async def refused(request: Request, error: SimsearchError) -> JSONResponse:
+        log.warning("%s %s -> 400: %s", request.method, request.url.path, error)
+        return JSONResponse({"error": hide(str(error))}, status_code=400)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:

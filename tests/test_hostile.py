@@ -1,0 +1,517 @@
+"""The holes a hostile probe found (issue 19), each tried again through the CLI, the Python API or HTTP:
+blank images, formats not read, a tampered manifest, index or cache, a same-size rewrite, the lock,
+full disks, swapped links, hostile values and the server's headers."""
+
+import errno
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+from PIL import Image
+
+import simsearch as api
+from simsearch.errors import SimsearchError
+from simsearch.files import read_jsonl
+from simsearch.store import RunLock, Store
+from tests.conftest import simsearch
+
+PIXELS = ["model=pixels", "model.image_size=8", "logger=none", "trainer.enable_progress_bar=false",
+          "trainer.accelerator=cpu", "data.num_workers=0"]
+
+
+def write_image(path: Path, seed: int, suffix_format: str = "PNG") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (12, 12, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, format=suffix_format)
+
+
+def write_folder(root: Path, per_class: int = 3) -> None:
+    for number, label in enumerate(("cats", "dogs")):
+        for i in range(per_class):
+            write_image(root / label / f"{i:03d}.png", seed=10 * number + i)
+
+
+def extract(root: Path, run_dir: str = "store", *extra: str) -> int:
+    return simsearch("extract", "data=folder", f"data.root={root}", "data.batch_size=4", *PIXELS,
+                     f"run.dir={run_dir}", *extra)
+
+
+def one_sentence(capsys) -> str:
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "Traceback" not in error, error
+    return error
+
+
+# ---------------------------------------------------------------- 1. no zero vector, no file silently ignored
+
+
+def test_blank_images_and_unread_files_are_in_skipped_jsonl(tmp_path):
+    root = tmp_path / "images"
+    write_folder(root)
+    Image.new("RGB", (12, 12), (0, 0, 0)).save(root / "cats" / "black.png")  # raw pixels: a zero vector
+    for name in ("photo.avif", "photo.heic", "photo.jfif", "drawing.svg", "notes.txt"):
+        (root / "dogs" / name).write_bytes(b"not read")
+    (root / "dogs" / "folder.png").mkdir()
+    os.mkfifo(root / "dogs" / "pipe.png")
+    assert extract(root) == 0
+    store = Store.open(tmp_path / "store")
+    norms = np.linalg.norm(store.vectors(), axis=1)
+    np.testing.assert_allclose(norms, 1.0, atol=1e-5)
+    assert len(store) == 6
+    skipped = {s["path"]: s["reason"] for s in read_jsonl(tmp_path / "store" / "skipped.jsonl")}
+    assert "zero or not finite" in skipped["cats/black.png"]
+    for name in ("photo.avif", "photo.heic", "photo.jfif", "drawing.svg", "notes.txt"):
+        assert "not an image format simsearch reads" in skipped[f"dogs/{name}"]
+    assert "folder named like an image" in skipped["dogs/folder.png"]
+    assert "not a regular file" in skipped["dogs/pipe.png"]
+    assert store.manifest["skipped"] == 8
+
+
+def test_a_blank_query_is_one_sentence(tmp_path, capsys):
+    root = tmp_path / "images"
+    write_folder(root)
+    assert extract(root) == 0
+    Image.new("RGBA", (12, 12), (0, 0, 0, 255)).save(tmp_path / "blank.png")
+    capsys.readouterr()
+    assert simsearch("search", "run.dir=store", "query=blank.png", "logger=none") == 2
+    assert "zero or non-finite embedding" in one_sentence(capsys)
+
+
+def test_a_blank_upload_is_a_400_with_the_reason(tmp_path):
+    pytest.importorskip("fastapi")
+    from tests.test_serve import client_for, png_bytes
+
+    root = tmp_path / "images"
+    write_folder(root)
+    assert extract(root) == 0
+    with client_for(tmp_path / "store") as client:
+        response = client.post("/search", files={"file": ("blank.png", png_bytes(Image.new("RGB", (12, 12))), "image/png")},
+                               data={"k": "3"})
+    assert response.status_code == 400 and "zero or non-finite embedding" in response.json()["error"]
+
+
+# ---------------------------------------------------------------- 2. the manifest, the index and the cache protected
+
+
+@pytest.fixture
+def store_dir(tmp_path) -> Path:
+    root = tmp_path / "images"
+    write_folder(root)
+    assert extract(root) == 0
+    return tmp_path / "store"
+
+
+def test_a_read_mid_swap_through_the_api_is_refused(store_dir, tmp_path):
+    """A kill between moving embeddings.npy and the manifest: the API refuses, as the CLI does."""
+    other = tmp_path / "images2"
+    write_folder(other, per_class=4)
+    assert extract(other, "store2") == 0
+    os.replace(tmp_path / "store2" / "embeddings.npy", store_dir / "embeddings.npy")
+    with pytest.raises(SimsearchError, match="embeddings.npy does not match its checksum"):
+        api.open(store_dir)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m["data"].update(root="/"),
+    lambda m: m["data"]["classes"].reverse(),
+    lambda m: m.update(image_size=9),
+    lambda m: m.update(dim=7),
+])
+def test_any_change_to_the_manifest_is_refused_with_a_sentence(store_dir, edit, capsys):
+    path = store_dir / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest, indent=2))
+    capsys.readouterr()
+    assert simsearch("eval", f"run.dir={store_dir}", "logger=none") == 2
+    assert "does not match its own checksum" in one_sentence(capsys)
+    with pytest.raises(SimsearchError, match="does not match its own checksum"):
+        api.open(store_dir, verify=False)
+
+
+def test_a_bit_flipped_anywhere_in_the_manifest_is_one_sentence(store_dir, capsys):
+    path = store_dir / "manifest.json"
+    original = path.read_bytes()
+    for position in range(0, len(original), max(1, len(original) // 60)):
+        flipped = bytearray(original)
+        flipped[position] ^= 0x01
+        path.write_bytes(bytes(flipped))
+        with pytest.raises(SimsearchError):
+            Store.open(store_dir, verify=False)
+    path.write_bytes(original)
+    Store.open(store_dir)
+
+
+def test_a_row_copied_inside_the_index_is_never_used(store_dir, caplog):
+    assert simsearch("index", f"run.dir={store_dir}") == 0
+    path = store_dir / "index.faiss"
+    original = path.read_bytes()
+    dim = Store.open(store_dir).dim
+    row = dim * 4
+    data = bytearray(original)
+    data[-2 * row:-row] = data[-row:]  # the last vector over the one before it (flat codes end the file)
+    path.write_bytes(bytes(data))
+    assert simsearch("search", f"run.dir={store_dir}", "query=cats/001.png", "search.k=2", "logger=none") == 0
+    assert "does not match its checksum in index.json" in caplog.text
+    assert path.read_bytes() == original  # rebuilt
+
+
+def test_an_index_of_another_store_is_rebuilt(store_dir, tmp_path, caplog):
+    assert simsearch("index", f"run.dir={store_dir}") == 0
+    info = json.loads((store_dir / "index.json").read_text())
+    info["store_manifest_sha256"] = "0" * 64
+    (store_dir / "index.json").write_text(json.dumps(info))
+    assert simsearch("search", f"run.dir={store_dir}", "query=0", "search.k=2", "logger=none") == 0
+    assert "built from another store" in caplog.text
+
+
+def test_a_flip_with_the_mtime_put_back_is_refused(store_dir, monkeypatch):
+    import simsearch.store as store_module
+
+    monkeypatch.setattr(store_module, "RACY_NS", 0)  # as if the store were written a while ago
+    Store.open(store_dir)  # verified and cached
+    time.sleep(0.01)
+    path = store_dir / "labels.npy"
+    stat = path.stat()
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with pytest.raises(SimsearchError, match="labels.npy does not match its checksum"):
+        api.open(store_dir)
+
+
+def test_verify_full_hashes_every_file_again(store_dir, monkeypatch):
+    import simsearch.store as store_module
+
+    monkeypatch.setattr(store_module, "RACY_NS", 0)
+    Store.open(store_dir)
+    hashed = []
+    real = store_module.sha256_of
+    monkeypatch.setattr(store_module, "sha256_of", lambda path: hashed.append(path.name) or real(path))
+    api.open(store_dir)
+    assert hashed == []
+    api.open(store_dir, verify="full")
+    assert sorted(hashed) == sorted(Store.open(store_dir).manifest["sha256"])
+
+
+def test_a_flipped_npy_header_byte_is_one_sentence(store_dir):
+    path = store_dir / "labels.npy"
+    data = bytearray(path.read_bytes())
+    data[data.index(b"'descr'")] = ord("(")  # the header's dict no longer parses
+    path.write_bytes(bytes(data))
+    with pytest.raises(SimsearchError, match="cannot be read"):
+        api.open(store_dir, verify=False)
+    with pytest.raises(SimsearchError, match="labels.npy does not match"):
+        api.open(store_dir)
+
+
+# ---------------------------------------------------------------- 3. item identity
+
+
+def test_a_same_size_rewrite_with_the_mtime_kept_is_embedded_again(tmp_path):
+    root = tmp_path / "images"
+    write_folder(root)
+    write_image(root / "cats" / "001.ppm", seed=1, suffix_format="PPM")  # fixed size: same bytes count
+    assert extract(root) == 0
+    path = root / "cats" / "001.ppm"
+    stat = path.stat()
+    rewritten = np.random.default_rng(99).integers(0, 256, (12, 12, 3), dtype=np.uint8)
+    Image.fromarray(rewritten).save(path, format="PPM")
+    assert path.stat().st_size == stat.st_size
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # touch -r
+    assert extract(root) == 0
+    store = Store.open(tmp_path / "store")
+    assert store.manifest["embedded"] == 1
+    assert extract(root, "fresh") == 0
+    np.testing.assert_allclose(store.embeddings, Store.open(tmp_path / "fresh").embeddings, atol=1e-6)
+
+
+# ---------------------------------------------------------------- 4. one run per run.dir
+
+
+def test_a_held_lock_refuses_a_second_run_with_a_sentence(store_dir, tmp_path, capsys):
+    manifest = (store_dir / "manifest.json").read_bytes()
+    with RunLock(store_dir):
+        capsys.readouterr()
+        assert extract(tmp_path / "images") == 2
+        assert "another run (pid" in one_sentence(capsys)
+    assert (store_dir / "manifest.json").read_bytes() == manifest and not (store_dir / ".lock").exists()
+
+
+def test_the_lock_file_of_a_dead_run_does_not_block(store_dir, tmp_path):
+    (store_dir / ".lock").write_text(json.dumps({"pid": 2**22 + 7, "host": "elsewhere", "started": "then"}))
+    assert extract(tmp_path / "images") == 0
+
+
+RACER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from simsearch.errors import SimsearchError
+    from simsearch.store import RunLock
+    run_dir, start, log = Path(sys.argv[1]), float(sys.argv[2]), Path(sys.argv[3])
+    time.sleep(max(0.0, start - time.time()))
+    try:
+        with RunLock(run_dir):
+            with open(log, "a") as handle:
+                handle.write(f"in {time.monotonic_ns()}\\n")
+            time.sleep(0.02)
+            with open(log, "a") as handle:
+                handle.write(f"out {time.monotonic_ns()}\\n")
+    except SimsearchError:
+        pass
+""")
+
+
+@pytest.mark.slow
+def test_two_processes_racing_for_the_lock_never_both_hold_it(tmp_path):
+    import socket
+
+    script = tmp_path / "racer.py"
+    script.write_text(RACER)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    for trial in range(60):
+        run_dir, log = tmp_path / f"run{trial}", tmp_path / f"log{trial}"
+        run_dir.mkdir()
+        if trial % 2:  # a dead run's lock file left behind on this host
+            (run_dir / ".lock").write_text(json.dumps({"pid": 2**22 + 7, "host": socket.gethostname(), "started": "then"}))
+        start = time.time() + 0.6
+        racers = [subprocess.Popen([sys.executable, str(script), str(run_dir), str(start), str(log)], env=env,
+                                   stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        for racer in racers:
+            assert racer.wait(timeout=60) == 0, racer.stderr.read()
+        events = log.read_text().split() if log.exists() else []
+        kinds = events[0::2]
+        assert kinds and all(kinds[i] == "in" and kinds[i + 1] == "out" for i in range(0, len(kinds), 2)), events
+
+
+# ---------------------------------------------------------------- 7. hostile values: one sentence, exit 2, nothing created
+
+LONG = "a" * 5000
+
+
+@pytest.mark.parametrize("arguments, words", [
+    (["eval", "eval.k=${oc.env:HOME}"], "eval.k"),
+    (["extract", f"run.dir={LONG}"], "run.dir is too long"),
+    (["extract", "data=folder", f"data.root={LONG}", "run.dir=new"], "data.root is too long"),
+    (["search", f"query={LONG}"], "search.query is too long"),
+    (["eval", "run.seed=-1", "eval.queries=3"], "run.seed=-1"),
+    (["search", "query=0", "search.k=2", "search.grid=missing/x.png"], "No such file or directory"),
+    (["duplicates", "duplicates.output=missing/d.json"], "No such file or directory"),
+    (["serve", "serve.port=70000"], "serve.port=70000"),
+    (["extract", "trainer.precision=bad", "run.dir=new"], "trainer.precision=bad"),
+    (["extract", "trainer.accelerator=tpu", "run.dir=new"], "trainer.accelerator=tpu"),
+    (["extract", "run.dir="], "run.dir= is empty"),
+    (["extract", "data=folder", "data.root=missing", "run.dir=new"], "missing"),
+])
+def test_hostile_values_are_one_sentence_and_create_nothing(store_dir, tmp_path, arguments, words, capsys):
+    command, *rest = arguments
+    run_dir = [] if any(a.startswith("run.dir=") for a in rest) else [f"run.dir={store_dir}"]
+    data = [] if command != "extract" or any(a.startswith("data=") for a in rest) else ["data=synthetic"]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    capsys.readouterr()
+    assert simsearch(command, *data, *PIXELS, *run_dir, *rest) == 2
+    assert words in one_sentence(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no run.dir made
+    assert not [p.name for p in store_dir.iterdir() if ".tmp" in p.name]  # no temporary file left
+
+
+@pytest.mark.parametrize("key", ["run.dir", "query", "data.root", "search.grid"])
+def test_keys_taken_as_typed_are_never_interpolated(key):
+    from simsearch.config import load_config
+
+    cfg = load_config(["data=folder", "data.root=images", f"{key}=x${{oc.env:HOME}}${{run.seed}}.png"])
+    value = OmegaConf.select(cfg, "search.query" if key == "query" else key)
+    assert value == "x${oc.env:HOME}${run.seed}.png"
+
+
+# ---------------------------------------------------------------- 8. the server: headers, Host, paths, slow uploads
+
+
+def test_every_answer_has_the_security_headers_and_the_page_satisfies_its_csp(store_dir):
+    pytest.importorskip("fastapi")
+    import base64
+    import hashlib
+    import re
+
+    from tests.test_serve import client_for
+
+    with client_for(store_dir) as client:
+        page = client.get("/")
+        for response in (page, client.get("/health"), client.get("/items/nothing"), client.get("/search?item=0&k=2")):
+            assert response.headers["x-content-type-options"] == "nosniff"
+            assert response.headers["x-frame-options"] == "DENY"
+            assert "frame-ancestors 'none'" in response.headers["content-security-policy"]
+    csp = dict(part.strip().split(" ", 1) for part in page.headers["content-security-policy"].split(";"))
+    assert csp["default-src"] == "'none'" and "'unsafe-inline'" not in csp["script-src"]
+    for script in re.findall(r"<script[^>]*>(.*?)</script>", page.text, re.S):
+        digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+        assert f"'sha256-{digest}'" in csp["script-src"]
+    for style in re.findall(r"<style[^>]*>(.*?)</style>", page.text, re.S) + re.findall(r'\sstyle="([^"]*)"', page.text):
+        digest = base64.b64encode(hashlib.sha256(style.encode()).digest()).decode()
+        assert f"'sha256-{digest}'" in csp["style-src"]
+
+
+@pytest.mark.parametrize("host, status", [
+    ("localhost", 200), ("127.0.0.1:8000", 200), ("[::1]:8000", 200), ("photos.lan", 200),
+    ("evil.example", 400), ("127.0.0.1.evil.example", 400), ("", 400),
+])
+def test_only_allowed_hosts_are_answered(store_dir, host, status):
+    pytest.importorskip("fastapi")
+    from tests.test_serve import client_for
+
+    with client_for(store_dir, "serve.allowed_hosts=[photos.lan]") as client:
+        response = client.get("/health", headers={"host": host})
+    assert response.status_code == status
+    if status == 400:
+        assert "serve.allowed_hosts" in response.json()["error"]
+
+
+def test_no_absolute_path_of_the_machine_in_any_answer(store_dir, tmp_path):
+    pytest.importorskip("fastapi")
+    from tests.test_serve import client_for
+
+    outside = tmp_path / "secret"
+    write_image(outside / "x.png", seed=3)
+    (tmp_path / "images" / "cats" / "000.png").unlink()
+    (tmp_path / "images" / "cats" / "000.png").symlink_to(outside / "x.png")
+    with client_for(store_dir) as client:
+        answers = [client.get("/openapi.json"), client.get("/items/cats/000.png/image"), client.get("/items/%2Fetc%2Fpasswd"),
+                   client.get("/health")]
+    assert answers[1].status_code == 403
+    for response in answers:
+        text = response.text + json.dumps(dict(response.headers))
+        assert str(tmp_path) not in text and "/root" not in text and "/tmp" not in text, text[:300]
+
+
+def test_a_slow_upload_is_answered_408_within_the_time_limit(store_dir):
+    pytest.importorskip("uvicorn")
+    import socket
+
+    from tests.test_serve import LiveServer
+
+    with LiveServer(store_dir, "serve.upload_timeout_s=1") as url:
+        port = int(url.rsplit(":", 1)[1])
+        started = time.monotonic()
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+            connection.sendall(b"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; "
+                               b"boundary=x\r\nContent-Length: 5000\r\n\r\n--x\r\n")
+            answer = b""
+            while chunk := connection.recv(65536):  # the server answers, then closes
+                answer += chunk
+        elapsed = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 408") and b"serve.upload_timeout_s" in answer, answer[:200]
+    assert elapsed < 5
+
+
+# ---------------------------------------------------------------- 5. a full disk at every write
+
+
+def no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def half_written(path_argument: int):
+    """A writer that leaves part of its file, then finds the disk full."""
+    def write(*args, **kwargs):
+        Path(str(args[path_argument])).write_bytes(b"\0" * 10)
+        no_space()
+    return write
+
+
+def full_disk_at(where: str, monkeypatch) -> list[str]:
+    """Make the write at `where` fail with ENOSPC; returns the command that reaches it."""
+    import faiss
+    import PIL.Image
+
+    import simsearch.stages.extract as extract_module
+    import simsearch.store as store_module
+
+    extract_cmd = ["extract", "data=folder", "data.root=images", "data.batch_size=4", *PIXELS]
+    if where == "lock":
+        monkeypatch.setattr(store_module, "_write_owner", no_space)
+    elif where == "shards":
+        monkeypatch.setattr(extract_module, "save_file", lambda tensors, path, metadata: half_written(0)(path))
+    elif where == "staging space":
+        monkeypatch.setattr(extract_module.shutil, "disk_usage", lambda path: type("U", (), {"free": 1000})())
+    elif where == "staging":
+        monkeypatch.setattr(extract_module.os, "posix_fallocate", no_space)
+    elif where == "items":
+        monkeypatch.setattr(store_module, "write_jsonl", half_written(0))
+    elif where == "swap":
+        monkeypatch.setattr(store_module, "fsync_path", no_space)
+    elif where == "index":
+        def write_index(index, path):
+            Path(path).write_bytes(b"\0" * 10)
+            raise RuntimeError("Error in faiss::FileIOWriter: fwrite failed: No space left on device")
+        monkeypatch.setattr(faiss, "write_index", write_index)
+        return ["index"]
+    elif where == "grid":
+        monkeypatch.setattr(PIL.Image.Image, "save", lambda self, path, *a, **k: half_written(0)(path))
+        return ["search", "query=0", "search.k=2"]
+    elif where == "metrics":
+        monkeypatch.setattr(Path, "write_text", lambda self, *a, **k: half_written(0)(self))
+        return ["eval", "eval.k=[1]"]
+    return extract_cmd
+
+
+@pytest.mark.parametrize("where", ["lock", "shards", "staging space", "staging", "items", "swap", "index", "grid",
+                                   "metrics"])
+def test_a_full_disk_at_any_write_is_one_sentence_and_keeps_the_store(store_dir, tmp_path, where, monkeypatch, capsys):
+    write_image(tmp_path / "images" / "cats" / "new.png", seed=77)  # something to embed
+    manifest = (store_dir / "manifest.json").read_bytes()
+    command = full_disk_at(where, monkeypatch)
+    capsys.readouterr()
+    assert simsearch(*command, "run.dir=store", "logger=none") == 2
+    error = one_sentence(capsys)
+    assert "space" in error, error
+    monkeypatch.undo()
+    assert (store_dir / "manifest.json").read_bytes() == manifest
+    assert len(Store.open(store_dir)) == 6
+    left = [p.name for p in store_dir.rglob("*") if ".tmp" in p.name or p.name in (".staging", ".lock")]
+    assert left == []
+
+
+# ---------------------------------------------------------------- 6. files opened once; run.dir outside the collection
+
+
+def test_a_link_retargeted_outside_after_listing_is_not_read(tmp_path, monkeypatch):
+    import simsearch.data.collections as collections
+
+    root = tmp_path / "images"
+    write_folder(root)
+    write_image(tmp_path / "outside" / "secret.png", seed=42)
+    link = root / "cats" / "link.png"
+    link.symlink_to(root / "cats" / "000.png")  # inside the root when listed
+    listed = collections.list_image_files
+
+    def list_then_retarget(folder):
+        result = listed(folder)
+        link.unlink()
+        link.symlink_to(tmp_path / "outside" / "secret.png")
+        return result
+
+    monkeypatch.setattr(collections, "list_image_files", list_then_retarget)
+    assert extract(root) == 0
+    skipped = {s["path"]: s["reason"] for s in read_jsonl(tmp_path / "store" / "skipped.jsonl")}
+    assert "outside data.root" in skipped["cats/link.png"]
+    assert "cats/link.png" not in {item["path"] for item in Store.open(tmp_path / "store").items}
+
+
+def test_a_run_dir_inside_the_collection_is_refused(tmp_path, capsys):
+    root = tmp_path / "images"
+    write_folder(root)
+    for run_dir in (root, root / "cats" / "out"):
+        capsys.readouterr()
+        assert extract(root, str(run_dir)) == 2
+        assert "is inside data.root" in one_sentence(capsys)
+    assert not (root / "cats" / "out").exists() and not (root / ".lock").exists()
+    assert extract(root, str(root / ".simsearch")) == 0  # hidden: never listed
+    assert extract(root, str(root / ".simsearch")) == 0 and len(Store.open(root / ".simsearch")) == 6
