@@ -11,7 +11,7 @@ from PIL import Image
 
 from simsearch.drawing import placeholder_image
 from simsearch.errors import SimsearchError
-from simsearch.pixels import FASHION_MNIST_FILES, SyntheticImages, UnreadableImage, decode_image, read_idx
+from simsearch.pixels import FASHION_MNIST_FILES, SyntheticImages, UnreadableImage, decode_image, open_inside, read_idx
 from simsearch.store import Store
 
 
@@ -47,7 +47,8 @@ class ItemImages:
         if path is not None:
             if not path.is_file():
                 raise UnreadableImage(f"{self.store.items[row]['path']} was moved or deleted since extraction")
-            return decode_image(path)
+            with open_inside(path, self.root) as handle:  # checked again once opened: a link swapped meanwhile
+                return decode_image(handle)
         if self._dataset is None:
             self._dataset = self._open_dataset()
         return self._dataset.image(int(self.store.items[row]["index"]))

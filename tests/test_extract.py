@@ -90,9 +90,9 @@ def test_folder_with_bad_and_odd_mode_files(tmp_path, caplog):
     assert labels["cats/deep/palette.gif"] == 0 and labels["dogs/sixteen.png"] == 1 and labels["top_level.webp"] == -1
     assert_unit_norm(store.embeddings)
     skipped = read_jsonl(tmp_path / "out" / "skipped.jsonl")
-    assert {s["path"] for s in skipped} == broken and all(s["reason"] for s in skipped)
-    assert store.manifest["skipped"] == 3
-    assert "3 of 13 inputs could not be read" in caplog.text
+    assert {s["path"] for s in skipped} == broken | {"dogs/notes.txt"} and all(s["reason"] for s in skipped)
+    assert store.manifest["skipped"] == 4  # notes.txt: "not an image format simsearch reads"
+    assert "4 of 14 inputs could not be read" in caplog.text
 
 
 def test_sixteen_bit_and_rgba_are_converted_faithfully():
