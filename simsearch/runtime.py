@@ -168,4 +168,5 @@ def filter_library_warnings() -> None:
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*treespec.*")
     warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm.auto in a kernel without ipywidgets
+    warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")  # a resumed run
     warnings.filterwarnings("ignore", message=".*overridden `transfer_batch_to_device`.*")
