@@ -38,6 +38,16 @@ def say(line: str) -> None:
     tqdm.write(line, file=sys.stdout)
 
 
+def phase_bar(iterable: Any, description: str, total: int | None = None, unit: str = "it",
+              shown: bool = True) -> Any:
+    """A tqdm bar (rate, time left) over a phase outside Lightning (evaluating, merging): drawn only on a
+    terminal and only once the phase has run 2 s, then removed, so short runs, pipes and logs stay clean."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=description, total=total, unit=unit, delay=2, leave=False, disable=None if shown else True,
+                dynamic_ncols=True)
+
+
 def phase_progress_bar() -> Any:
     """Lightning's tqdm bar, one bar per phase with rate and time left: "embedding" for predict, and one
     "training" bar over every epoch (its time left is for the whole run, an upper bound under early
@@ -168,4 +178,5 @@ def filter_library_warnings() -> None:
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*treespec.*")
     warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm.auto in a kernel without ipywidgets
+    warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")  # a resumed run
     warnings.filterwarnings("ignore", message=".*overridden `transfer_batch_to_device`.*")

@@ -37,7 +37,7 @@ from simsearch.identity import check_same_model, stored_identity
 from simsearch.index import FaissSearcher, open_index
 from simsearch.knn import ExactSearcher, StoredRows, search_without_self, take_rows
 from simsearch.metrics import KNN_WEIGHTS, Ranking, metrics_table, per_query_metrics, summarise
-from simsearch.runtime import cuda_available, join_launched_ranks
+from simsearch.runtime import cuda_available, join_launched_ranks, phase_bar
 from simsearch.store import Store
 from simsearch.tracking import finish, log_metrics, start_run
 
@@ -145,7 +145,7 @@ def evaluate_store(store: Store, eval_cfg: DictConfig, index_cfg: DictConfig, se
         log.info("evaluating %d items of %s, leave-one-out, with %s", len(store), store.dir, searcher.description)
         metrics = rank_and_score(stored_rows(store), store.labels, store.labels, store.classes,
                                  list(eval_cfg.k), searcher, int(eval_cfg.query_chunk), leave_one_out=True,
-                                 sample=eval_cfg.queries, seed=seed, knn=knn)
+                                 sample=eval_cfg.queries, seed=seed, knn=knn, progress=True)
         return {**metrics, "search": describe_search(eval_cfg, index_cfg)}
     if not gallery.has_labels:
         raise SimsearchError(f"the gallery {gallery.dir} has no labels: query/gallery evaluation needs both labelled")
@@ -162,7 +162,7 @@ def evaluate_store(store: Store, eval_cfg: DictConfig, index_cfg: DictConfig, se
              gallery.dir, searcher.description)
     metrics = rank_and_score(stored_rows(store), query_labels, gallery_labels, classes,
                              list(eval_cfg.k), searcher, int(eval_cfg.query_chunk), leave_one_out=False,
-                             sample=eval_cfg.queries, seed=seed, knn=knn)
+                             sample=eval_cfg.queries, seed=seed, knn=knn, progress=True)
     return {**metrics, "search": describe_search(eval_cfg, index_cfg), "gallery": store_identity(gallery)}
 
 
@@ -206,9 +206,11 @@ class KnnVote:
 
 def rank_and_score(queries: np.ndarray | StoredRows, query_labels: np.ndarray, gallery_labels: np.ndarray,
                    classes: list[str], ks: list[int], searcher: Any, query_chunk: int = 1024, leave_one_out: bool = True,
-                   sample: int | None = None, seed: int = 0, knn: KnnVote = KnnVote()) -> dict[str, Any]:
+                   sample: int | None = None, seed: int = 0, knn: KnnVote = KnnVote(),
+                   progress: bool = False) -> dict[str, Any]:
     """Rank the gallery for every evaluable query, chunk by chunk, and average the metrics: one search to the
-    depth the deepest metric needs, every metric computed from the same lists.
+    depth the deepest metric needs, every metric computed from the same lists. `progress`: a bar over the
+    chunks on a terminal (`simsearch eval`, `compare`; not inside fine-tuning's validation).
 
     Leave-one-out: queries and gallery are the same rows and a query's own row is never ranked.
     """
@@ -235,7 +237,8 @@ def rank_and_score(queries: np.ndarray | StoredRows, query_labels: np.ndarray, g
     labels_or_none = np.append(gallery_labels, -2)  # row -1 (no neighbour found) matches no label
     chunk = max(1, min(query_chunk, (1 << 26) // max(depth, 1)))  # bound the (chunk, depth) arrays
     values: dict[str, list[np.ndarray]] = {}
-    for start in range(0, len(query_rows), chunk):
+    starts = range(0, len(query_rows), chunk)
+    for start in phase_bar(starts, "evaluating", unit="chunk", shown=progress and getattr(searcher, "rank", 0) == 0):
         rows = query_rows[start : start + chunk]
         vectors = take_rows(queries, rows)
         if leave_one_out:

@@ -44,7 +44,7 @@ from simsearch.identity import embedder_identity, run_fingerprint
 from simsearch.model.factory import build_embedder, resolve_model_config
 from simsearch.model.inference import check_inference_mode, prepare_inference, trainer_precision
 from simsearch.model.module import EmbeddingModule
-from simsearch.runtime import build_trainer
+from simsearch.runtime import build_trainer, phase_bar
 from simsearch.store import (
     RunLock,
     Store,
@@ -216,7 +216,7 @@ def merge_vectors(plan: Plan, previous: Store | None, dim: int, dtype: str, out_
     for start in range(0, len(reused), COPY_CHUNK):
         positions = reused[start : start + COPY_CHUNK]
         output[row_of_position[positions]] = previous.embeddings[plan.previous_row[positions]]
-    for number, path in enumerate(plan.shards):
+    for number, path in enumerate(phase_bar(plan.shards, "merging", unit="shard")):
         positions = np.flatnonzero(plan.shard_of == number)
         if len(positions):
             with safe_open(str(path), framework="numpy") as shard:

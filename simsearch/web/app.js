@@ -4,6 +4,7 @@
 const $ = (id) => document.getElementById(id);
 const DEFAULT_K = "10";
 let health = null;
+let uploadUrl = null; // the blob: URL of the uploaded query shown (needs img-src blob: under a CSP)
 let latest = 0; // the number of the latest request: an older answer arriving late is dropped
 
 function status(text, kind = "") {
@@ -115,16 +116,25 @@ async function searchFile(file) {
   try {
     const body = await call("/search", { method: "POST", body: form });
     if (request !== latest) return;
-    show(body, URL.createObjectURL(file), `uploaded: ${file.name}`, $("k").value);
-    $("item").value = "";
-    if (location.search) history.pushState({}, "", location.pathname); // an upload cannot be linked to
-    document.title = "simsearch";
+    if (uploadUrl) URL.revokeObjectURL(uploadUrl); // the previous upload's picture is no longer shown
+    uploadUrl = URL.createObjectURL(file);
+    show(body, uploadUrl, `uploaded: ${file.name}`, $("k").value);
+    forgetItemQuery();
   } catch (error) {
-    if (request === latest) fail(error);
+    if (request !== latest) return;
+    fail(new Error(`${file.name}: ${error.message}`));
+    forgetItemQuery();
   } finally {
     if (request === latest) busy(false);
     $("file").value = ""; // choosing the same file again searches again
   }
+}
+
+function forgetItemQuery() {
+  // the query is now an upload, which no address can hold: the address and the id box no longer name an item
+  $("item").value = "";
+  if (location.search) history.pushState({}, "", location.pathname);
+  document.title = "simsearch";
 }
 
 let suggesting = 0;
