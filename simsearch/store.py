@@ -5,12 +5,14 @@
     items.jsonl     one JSON object per row: id, path (files) or index (datasets), key, label name
     skipped.jsonl   every input that could not be read, with the reason
     manifest.json   count, dim, dtype, data, model, fingerprint, embedded/reused, versions, sha256 of each file
+                    and of itself (manifest_sha256)
     config.yaml     the resolved config of the run that wrote it
 
 A store is replaced whole: a run writes the new one in `.staging/` beside it and moves its files in,
-manifest.json last (`swap_in`); a run holds `.lock` while it writes (`RunLock`). Readers verify the
-files against the manifest's checksums, hashing a file again only when its size or mtime changed
-since the last verification (`.verified.json`).
+manifest.json last, after an fsync of each (`swap_in`); a run holds `flock` on `.lock` while it writes
+(`RunLock`). Readers check the manifest against its own checksum (`manifest_sha256`), then the files
+against the manifest's checksums, hashing a file again only when its identity (device, inode, size,
+mtime, ctime) changed since the last verification (`.verified.json`).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Extraction: `Trainer.predict` streams per-rank shards to disk, then one merge writes the store.
 
-Every item has a key (a file's relative path, size and mtime; a dataset's split and index) and
+Every item has a key (a file's relative path, size, mtime and ctime; a dataset's split and index) and
 every vector is stored beside its key: in each shard (safetensors metadata) and in items.jsonl. A
 vector is reused only when its key and the run's fingerprint (model, preprocessing, seed, dtype,
 data source) match; nothing is matched by position. So:
