@@ -31,8 +31,8 @@ def png_bytes(image: Image.Image) -> bytes:
 
 
 @pytest.fixture
-def folder_store(tmp_path):
-    """A labelled folder store of small real-looking images (two classes of shapes)."""
+def folder_images(tmp_path):
+    """Two labelled folders of small real-looking images (two classes of shapes)."""
     root = tmp_path / "images"
     rng = np.random.default_rng(0)
     for label, colour in (("red", (200, 30, 30)), ("blue", (30, 30, 200))):
@@ -40,8 +40,22 @@ def folder_store(tmp_path):
         for i in range(12):
             pixels = np.clip(np.array(colour) + rng.normal(0, 20, (40, 40, 3)), 0, 255).astype(np.uint8)
             Image.fromarray(pixels).save(root / label / f"{i:02d}.png")
-    assert simsearch("extract", "data=folder", f"data.root={root}", *TINY, "run.dir=store") == 0
+    return root
+
+
+@pytest.fixture
+def folder_store(folder_images, tmp_path):
+    """A labelled folder store of those images (ResNet-50, random weights)."""
+    assert simsearch("extract", "data=folder", f"data.root={folder_images}", *TINY, "run.dir=store") == 0
     return tmp_path / "store"
+
+
+@pytest.fixture
+def pixel_store(folder_images, tmp_path):
+    """The same images embedded as raw pixels (no network to build): for tests of the routes alone."""
+    assert simsearch("extract", "data=folder", f"data.root={folder_images}", "model=pixels", "model.image_size=8",
+                     *TINY[2:], "run.dir=pixels") == 0
+    return tmp_path / "pixels"
 
 
 def client_for(store_dir, *overrides):
@@ -62,8 +76,9 @@ def test_health_item_and_image_endpoints(folder_store):
         assert "/search" in client.get("/openapi.json").json()["paths"]
 
 
-def test_item_ids_are_suggested_by_prefix_and_bounded(folder_store):
-    with client_for(folder_store) as client:
+def test_item_ids_are_suggested_and_the_page_loads_its_script_and_style_from_files(pixel_store):
+    """GET /items?prefix= (sorted, bounded); no inline script or style: the page fits a CSP of 'self'."""
+    with client_for(pixel_store) as client:
         body = client.get("/items", params={"prefix": "red/0", "limit": 3}).json()
         assert body == {"prefix": "red/0", "ids": ["red/00.png", "red/01.png", "red/02.png"], "more": True}
         assert client.get("/items", params={"prefix": "blue/1"}).json()["ids"] == ["blue/10.png", "blue/11.png"]
@@ -73,10 +88,6 @@ def test_item_ids_are_suggested_by_prefix_and_bounded(folder_store):
             response = client.get("/items", params={"limit": limit})
             assert response.status_code == 422 and "limit" in response.json()["error"]
 
-
-def test_the_page_loads_its_script_and_style_from_files(folder_store):
-    """No inline script or style: the page works under a Content-Security-Policy of 'self'."""
-    with client_for(folder_store) as client:
         html = client.get("/").text
         assert "<style" not in html and "<script>" not in html and " style=" not in html and "onclick" not in html
         assert '<script src="/static/app.js" defer></script>' in html and 'href="/static/app.css"' in html
