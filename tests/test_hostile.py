@@ -351,7 +351,8 @@ def test_every_answer_has_the_security_headers_and_the_page_satisfies_its_csp(st
             assert "frame-ancestors 'none'" in response.headers["content-security-policy"]
     csp = dict(part.strip().split(" ", 1) for part in page.headers["content-security-policy"].split(";"))
     assert csp["default-src"] == "'none'" and "'unsafe-inline'" not in csp["script-src"]
-    for script in re.findall(r"<script[^>]*>(.*?)</script>", page.text, re.S):
+    assert "'self'" in csp["script-src"] and "'self'" in csp["style-src"]  # the page's /static/app.js and app.css
+    for script in re.findall(r"<script(?![^>]*\bsrc=)[^>]*>(.*?)</script>", page.text, re.S):  # inline ones
         digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
         assert f"'sha256-{digest}'" in csp["script-src"]
     for style in re.findall(r"<style[^>]*>(.*?)</style>", page.text, re.S) + re.findall(r'\sstyle="([^"]*)"', page.text):
