@@ -42,6 +42,7 @@ def parameter_names(network: torch.nn.Module, modules: list[torch.nn.Module]) ->
     return {name for name, p in network.named_parameters() if id(p) in inside}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model, width", FAMILIES, ids=IDS)
 def test_unfreeze_one_trains_exactly_the_last_stage_and_the_checkpoint_rebuilds_it(tmp_path, model, width):
     assert simsearch("finetune", *SMALL, *model, "finetune.unfreeze=1", "finetune.epochs=1", "run.dir=ft") == 0

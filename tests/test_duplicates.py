@@ -1,6 +1,7 @@
 """`simsearch duplicates`: planted copies (identical, resized) found as groups; leakage between two stores."""
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from simsearch.stages.duplicates import connected_groups
@@ -40,6 +41,7 @@ def test_planted_identical_and_resized_copies_are_grouped(tmp_path, capsys):
     assert result.returncode == 2 and "cosine in [-1, 1]" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_leakage_lists_items_with_a_near_duplicate_in_the_other_store(tmp_path, capsys):
     train, test = tmp_path / "train", tmp_path / "test"
     write_photo_folder(train)

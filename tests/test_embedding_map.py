@@ -19,6 +19,7 @@ def test_map_writes_a_png_of_a_labelled_store(tmp_path, capsys, method):
     assert "map of 120 of 150 items" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_map_with_thumbnails_logs_to_wandb(tmp_path):
     assert simsearch("extract", "data=synthetic", "data.num_items=30", *TINY, "run.dir=out") == 0
     assert simsearch("map", "run.dir=out", "map.thumbnails=5", "logger=wandb", f"logger.wandb.dir={tmp_path}") == 0

@@ -495,6 +495,7 @@ def test_eval_bad_input_is_one_line(tmp_path, arguments, message):
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
 def test_folders_of_real_images_as_query_and_gallery_equal_an_independent_brute_force(tmp_path):
     """As a user would: Fashion-MNIST images written as PNG files into class folders, a query folder and a

@@ -96,6 +96,7 @@ def test_a_registered_loss_fine_tunes(registered, tmp_path):
     assert record["metadata"]["loss"] == "multi_similarity"
 
 
+@pytest.mark.slow
 def test_plugins_reach_the_cli_through_an_environment_variable(tmp_path):
     dataset_example = readme_examples()[1]
     (tmp_path / "my_plugin.py").write_text(textwrap.dedent(dataset_example))

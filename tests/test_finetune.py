@@ -79,6 +79,7 @@ def test_finetune_caches_features_reuses_them_and_keeps_the_best_checkpoint(tmp_
     assert Store.open(tmp_path / "ft" / "train-features").manifest["created"] == created
 
 
+@pytest.mark.slow
 def test_resume_continues_from_the_saved_epoch(tmp_path, caplog):
     caplog.set_level("INFO")
     last_path = tmp_path / "checkpoints" / "synthetic-supcon-unfreeze0" / "last.ckpt"
@@ -117,6 +118,7 @@ def test_best_checkpoint_round_trips_into_extract_and_compare(tmp_path):
     assert simsearch("search", "run.dir=tuned", f"query={tmp_path / 'q.png'}", "search.k=2", "logger=none") == 0
 
 
+@pytest.mark.slow
 def test_ntxent_with_frozen_backbone_uses_cached_augmented_views(tmp_path):
     assert simsearch("finetune", *SMALL, "finetune.loss=ntxent", "finetune.epochs=1", "run.dir=ft") == 0
     view0, view1 = (Store.open(tmp_path / "ft" / "train-features" / f"view{v}") for v in (0, 1))
@@ -124,6 +126,7 @@ def test_ntxent_with_frozen_backbone_uses_cached_augmented_views(tmp_path):
     assert np.abs(view0.embeddings - view1.embeddings).max() > 1e-3  # different augmentations
 
 
+@pytest.mark.slow
 def test_unfrozen_stage_trains_end_to_end(tmp_path):
     assert simsearch("finetune", *SMALL, "finetune.unfreeze=1", "finetune.epochs=1", "run.dir=ft") == 0
     best = read_json(tmp_path / "checkpoints" / "synthetic-supcon-unfreeze1" / "finetune.json")["best_checkpoint"]
@@ -170,6 +173,7 @@ def test_bad_finetune_configs_fail_before_training(tmp_path, extra, message):
     assert not (tmp_path / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_incompatible_checkpoints_are_refused(tmp_path, capsys):
     assert simsearch("finetune", *SMALL, "finetune.epochs=1", "run.dir=ft") == 0
     capsys.readouterr()

@@ -94,6 +94,7 @@ def test_gpu_sampler_reads_nvidia_smi(tmp_path, monkeypatch):
     assert summary["busy_mean_util_pct"] == pytest.approx(85) and summary["img_per_s_gpu_busy"] > 0
 
 
+@pytest.mark.slow
 def test_no_gpu_no_record(tmp_path):
     """Without --dry-run on a machine whose torch sees no GPU, nothing is measured and no JSON is written."""
     torch = pytest.importorskip("torch")

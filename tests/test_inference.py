@@ -23,6 +23,7 @@ def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.sum(a.astype(np.float64) * b, axis=1).min())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_extract_frozen_equals_eager(tmp_path, caplog, family):
     common = ("extract", "data=synthetic", "data.num_items=6", "data.batch_size=4", *TINY, *FAMILIES[family])

@@ -327,6 +327,7 @@ def test_read_only_run_dir_is_one_sentence_and_serve_still_starts(tmp_path, caps
         store_dir.chmod(0o755)
 
 
+@pytest.mark.slow
 def test_queries_that_are_not_rows_and_odd_file_names(tmp_path, capsys):
     assert simsearch("extract", "data=synthetic", "data.num_items=6", *TINY, "run.dir=store") == 0
     for query in ("²", "-0", "+1", "[a].jpg", "true"):
