@@ -506,6 +506,34 @@ def test_a_link_retargeted_outside_after_listing_is_not_read(tmp_path, monkeypat
     assert "cats/link.png" not in {item["path"] for item in Store.open(tmp_path / "store").items}
 
 
+def test_the_server_never_serves_a_link_retargeted_after_its_root_check(tmp_path, monkeypatch):
+    """The thumbnail route checks the path, then opens it: a link swapped in between is refused on opening."""
+    pytest.importorskip("fastapi")
+    import simsearch.items as items
+    from tests.test_serve import client_for
+
+    root = tmp_path / "images"
+    write_folder(root)
+    link = root / "cats" / "link.png"
+    link.symlink_to(root / "cats" / "000.png")
+    assert extract(root) == 0
+    write_image(tmp_path / "outside" / "secret.png", seed=42)
+    checked = items.ItemImages.path_of
+
+    def check_then_retarget(self, row):  # the root check passes, then the link moves outside
+        path = checked(self, row)
+        if path is not None and path.name == "000.png" and self.store.items[row]["path"] == "cats/link.png":
+            link.unlink()
+            link.symlink_to(tmp_path / "outside" / "secret.png")
+            return link
+        return path
+
+    monkeypatch.setattr(items.ItemImages, "path_of", check_then_retarget)
+    with client_for(tmp_path / "store") as client:
+        response = client.get("/items/cats/link.png/image")
+    assert response.status_code == 200 and "outside data.root" in response.headers["x-simsearch-unavailable"]
+
+
 def test_a_run_dir_inside_the_collection_is_refused(tmp_path, capsys):
     root = tmp_path / "images"
     write_folder(root)

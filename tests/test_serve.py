@@ -480,7 +480,7 @@ def test_large_images_are_thumbnailed_once(folder_store, tmp_path, monkeypatch):
     Image.new("RGB", (3000, 2000), (200, 30, 30)).save(big)
     calls = []
     original = serve_module.file_thumbnail
-    monkeypatch.setattr(serve_module, "file_thumbnail", lambda path, px: calls.append(path) or original(path, px))
+    monkeypatch.setattr(serve_module, "file_thumbnail", lambda path, px, root: calls.append(path) or original(path, px, root))
     with client_for(folder_store, "serve.thumbnail_px=128") as client:
         sizes = {Image.open(io.BytesIO(client.get("/items/red%2F00.png/image").content)).size for _ in range(3)}
     assert sizes == {(128, 85)} and len(calls) == 1
@@ -494,7 +494,7 @@ def test_concurrent_requests_for_one_large_image_decode_it_once(folder_store, tm
     Image.new("RGB", (2000, 2000), (30, 30, 200)).save(tmp_path / "images" / "blue" / "00.png")
     calls = []
     original = serve_module.file_thumbnail
-    monkeypatch.setattr(serve_module, "file_thumbnail", lambda path, px: calls.append(path) or original(path, px))
+    monkeypatch.setattr(serve_module, "file_thumbnail", lambda path, px, root: calls.append(path) or original(path, px, root))
     with client_for(folder_store) as client:
         codes = []
         threads = [threading.Thread(target=lambda: codes.append(client.get("/items/blue%2F00.png/image").status_code))

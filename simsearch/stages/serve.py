@@ -38,7 +38,7 @@ from simsearch.drawing import placeholder_image
 from simsearch.errors import SimsearchError
 from simsearch.index import open_searcher
 from simsearch.items import ItemImages
-from simsearch.pixels import UnreadableImage, decode_image, to_rgb
+from simsearch.pixels import UnreadableImage, decode_image, open_inside, to_rgb
 from simsearch.stages.search import Query as SearchQuery
 from simsearch.stages.search import SearchResult, answer, item_query, query_encoder
 from simsearch.store import Store
@@ -256,17 +256,20 @@ def thumbnail_bytes(image: Image.Image, size_px: int) -> bytes:
     return buffer.getvalue()
 
 
-def file_thumbnail(path: Path, size_px: int) -> Image.Image:
+def file_thumbnail(path: Path, size_px: int, real_root: Path) -> Image.Image:
     """A file reduced to at most size_px per side while it is decoded (JPEG draft mode, Pillow's reducing
-    gap), so a 9000 x 9000 photo never sits in memory in full as RGB copies; EXIF rotation honoured."""
+    gap), so a 9000 x 9000 photo never sits in memory in full as RGB copies; EXIF rotation honoured. Opened
+    once and checked after opening (`open_inside`): a link swapped since the root check is not read."""
     from PIL import ImageOps
 
-    try:
-        with Image.open(path) as image:
-            image.thumbnail((size_px, size_px), reducing_gap=2.0)
-            return to_rgb(ImageOps.exif_transpose(image))
-    except (ValueError, OSError, Image.DecompressionBombError):  # modes thumbnail cannot reduce: the full decoder
-        return decode_image(path)
+    with open_inside(path, real_root) as handle:
+        try:
+            with Image.open(handle) as image:
+                image.thumbnail((size_px, size_px), reducing_gap=2.0)
+                return to_rgb(ImageOps.exif_transpose(image))
+        except (ValueError, OSError, Image.DecompressionBombError):  # modes thumbnail cannot reduce: the full decoder
+            handle.seek(0)
+            return decode_image(handle)
 
 
 class ThumbnailCache:
@@ -314,7 +317,7 @@ class ThumbnailCache:
             return self.images.image(row)
         if not path.is_file():
             raise UnreadableImage(f"{self.images.store.items[row]['path']} was moved or deleted since extraction")
-        return file_thumbnail(path, self.size_px)
+        return file_thumbnail(path, self.size_px, self.images.root)
 
 
 def create_app(cfg: DictConfig) -> FastAPI:
