@@ -131,7 +131,7 @@ def test_killed_run_then_a_moved_file_resumes_to_a_fresh_store(tmp_path):
     # the same file count, but the first files (already in shards) shift: the fault of matching by position
     shutil.move(root / "cats" / "000.png", root / "owls" / "999.png")
     write_image(root / "cats" / "001.png", seed=31337)
-    result = simsearch_subprocess(*common, "run.dir=killed", cwd=tmp_path)
+    result = simsearch_subprocess(*common, "run.dir=killed", "-v", cwd=tmp_path)  # -v: the INFO line "resuming:"
     assert result.returncode == 0, result.stderr
     assert "stale lock" in result.stderr and "resuming:" in result.stderr
     assert simsearch(*common, "run.dir=fresh") == 0
