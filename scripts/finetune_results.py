@@ -122,7 +122,7 @@ def row_lite0_head(args: argparse.Namespace) -> dict[str, Any]:
     trained = finetune_summary(checkpoints, name)
     commands.append(simsearch("compare", *data, "data.split=test", f"compare.checkpoint={trained['checkpoint']}",
                               f"run.dir={args.out / 'lite0'}"))
-    return {"scores": store_scores(args.out / "lite0" / "finetuned"), "image_size": args.image_size,
+    return {"scores": store_scores(args.out / "lite0" / "head"), "image_size": args.image_size,
             "training": trained, "commands": commands}
 
 

@@ -213,24 +213,33 @@ def metric_families(ks: list[int], knn_ks: list[int] | tuple[int, ...] = ()) -> 
     return families + ([(" and ".join(heading for heading, _ in single), single)] if single else [])
 
 
+def compared_models(comparison: dict[str, Any]) -> list[tuple[str, dict[str, float]]]:
+    """(name, metrics) of each model of a comparison.json, also of a two-model one written before "models" existed."""
+    if "models" in comparison:
+        return [(row["name"], row["metrics"]) for row in comparison["models"]]
+    return [("baseline", comparison["baseline"]), ("fine-tuned", comparison["finetuned"])]
+
+
 def comparison_figure(comparison: dict[str, Any], ks: list[int], knn_ks: list[int] | tuple[int, ...] = ()) -> Any:
-    """One panel per metric family (hit@K, Precision@K, Recall@K, mAP@K, then MAP@R and R-precision),
-    baseline beside fine-tuned with each value printed on its bar; titled with the data and both models."""
+    """One panel per metric family (hit@K, Precision@K, Recall@K, mAP@K, kNN accuracy@K, then MAP@R and
+    R-precision), a bar per model in each group with its value printed on it; titled with the data and models."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    models = compared_models(comparison)
+    width = 0.8 / len(models)
     families = metric_families(ks, knn_ks)
     columns = min(3, len(families))
     rows = -(-len(families) // columns)
     figure, panels = plt.subplots(rows, columns, figsize=(4.6 * columns, 3.4 * rows + 0.9), squeeze=False)
     for axes, (heading, members) in zip(panels.flat, families):
         x = np.arange(len(members))
-        for offset, label, key in ((-0.2, "baseline", "baseline"), (0.2, "fine-tuned", "finetuned")):
-            values = [comparison[key].get(name, np.nan) for _, name in members]
-            bars = axes.bar(x + offset, values, width=0.4, label=label)
-            axes.bar_label(bars, labels=[f"{v:.2f}" for v in values], fontsize=7, padding=1)
+        for i, (name, scores) in enumerate(models):
+            values = [scores.get(metric, np.nan) for _, metric in members]
+            bars = axes.bar(x + (i - (len(models) - 1) / 2) * width, values, width=width, label=name)
+            axes.bar_label(bars, labels=[f"{v:.2f}" for v in values], fontsize=7 if len(models) <= 2 else 5, padding=1)
         axes.set_xticks(x, [tick for tick, _ in members], fontsize=8)
         axes.set_ylim(0, 1.12)
         axes.set_title(heading, fontsize=10)
@@ -246,11 +255,13 @@ def comparison_figure(comparison: dict[str, Any], ks: list[int], knn_ks: list[in
 
 def comparison_title(comparison: dict[str, Any]) -> str:
     data = comparison["data"]
+    heading = f"{data['name']} {data['split']} ({data['items']} items)"
+    if "models" in comparison:
+        return heading + "\n" + "; ".join(f"{row['name']}: {row['description']}" for row in comparison["models"])
     baseline = comparison.get("baseline_model") or f"{comparison.get('baseline_weights', '')} weights"
     tuned = comparison.get("finetuned_model") or "fine-tuned"
     checkpoint = Path(str(comparison.get("checkpoint", ""))).name
-    return (f"{data['name']} {data['split']} ({data['items']} items): baseline {baseline}\n"
-            f"vs fine-tuned {tuned} (checkpoint {checkpoint})")
+    return f"{heading}: baseline {baseline}\nvs fine-tuned {tuned} (checkpoint {checkpoint})"
 
 
 def comparison_chart(comparison: dict[str, Any], ks: list[int], path: Path, knn_ks: list[int] | tuple[int, ...] = ()) -> None:

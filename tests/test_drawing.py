@@ -149,3 +149,30 @@ def test_comparison_chart_has_one_panel_per_metric_family_with_values(synthetic_
     title = figure._suptitle.get_text()
     assert "triplet loss" in title and "best.ckpt" in title and "resnet50 (random weights)" in title
     plt.close(figure)
+
+
+def test_comparison_chart_of_three_models_has_a_bar_per_model_in_each_group(synthetic_store):
+    import matplotlib.pyplot as plt
+
+    from simsearch.config import load_config
+    from simsearch.stages.compare import comparison_table
+    from simsearch.stages.evaluate import evaluate_store
+
+    cfg = load_config([f"run.dir={synthetic_store.dir}", "logger=none", "eval.k=[1,5]"])
+    metrics = evaluate_store(synthetic_store, cfg.eval, cfg.index, 0)
+    scalars = {k: v for k, v in metrics.items() if isinstance(v, float)}
+    rows = [{"name": name, "description": f"model {name}", "checkpoint": None,
+             "metrics": {k: max(0.0, v - shift) for k, v in scalars.items()}}
+            for name, shift in (("baseline", 0.3), ("head", 0.2), ("end-to-end", 0.0))]
+    comparison = {"data": {"name": "synthetic", "split": "test", "items": 12}, "models": rows}
+    figure = comparison_figure(comparison, [1, 5])
+    panels = [axes for axes in figure.axes if axes.get_visible()]
+    for axes, (_, members) in zip(panels, metric_families([1, 5])):
+        expected = [f"{row['metrics'][name]:.2f}" for row in rows for _, name in members]
+        assert [t.get_text() for t in axes.texts] == expected
+    assert [t.get_text() for t in panels[0].get_legend().get_texts()] == ["baseline", "head", "end-to-end"]
+    plt.close(figure)
+    table = comparison_table(comparison, [1, 5]).splitlines()
+    assert table[0].split() == ["metric", "baseline", "head", "end-to-end"]
+    p1 = next(line for line in table if line.startswith("precision@1 ")).split()[1:]
+    assert [float(v) for v in p1] == pytest.approx([row["metrics"]["precision@1"] for row in rows], abs=1e-4)

@@ -101,7 +101,7 @@ def test_best_checkpoint_round_trips_into_extract_and_compare(tmp_path):
     tuned = Store.open(tmp_path / "tuned")
     assert tuned.dim == 16 and tuned.manifest["model"]["checkpoint"] == best
     assert simsearch("compare", *SMALL, f"compare.checkpoint={best}", "run.dir=cmp") == 0
-    projected = Store.open(tmp_path / "cmp" / "finetuned")  # head on the baseline's features, no second pass
+    projected = Store.open(tmp_path / "cmp" / "head")  # head on the baseline's features, no second pass
     np.testing.assert_allclose(projected.embeddings, tuned.embeddings, atol=1e-5)
     comparison = read_json(tmp_path / "cmp" / "comparison.json")
     assert {"baseline", "finetuned", "difference"} <= set(comparison)
@@ -116,6 +116,34 @@ def test_best_checkpoint_round_trips_into_extract_and_compare(tmp_path):
 
     ItemImages(tuned).image(3).save(tmp_path / "q.png")
     assert simsearch("search", "run.dir=tuned", f"query={tmp_path / 'q.png'}", "search.k=2", "logger=none") == 0
+
+
+@pytest.mark.slow
+def test_compare_trains_head_and_end_to_end_and_puts_three_models_side_by_side(tmp_path, capsys):
+    """One command: the frozen baseline, a trained head and an end-to-end model in one table, JSON and chart."""
+    assert simsearch("compare", *SMALL, "compare.unfreeze=[0,1]", "finetune.epochs=1", "run.dir=cmp") == 0
+    printed = capsys.readouterr().out
+    comparison = read_json(tmp_path / "cmp" / "comparison.json")
+    assert [row["name"] for row in comparison["models"]] == ["baseline", "head", "end-to-end"]
+    header = next(line for line in printed.splitlines() if line.startswith("metric"))
+    assert header.split() == ["metric", "baseline", "head", "end-to-end"]
+    for row in comparison["models"]:  # each row is what `simsearch eval` says of that model's store
+        assert simsearch("eval", f"run.dir=cmp/{row['name']}", "logger=none") == 0
+        assert read_json(tmp_path / "cmp" / row["name"] / "metrics.json")["map@r"] == pytest.approx(row["metrics"]["map@r"])
+    line = next(line for line in printed.splitlines() if line.startswith("map@r "))
+    assert [float(v) for v in line.split()[1:]] == pytest.approx([row["metrics"]["map@r"] for row in comparison["models"]], abs=1e-4)
+    end_to_end = torch.load(comparison["models"][2]["checkpoint"], weights_only=True, map_location="cpu")
+    assert end_to_end["simsearch"]["unfreeze"] == 1
+    assert Store.open(tmp_path / "cmp" / "end-to-end").manifest["model"]["checkpoint"] == comparison["models"][2]["checkpoint"]
+    from PIL import Image
+
+    Image.open(tmp_path / "cmp" / "comparison.png").verify()
+
+
+def test_compare_refuses_a_missing_checkpoint_in_one_sentence(tmp_path, capsys):
+    assert simsearch("compare", *SMALL, f"compare.checkpoints=[{tmp_path / 'nope.ckpt'}]", "run.dir=cmp") == 2
+    assert "no checkpoint file at" in capsys.readouterr().err
+    assert not (tmp_path / "cmp").exists()
 
 
 @pytest.mark.slow

@@ -147,7 +147,9 @@ class FinetuneConfig:
 
 @dataclass
 class CompareConfig:
-    checkpoint: str | None = None  # a fine-tuned checkpoint; None: fine-tune first with `finetune.*`
+    checkpoint: str | None = None  # a fine-tuned checkpoint; None (and no checkpoints): fine-tune first with `finetune.*`
+    checkpoints: list[str] = field(default_factory=list)  # more fine-tuned checkpoints from the same backbone: a row each
+    unfreeze: list[int] = field(default_factory=list)  # no checkpoint given: train one model per value ([0, 3]: head and end to end)
     chart: str = "comparison.png"
 
 
