@@ -147,6 +147,47 @@ def test_compare_refuses_a_missing_checkpoint_in_one_sentence(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_end_to_end_starts_from_a_trained_head_and_refuses_another_backbones(tmp_path, capsys):
+    """finetune.init_head: linear probe, then fine-tune. With the head's lr at 0 its weights stay those it started from."""
+    assert simsearch("finetune", *SMALL, "finetune.epochs=1", "run.dir=ft") == 0
+    head = read_json(tmp_path / "checkpoints" / "synthetic-supcon-unfreeze0" / "finetune.json")["best_checkpoint"]
+    assert simsearch("finetune", *SMALL, "finetune.unfreeze=1", "finetune.epochs=1", "finetune.lr=0", "finetune.weight_decay=0",
+                     f"finetune.init_head={head}", "finetune.warmup_epochs=0.5", "finetune.layer_decay=0.5", "run.dir=ft") == 0
+    tuned = read_json(tmp_path / "checkpoints" / "synthetic-supcon-unfreeze1" / "finetune.json")["best_checkpoint"]
+    started, ended = (torch.load(path, weights_only=True, map_location="cpu")["state_dict"] for path in (head, tuned))
+    for name in ("embedder.head.layers.0.weight", "embedder.head.layers.3.weight", "embedder.head.layers.3.bias"):
+        assert torch.equal(started[name], ended[name]), name
+    capsys.readouterr()
+    other = (*SMALL, "model.name=resnet18")
+    assert simsearch("finetune", *other, "finetune.unfreeze=1", f"finetune.init_head={head}", "finetune.resume=false",
+                     "run.dir=ft2") == 2
+    assert "was trained on another backbone" in capsys.readouterr().err
+
+
+def test_layer_decay_gives_each_lower_stage_group_a_smaller_learning_rate():
+    from simsearch.model import backbone_spec, build_backbone, stage_groups
+    from simsearch.stages.finetune import backbone_groups, warmup_cosine
+
+    network = build_backbone(backbone_spec({"name": "resnet18", "weights": "random", "image_size": 32}), 0).network
+    groups = backbone_groups(network, 3, 1e-3, 0.5)
+    assert [g["lr"] for g in groups] == pytest.approx([2.5e-4, 5e-4, 1e-3])  # bottom to top
+    top = {id(p) for module in stage_groups(network)[-1] for p in module.parameters()}
+    assert {id(p) for p in groups[-1]["params"]} == top
+    assert backbone_groups(network, 0, 1e-3, 0.5) == []
+    factors = [warmup_cosine(step, 4, 20) for step in range(20)]
+    assert factors[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0]) and factors[4] == pytest.approx(1.0)
+    assert factors[12] == pytest.approx(0.5) and factors[-1] < 0.05
+    assert all(a >= b for a, b in zip(factors[4:], factors[5:]))
+
+
+@pytest.mark.parametrize("setting, words", [("finetune.layer_decay=0", "finetune.layer_decay must be in (0, 1]"),
+                                            ("finetune.warmup_epochs=99", "finetune.warmup_epochs must be between 0")])
+def test_bad_schedule_settings_are_one_sentence(tmp_path, capsys, setting, words):
+    assert simsearch("finetune", *SMALL, setting, "run.dir=ft") == 2
+    assert words in capsys.readouterr().err
+
+
+@pytest.mark.slow
 def test_ntxent_with_frozen_backbone_uses_cached_augmented_views(tmp_path):
     assert simsearch("finetune", *SMALL, "finetune.loss=ntxent", "finetune.epochs=1", "run.dir=ft") == 0
     view0, view1 = (Store.open(tmp_path / "ft" / "train-features" / f"view{v}") for v in (0, 1))

@@ -131,7 +131,10 @@ class FinetuneConfig:
     unfreeze: int = 0  # 0: frozen backbone, features cached once (CPU-friendly); N: the backbone's last N stages/blocks train too
     epochs: int = 20  # the supcon head's validation MAP@R levels off by epoch ~7 on Fashion-MNIST (a 40-epoch run)
     lr: float = 1e-3  # head; measured against 3e-3 (worse) and 3e-4 (equal within noise) on frozen Lite0 features
-    backbone_lr: float = 1e-4  # unfrozen stages
+    backbone_lr: float = 1e-4  # unfrozen stages: the top one; each group below it gets layer_decay times the one above
+    layer_decay: float = 1.0  # 1: every unfrozen stage at backbone_lr; 0.7: lower stages move less (layer-wise lr decay)
+    warmup_epochs: float = 0.0  # linear warm-up of every learning rate over this many epochs, then cosine decay by step
+    init_head: str | None = None  # a head-only checkpoint of the same backbone: end to end starts from its trained head
     weight_decay: float = 1e-4
     batch_size: int = 128
     m_per_class: int = 16  # class-balanced batches for the supervised losses: m images of each of batch/m classes

@@ -11,6 +11,7 @@ Two modes share one LightningModule and `Trainer.fit`:
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ from simsearch.model import (
     checkpoint_metadata,
     finetune_record,
     load_finetuned_embedder,
+    read_checkpoint,
     resolve_model_config,
     stage_groups,
 )
@@ -63,6 +65,10 @@ def check_finetune_config(ft: DictConfig, labels: np.ndarray) -> None:
         raise SimsearchError(f"finetune.miner must be batch_hard or semi_hard, not '{ft.miner}'")
     if ft.unfreeze < 0:
         raise SimsearchError(f"finetune.unfreeze must be 0 or a number of stages, not {ft.unfreeze}")
+    if not 0 < ft.layer_decay <= 1:
+        raise SimsearchError(f"finetune.layer_decay must be in (0, 1], not {ft.layer_decay}")
+    if not 0 <= ft.warmup_epochs <= ft.epochs:
+        raise SimsearchError(f"finetune.warmup_epochs must be between 0 and finetune.epochs={ft.epochs}, not {ft.warmup_epochs}")
     if not 0 < ft.val_fraction < 1:
         raise SimsearchError(f"finetune.val_fraction must be between 0 and 1, not {ft.val_fraction}")
     monitors = [f"val/{name}" for name in metric_names(VALIDATION_K)]  # the metrics table, at K = 10
@@ -310,12 +316,12 @@ class MetricLearningModule(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         groups = [{"params": list(self.embedder.head.parameters()), "lr": self.ft.lr}]
-        backbone = [p for p in self.embedder.backbone.parameters() if p.requires_grad]
-        if backbone:
-            groups.append({"params": backbone, "lr": self.ft.backbone_lr})
+        groups += backbone_groups(self.embedder.backbone, self.ft.unfreeze, self.ft.backbone_lr, self.ft.layer_decay)
         optimizer = torch.optim.AdamW(groups, weight_decay=self.ft.weight_decay)
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, self.ft.epochs))
-        return {"optimizer": optimizer, "lr_scheduler": schedule}
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = round(total * self.ft.warmup_epochs / max(1, self.ft.epochs))
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["simsearch"] = self.metadata
@@ -332,6 +338,42 @@ def unfrozen_stages(backbone: torch.nn.Module, unfreeze: int) -> list[torch.nn.M
     if unfreeze > len(groups):
         raise SimsearchError(f"finetune.unfreeze={unfreeze}, but this backbone has {len(groups)} stage groups")
     return [module for group in groups[len(groups) - unfreeze:] for module in group]
+
+
+def backbone_groups(backbone: torch.nn.Module, unfreeze: int, top_lr: float, decay: float) -> list[dict[str, Any]]:
+    """One optimizer group per unfrozen stage group, the top one at `top_lr` and each lower one `decay` times
+    the one above it: the lower stages hold the most general features and should move least."""
+    if unfreeze == 0:
+        return []
+    groups = stage_groups(backbone)[-unfreeze:]
+    rates = [top_lr * decay ** depth for depth in range(len(groups))][::-1]
+    return [{"params": [p for module in group for p in module.parameters() if p.requires_grad], "lr": lr}
+            for group, lr in zip(groups, rates)]
+
+
+def warmup_cosine(step: int, warmup: int, total: int) -> float:
+    """The learning-rate factor at `step`: linear from ~0 to 1 over `warmup` steps, then cosine down to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))  # a float: np.float64 would not load weights_only
+
+
+def load_trained_head(head: ProjectionHead, path: str | Path, spec: Any) -> None:
+    """Start from the head of a head-only checkpoint (linear probe, then fine-tune: the backbone's features are
+    not pulled about by a random head); refused unless it was trained on the same backbone with the same sizes."""
+    checkpoint = read_checkpoint(Path(path))
+    meta = checkpoint["simsearch"]
+    if meta["backbone"] != spec.to_dict():
+        raise SimsearchError(f"finetune.init_head={path} was trained on another backbone "
+                             f"({meta['backbone']['name']}, {meta['backbone']['weights']} weights): use a head of this one")
+    state = {k.removeprefix("embedder.head."): v for k, v in checkpoint["state_dict"].items()
+             if k.startswith("embedder.head.")}
+    try:
+        head.load_state_dict(state)
+    except RuntimeError:
+        raise SimsearchError(f"finetune.init_head={path} has a head of sizes {meta['head']}: set finetune.hidden_dim "
+                             "and finetune.dim to match it") from None
 
 
 def _compatible(meta: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
@@ -451,6 +493,8 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
         log.info("resuming from %s", last)
     torch.manual_seed(cfg.run.seed)
     head = ProjectionHead(backbone.width, ft.hidden_dim, ft.dim)
+    if ft.init_head and resume_from is None:
+        load_trained_head(head, ft.init_head, spec)
     embedder = Embedder(Preprocess.from_spec(spec.preprocessing), backbone.network, head)
     module = MetricLearningModule(embedder, ft, classes, metadata)
     train_loader, val_loader = loaders(cfg, labels, train_rows, val_rows, features, collection)
