@@ -205,6 +205,15 @@ def test_unfrozen_stage_trains_end_to_end(tmp_path):
     original = build_backbone(backbone_spec({"name": "resnet50", "weights": "random", "image_size": 32}), 0).network.state_dict()
     assert not torch.equal(state["embedder.backbone.layer4.0.conv1.weight"], original["layer4.0.conv1.weight"])
     assert torch.equal(state["embedder.backbone.layer1.0.conv1.weight"], original["layer1.0.conv1.weight"])
+    # batch norms keep their statistics: the frozen stages' always, the unfrozen stage's with batch_norm=frozen
+    for name in ("bn1.running_mean", "layer1.0.bn1.running_var", "layer4.0.bn1.running_mean", "layer4.2.bn3.running_var"):
+        assert torch.equal(state[f"embedder.backbone.{name}"], original[name]), name
+    assert simsearch("finetune", *SMALL, "finetune.unfreeze=1", "finetune.epochs=1", "finetune.batch_norm=train",
+                     "finetune.name=bn-train", "run.dir=ft") == 0
+    best = read_json(tmp_path / "checkpoints" / "bn-train" / "finetune.json")["best_checkpoint"]
+    state = torch.load(best, weights_only=True, map_location="cpu")["state_dict"]
+    assert torch.equal(state["embedder.backbone.layer1.0.bn1.running_var"], original["layer1.0.bn1.running_var"])
+    assert not torch.equal(state["embedder.backbone.layer4.0.bn1.running_mean"], original["layer4.0.bn1.running_mean"])
 
 
 def write_train_only_fashion_mnist(root, n=64):

@@ -134,6 +134,9 @@ class FinetuneConfig:
     backbone_lr: float = 1e-4  # unfrozen stages: the top one; each group below it gets layer_decay times the one above
     layer_decay: float = 1.0  # 1: every unfrozen stage at backbone_lr; 0.7: lower stages move less (layer-wise lr decay)
     warmup_epochs: float = 0.0  # linear warm-up of every learning rate over this many epochs, then cosine decay by step
+    # frozen: the unfrozen stages' batch norms keep their ImageNet statistics (their scale and shift train) | train:
+    # their statistics follow the fine-tuning batches. Frozen stages never update theirs. Measured: docs/RESULTS.md
+    batch_norm: str = "frozen"
     init_head: str | None = None  # a head-only checkpoint of the same backbone: end to end starts from its trained head
     weight_decay: float = 1e-4
     batch_size: int = 128

@@ -65,6 +65,8 @@ def check_finetune_config(ft: DictConfig, labels: np.ndarray) -> None:
         raise SimsearchError(f"finetune.miner must be batch_hard or semi_hard, not '{ft.miner}'")
     if ft.unfreeze < 0:
         raise SimsearchError(f"finetune.unfreeze must be 0 or a number of stages, not {ft.unfreeze}")
+    if ft.batch_norm not in ("frozen", "train"):
+        raise SimsearchError(f"finetune.batch_norm must be frozen or train, not '{ft.batch_norm}'")
     if not 0 < ft.layer_decay <= 1:
         raise SimsearchError(f"finetune.layer_decay must be in (0, 1], not {ft.layer_decay}")
     if not 0 <= ft.warmup_epochs <= ft.epochs:
@@ -234,13 +236,23 @@ class MetricLearningModule(L.LightningModule):
         self._val_labels: list[torch.Tensor] = []
 
     def train(self, mode: bool = True) -> MetricLearningModule:
-        """Frozen stages keep eval-mode batch norm: their statistics must not drift."""
+        """Frozen stages keep eval-mode batch norm: their statistics must not drift. With finetune.batch_norm=frozen
+        (the default) the unfrozen stages' batch norms keep them too: their scale and shift still train."""
         super().train(mode)
         if mode:
             self.embedder.backbone.eval()
             for module in self.trainable_stages:
                 module.train()
+            if self.ft.batch_norm == "frozen":
+                for module in self.embedder.backbone.modules():
+                    if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                        module.eval()
         return self
+
+    def on_train_epoch_start(self) -> None:
+        """Lightning (2.2+) leaves every submodule in the mode it finds it, and a new module trains everywhere:
+        without this the frozen stages' batch norms would follow the fine-tuning batches."""
+        self.train()
 
     def embed(self, batch: dict[str, Any], view: int | None = None, augmented: bool = False) -> torch.Tensor:
         if "features" in batch:
