@@ -167,6 +167,14 @@ class ServeConfig:
 
 
 @dataclass
+class ExportConfig:
+    # clip-retrieval: img_emb/img_emb_0.npy + metadata/metadata_0.parquet (autofaiss, clip-retrieval read it) |
+    # parquet: one embeddings.parquet, metadata columns and the vector as a fixed-size list column
+    format: str = "clip-retrieval"
+    dir: str = "${run.dir}/export-${export.format}"  # replaced whole once the new export is complete
+
+
+@dataclass
 class WandbConfig:
     enabled: bool = True
     mode: str = "offline"  # offline: no account needed, `wandb sync` uploads later | online | disabled
@@ -198,4 +206,5 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)

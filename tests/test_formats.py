@@ -1,0 +1,115 @@
+"""The ecosystem's formats: `simsearch export` (clip-retrieval's layout, one Parquet table), read back with
+pyarrow and pandas and compared with the store by item id, never by position."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import TINY, simsearch
+
+pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
+pd = pytest.importorskip("pandas")
+
+PIXELS = ["model=pixels", "model.image_size=8", *TINY[2:]]
+
+
+def write_images(root: Path, count: int = 6, start: int = 0) -> dict[str, tuple[str, np.ndarray]]:
+    """Labelled folders of small images; returns {relative path: (label, pixels)}."""
+    rng = np.random.default_rng(start)
+    written = {}
+    for i in range(start, start + count):
+        label = ("red", "blue")[i % 2]
+        (root / label).mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / label / f"{i:03d}.png")
+        written[f"{label}/{i:03d}.png"] = (label, pixels)
+    return written
+
+
+def store_vectors_by_id(run_dir: Path) -> dict[str, np.ndarray]:
+    """The store's vectors by item id, read from its files directly (row i of embeddings.npy = line i of items.jsonl)."""
+    embeddings = np.load(run_dir / "embeddings.npy")
+    items = [json.loads(line) for line in (run_dir / "items.jsonl").read_text().splitlines()]
+    return {item["id"]: embeddings[row].astype(np.float32) for row, item in enumerate(items)}
+
+
+@pytest.fixture
+def folder_store(tmp_path):
+    root = tmp_path / "images"
+    written = write_images(root)
+    assert simsearch("extract", "data=folder", f"data.root={root}", *PIXELS, "store.dtype=float16", "run.dir=store") == 0
+    return tmp_path / "store", root, written
+
+
+def test_export_clip_retrieval_layout_matches_the_store_by_id(folder_store):
+    run_dir, root, written = folder_store
+    assert simsearch("export", "run.dir=store", "export.format=clip-retrieval", "export.dir=emb") == 0
+    vectors = np.load("emb/img_emb/img_emb_0.npy")
+    metadata = pd.read_parquet("emb/metadata/metadata_0.parquet")
+    assert vectors.dtype == np.float32 and len(vectors) == len(metadata) == len(written)
+    expected = store_vectors_by_id(run_dir)
+    for row, record in metadata.iterrows():
+        np.testing.assert_array_equal(vectors[row], expected[record["id"]])  # float16 store, exactly widened
+        label, _ = written[record["id"]]
+        assert record["label_name"] == label
+        assert Path(record["image_path"]) == root.resolve() / record["id"]
+        assert record["key"].startswith(record["id"] + ":")
+    assert sorted(set(metadata["label"])) == [0, 1]  # classes sorted: blue 0, red 1
+    assert all((metadata["label"] == 0) == (metadata["label_name"] == "blue"))
+    assert json.loads(Path("emb/export.json").read_text())["count"] == len(written)
+
+
+def test_export_parquet_has_a_fixed_size_vector_column(folder_store):
+    run_dir, _, written = folder_store
+    assert simsearch("export", "run.dir=store", "export.format=parquet", "export.dir=table") == 0
+    table = pq.read_table("table/embeddings.parquet")
+    assert table.schema.field("embedding").type == pa.list_(pa.float32(), 8 * 8 * 3)
+    expected = store_vectors_by_id(run_dir)
+    ids = table.column("id").to_pylist()
+    assert sorted(ids) == sorted(written)
+    for identifier, vector in zip(ids, table.column("embedding").to_pylist()):
+        np.testing.assert_array_equal(np.array(vector, np.float32), expected[identifier])
+
+
+def test_export_replaces_an_earlier_export_only_when_complete(folder_store, monkeypatch, tmp_path, capsys):
+    run_dir, root, written = folder_store
+    assert simsearch("export", "run.dir=store", "export.dir=emb") == 0
+    before = Path("emb/img_emb/img_emb_0.npy").read_bytes()
+
+    import simsearch.stages.export as export_stage
+
+    def fail(*_):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export_stage, "write_npy", fail)
+    assert simsearch("export", "run.dir=store", "export.dir=emb") == 2
+    assert Path("emb/img_emb/img_emb_0.npy").read_bytes() == before  # the earlier export, whole
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".emb")) == []  # no half export left
+    monkeypatch.undo()
+
+    write_images(root, count=2, start=100)  # the store grows; the next export replaces the earlier one
+    assert simsearch("extract", "data=folder", f"data.root={root}", *PIXELS, "store.dtype=float16", "run.dir=store") == 0
+    assert simsearch("export", "run.dir=store", "export.dir=emb") == 0
+    assert len(np.load("emb/img_emb/img_emb_0.npy")) == len(written) + 2
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".emb")) == []
+
+
+@pytest.mark.parametrize("target, message", [("store", "holds the store"), (".", "holds the store"),
+                                             ("notes", "not an earlier export"), ("notes/a.txt", "is a file")])
+def test_export_refuses_a_folder_it_would_destroy(folder_store, capsys, target, message):
+    Path("notes").mkdir()
+    Path("notes/a.txt").write_text("mine")
+    assert simsearch("export", "run.dir=store", f"export.dir={target}") == 2
+    assert message in capsys.readouterr().err
+    assert Path("notes/a.txt").read_text() == "mine" and (Path("store") / "manifest.json").is_file()
+
+
+def test_export_of_an_unknown_format_is_one_sentence(folder_store, capsys):
+    assert simsearch("export", "run.dir=store", "export.format=csv") == 2
+    assert "export.format must be clip-retrieval or parquet, not 'csv'" in capsys.readouterr().err
