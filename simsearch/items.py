@@ -51,7 +51,10 @@ class ItemImages:
                 return decode_image(handle)
         if self._dataset is None:
             self._dataset = self._open_dataset()
-        return self._dataset.image(int(self.store.items[row]["index"]))
+        item = self.store.items[row]
+        if hasattr(self._dataset, "image_of_item"):  # read back by the item's key (data=hf, data=webdataset)
+            return self._dataset.image_of_item(item)
+        return self._dataset.image(int(item["index"]))
 
     def _open_dataset(self) -> Any:
         data, seed = self.data, int(self.store.manifest.get("model", {}).get("seed", 0))

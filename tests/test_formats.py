@@ -1,9 +1,13 @@
 """The ecosystem's formats: `simsearch export` (clip-retrieval's layout, one Parquet table), read back with
-pyarrow and pandas and compared with the store by item id, never by position."""
+pyarrow and pandas and compared with the store by item id, never by position; Hugging Face datasets
+(`data=hf`) extracted to the same vectors as the same images in a folder."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +20,8 @@ pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 pd = pytest.importorskip("pandas")
 
+# datasets reads these when it is imported: never the hub, never the user's cache
+os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_HOME=tempfile.mkdtemp(prefix="simsearch-hf-"))
 PIXELS = ["model=pixels", "model.image_size=8", *TINY[2:]]
 
 
@@ -113,3 +119,94 @@ def test_export_refuses_a_folder_it_would_destroy(folder_store, capsys, target, 
 def test_export_of_an_unknown_format_is_one_sentence(folder_store, capsys):
     assert simsearch("export", "run.dir=store", "export.format=csv") == 2
     assert "export.format must be clip-retrieval or parquet, not 'csv'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- data=hf
+
+
+def hf_dataset(written: dict[str, tuple[str, np.ndarray]], root: Path):
+    """The folder's images (their PNG files' bytes) as a Hugging Face dataset saved with save_to_disk: a `name`
+    column (the folder's relative path), `label` a ClassLabel."""
+    datasets = pytest.importorskip("datasets")
+    names = sorted(written)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["blue", "red"]),
+                                  "name": datasets.Value("string")})
+    dataset = datasets.Dataset.from_dict(
+        {"image": [{"bytes": (root / name).read_bytes(), "path": None} for name in names],
+         "label": [written[name][0] for name in names], "name": names}, features=features)
+    return dataset
+
+
+def test_hf_dataset_on_disk_gives_the_folder_vectors_and_reextracts_only_added_rows(tmp_path, capsys):
+    root = tmp_path / "images"
+    written = write_images(root)
+    assert simsearch("extract", "data=folder", f"data.root={root}", *PIXELS, "run.dir=folder") == 0
+    hf_dataset(written, root).save_to_disk(tmp_path / "saved")
+    hf = ["data=hf", f"data.root={tmp_path / 'saved'}", "data.key_column=name", *PIXELS, "run.dir=hf"]
+    assert simsearch("extract", *hf) == 0
+    folder, from_hf = store_vectors_by_id(tmp_path / "folder"), store_vectors_by_id(tmp_path / "hf")
+    assert sorted(from_hf) == sorted(folder)
+    for identifier, vector in folder.items():
+        np.testing.assert_array_equal(from_hf[identifier], vector)
+    items = [json.loads(line) for line in (tmp_path / "hf" / "items.jsonl").read_text().splitlines()]
+    assert all(item["label"] == written[item["id"]][0] for item in items)
+
+    assert simsearch("eval", "run.dir=hf", "eval.k=[1]", "eval.knn_k=[]", "logger=none") == 0
+    assert (tmp_path / "hf" / "metrics.json").is_file()
+    assert simsearch("search", "run.dir=hf", "query=blue/001.png", "search.k=3", "logger=none") == 0
+    from simsearch.items import ItemImages
+    from simsearch.store import Store
+
+    images = ItemImages(Store.open(tmp_path / "hf"))
+    for row, item in enumerate(images.store.items):  # thumbnails read back from the dataset, pixel for pixel
+        image, reason = images.image_or_placeholder(row)
+        assert reason is None
+        np.testing.assert_array_equal(np.asarray(image), written[item["id"]][1])
+
+    added = write_images(root, count=2, start=50)
+    shutil.rmtree(tmp_path / "saved")
+    hf_dataset({**written, **added}, root).save_to_disk(tmp_path / "saved")
+    capsys.readouterr()
+    assert simsearch("extract", *hf) == 0
+    manifest = json.loads((tmp_path / "hf" / "manifest.json").read_text())
+    assert (manifest["count"], manifest["embedded"], manifest["reused"]) == (8, 2, 6)
+    assert sorted(store_vectors_by_id(tmp_path / "hf")) == sorted({**written, **added})
+
+
+def test_hf_parquet_and_imagefolder_give_the_folder_vectors(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    root = tmp_path / "images"
+    written = write_images(root)
+    assert simsearch("extract", "data=folder", f"data.root={root}", *PIXELS, "run.dir=folder") == 0
+    folder = store_vectors_by_id(tmp_path / "folder")
+    hf_dataset(written, root).to_parquet(str(tmp_path / "parquet" / "test.parquet"))
+    assert simsearch("extract", "data=hf", f"data.root={tmp_path / 'parquet' / 'test.parquet'}", "data.key_column=name",
+                     *PIXELS, "run.dir=parquet") == 0
+    from_parquet = store_vectors_by_id(tmp_path / "parquet")
+    assert sorted(from_parquet) == sorted(folder)
+    for identifier, vector in folder.items():
+        np.testing.assert_array_equal(from_parquet[identifier], vector)
+
+    # an imagefolder: no key column, so items are rows; the library itself says which file each row is
+    assert simsearch("extract", "data=hf", f"data.root={root}", "data.split=train", *PIXELS, "run.dir=imagefolder") == 0
+    rows = datasets.load_dataset("imagefolder", data_dir=str(root), split="train").cast_column("image", datasets.Image(decode=False))
+    from_imagefolder = store_vectors_by_id(tmp_path / "imagefolder")
+    assert len(from_imagefolder) == len(folder)
+    for row, record in enumerate(rows):
+        relative = Path(record["image"]["path"]).relative_to(root).as_posix()
+        np.testing.assert_array_equal(from_imagefolder[str(row)], folder[relative])
+    items = [json.loads(line) for line in (tmp_path / "imagefolder" / "items.jsonl").read_text().splitlines()]
+    assert [item["label"] for item in items] == [relative.split("/")[0] for relative in
+                                                 (Path(r["image"]["path"]).relative_to(root).as_posix() for r in rows)]
+
+
+def test_hf_mistakes_are_one_sentence(tmp_path, capsys):
+    root = tmp_path / "images"
+    hf_dataset(write_images(root), root).save_to_disk(tmp_path / "saved")
+    for arguments, message in (
+            (["data.hub=fashion_mnist"], "needs the Hugging Face hub and this run is offline"),
+            ([f"data.root={tmp_path / 'saved'}", "data.image_column=picture"], "data.image_column=picture is not a column"),
+            ([f"data.root={tmp_path / 'saved'}", "data.key_column=label"], "data.key_column=label holds"),
+            ([f"data.root={root}", "data.split=test"], "has no split 'test': give data.split=train")):
+        assert simsearch("extract", "data=hf", *arguments, *PIXELS, "run.dir=x") == 2
+        assert message in capsys.readouterr().err
