@@ -62,6 +62,10 @@ class ItemImages:
             return SyntheticImages(int(data["num_items"]), int(data["num_classes"]), int(data["native_size_px"]), seed)
         if data.get("name") == "fashion_mnist" and self.root is not None:
             return ArrayImages(read_idx(self.root / FASHION_MNIST_FILES[data["split"]][0]))
+        if data.get("name") == "webdataset":  # by (shard, key): no listing of every shard first
+            from simsearch.data.shards import ShardImages, extensions
+
+            return ShardImages(extensions(data)[0])
         if data.get("name") in (None, "vectors"):
             raise SimsearchError(f"the store {self.store.dir} records no images, only vectors")
         return dataset_images(data, self.store.manifest, seed)

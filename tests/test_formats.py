@@ -210,3 +210,79 @@ def test_hf_mistakes_are_one_sentence(tmp_path, capsys):
             ([f"data.root={root}", "data.split=test"], "has no split 'test': give data.split=train")):
         assert simsearch("extract", "data=hf", *arguments, *PIXELS, "run.dir=x") == 2
         assert message in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- data=webdataset
+
+
+def write_shards(root: Path, written: dict[str, tuple[str, np.ndarray]], folder: Path, per_shard: int = 4) -> list[str]:
+    """The folder's PNG files as WebDataset shards written by webdataset's TarWriter: `__key__` = the file's
+    path without its suffix (webdataset keys hold no dot), `png` its bytes, `cls` its class number."""
+    webdataset = pytest.importorskip("webdataset")
+    root.mkdir(parents=True, exist_ok=True)
+    names, shards = sorted(written), []
+    for number, start in enumerate(range(0, len(names), per_shard)):
+        shards.append(str(root / f"train-{number:06d}.tar"))
+        with webdataset.TarWriter(shards[-1]) as sink:
+            for name in names[start:start + per_shard]:
+                sink.write({"__key__": name.removesuffix(".png"), "png": (folder / name).read_bytes(),
+                            "cls": ["blue", "red"].index(written[name][0])})
+    return shards
+
+
+def test_webdataset_shards_give_the_folder_vectors_and_record_corrupt_samples(tmp_path, capsys):
+    webdataset = pytest.importorskip("webdataset")
+    folder = tmp_path / "images"
+    written = write_images(folder)
+    assert simsearch("extract", "data=folder", f"data.root={folder}", *PIXELS, "run.dir=folder") == 0
+    expected = store_vectors_by_id(tmp_path / "folder")
+    shards = write_shards(tmp_path / "shards", written, folder)
+    with webdataset.TarWriter(str(tmp_path / "shards" / "train-000002.tar")) as sink:  # a corrupt and an imageless sample
+        sink.write({"__key__": "broken", "png": b"\x89PNG\r\n\x1a\n not really", "cls": 0})
+        sink.write({"__key__": "caption-only", "txt": "no image here"})
+    assert len(shards) == 2
+    pattern = str(tmp_path / "shards" / "train-{000000..000002}.tar")
+    assert simsearch("extract", "data=webdataset", f"data.urls={pattern}", *PIXELS, "run.dir=wds") == 0
+    items = [json.loads(line) for line in (tmp_path / "wds" / "items.jsonl").read_text().splitlines()]
+    vectors = np.load(tmp_path / "wds" / "embeddings.npy")
+    assert len(items) == len(written)
+    for row, item in enumerate(items):  # by the sample's key, never by position
+        name = item["sample"] + ".png"
+        np.testing.assert_array_equal(vectors[row], expected[name])
+        assert item["label"] == str(["blue", "red"].index(written[name][0]))  # cls numbers name the classes
+        assert item["id"].endswith(f".tar/{item['sample']}")
+    skipped = {json.loads(line)["sample"]: json.loads(line)["reason"]
+               for line in (tmp_path / "wds" / "skipped.jsonl").read_text().splitlines()}
+    assert set(skipped) == {"broken", "caption-only"}
+    assert "no image member" in skipped["caption-only"]
+
+    from simsearch.items import ItemImages
+    from simsearch.store import Store
+
+    images = ItemImages(Store.open(tmp_path / "wds"))
+    for row, item in enumerate(images.store.items):  # thumbnails read back by (shard, key)
+        image, reason = images.image_or_placeholder(row)
+        assert reason is None
+        np.testing.assert_array_equal(np.asarray(image), written[item["sample"] + ".png"][1])
+
+    added = write_images(folder, count=3, start=40)  # a new shard, and a damaged copy of it: only its items are embedded
+    write_shards(tmp_path / "new", added, folder)
+    (tmp_path / "shards" / "train-000003.tar").write_bytes((tmp_path / "new" / "train-000000.tar").read_bytes())
+    (tmp_path / "shards" / "train-000004.tar").write_bytes((tmp_path / "new" / "train-000000.tar").read_bytes()[:3000])
+    urls = f"data.urls=['{pattern}','{tmp_path / 'shards' / 'train-{000003..000004}.tar'}']"  # a list: quoted
+    assert simsearch("extract", "data=webdataset", urls, *PIXELS, "run.dir=wds") == 0
+    manifest = json.loads((tmp_path / "wds" / "manifest.json").read_text())
+    assert (manifest["embedded"], manifest["reused"]) == (3, len(written))
+    skipped = [json.loads(line) for line in (tmp_path / "wds" / "skipped.jsonl").read_text().splitlines()]
+    damaged = [s for s in skipped if s["shard"].endswith("train-000004.tar")]
+    assert any(s["reason"].startswith("damaged shard") for s in damaged)
+
+
+def test_webdataset_mistakes_are_one_sentence(tmp_path, capsys):
+    import gzip
+
+    Path("shard.tar.gz").write_bytes(gzip.compress(b"x" * 1000))
+    for arguments, message in ((["data.urls=missing-{0..1}.tar"], "shard missing-0.tar (from data.urls) does not exist"),
+                               (["data.urls=shard.tar.gz"], "is compressed: simsearch reads plain .tar shards")):
+        assert simsearch("extract", "data=webdataset", *arguments, *PIXELS, "run.dir=x") == 2
+        assert message in capsys.readouterr().err

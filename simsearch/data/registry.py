@@ -22,6 +22,7 @@ from simsearch.data.collections import (
     load_fashion_mnist,
 )
 from simsearch.data.huggingface import load_hf
+from simsearch.data.shards import load_webdataset
 from simsearch.errors import SimsearchError
 
 
@@ -94,6 +95,12 @@ def _synthetic(data: DictConfig, options: LoadOptions) -> ImageCollection:
                                "data.hub=NAME online", splits=(), needs_root=False)
 def _hf(data: DictConfig, options: LoadOptions) -> ImageCollection:
     return load_hf(data, options.resize)
+
+
+@register_dataset("webdataset", help="WebDataset tar shards: data.urls=shards/train-{000000..000009}.tar (image jpg;png;webp, "
+                                       "label cls)", splits=(), needs_root=False)
+def _webdataset(data: DictConfig, options: LoadOptions) -> ImageCollection:
+    return load_webdataset(data, options.resize)
 
 
 def _benchmark(name: str) -> Callable[[DictConfig, LoadOptions], ImageCollection]:
