@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import TINY, simsearch
+from tests.conftest import TINY, simsearch, simsearch_subprocess
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -286,3 +286,26 @@ def test_webdataset_mistakes_are_one_sentence(tmp_path, capsys):
                                (["data.urls=shard.tar.gz"], "is compressed: simsearch reads plain .tar shards")):
         assert simsearch("extract", "data=webdataset", *arguments, *PIXELS, "run.dir=x") == 2
         assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["webdataset", "hf"])
+def test_two_process_ddp_store_of_shards_and_datasets_equals_single_process(tmp_path, source):
+    # 11 items over 2 ranks in batches of 2: uneven, and the sampler pads with a duplicate; merged by key
+    folder = tmp_path / "images"
+    written = write_images(folder, count=11)
+    if source == "webdataset":
+        write_shards(tmp_path / "shards", written, folder, per_shard=3)
+        data = ["data=webdataset", f"data.urls={tmp_path / 'shards'}/train-{{000000..000003}}.tar"]
+    else:
+        hf_dataset(written, folder).save_to_disk(tmp_path / "saved")
+        data = ["data=hf", f"data.root={tmp_path / 'saved'}"]
+    common = (*data, "data.batch_size=2", *PIXELS)
+    single = simsearch_subprocess("extract", *common, "run.dir=one", cwd=tmp_path)
+    assert single.returncode == 0, single.stderr
+    ddp = simsearch_subprocess("extract", *common, "run.dir=two", "trainer.devices=2", "trainer.strategy=ddp", cwd=tmp_path)
+    assert ddp.returncode == 0, ddp.stderr
+    one, two = store_vectors_by_id(tmp_path / "one"), store_vectors_by_id(tmp_path / "two")
+    assert len(two) == 11 and sorted(two) == sorted(one)  # no duplicate, no gap
+    for identifier, vector in one.items():
+        np.testing.assert_array_equal(two[identifier], vector)
