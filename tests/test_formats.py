@@ -93,17 +93,18 @@ def test_export_replaces_an_earlier_export_only_when_complete(folder_store, monk
     def fail(*_):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(export_stage, "write_npy", fail)
-    assert simsearch("export", "run.dir=store", "export.dir=emb") == 2
+    with monkeypatch.context() as failing:  # (not monkeypatch.undo(): that would also undo the test's chdir)
+        failing.setattr(export_stage, "write_npy", fail)
+        assert simsearch("export", "run.dir=store", "export.dir=emb") == 2
     assert Path("emb/img_emb/img_emb_0.npy").read_bytes() == before  # the earlier export, whole
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".emb")) == []  # no half export left
-    monkeypatch.undo()
 
     write_images(root, count=2, start=100)  # the store grows; the next export replaces the earlier one
     assert simsearch("extract", "data=folder", f"data.root={root}", *PIXELS, "store.dtype=float16", "run.dir=store") == 0
     assert simsearch("export", "run.dir=store", "export.dir=emb") == 0
     assert len(np.load("emb/img_emb/img_emb_0.npy")) == len(written) + 2
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".emb")) == []
+    assert Path.cwd() == tmp_path
 
 
 @pytest.mark.parametrize("target, message", [("store", "holds the store"), (".", "holds the store"),
