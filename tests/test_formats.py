@@ -164,7 +164,20 @@ def test_hf_dataset_on_disk_gives_the_folder_vectors_and_reextracts_only_added_r
         assert reason is None
         np.testing.assert_array_equal(np.asarray(image), written[item["id"]][1])
 
-    added = write_images(root, count=2, start=50)
+    added = write_images(root, count=2, start=50)  # rows added: they sort among the others, shifting rows
+    shutil.rmtree(tmp_path / "saved")
+    hf_dataset({**written, **added}, root).save_to_disk(tmp_path / "saved")
+    images = ItemImages(Store.open(tmp_path / "hf"))
+    for row, item in enumerate(images.store.items):  # the stored items still found, by key column
+        np.testing.assert_array_equal(np.asarray(images.image_or_placeholder(row)[0]), written[item["id"]][1])
+    changed = tmp_path / "changed"
+    shutil.copytree(root, changed)
+    (changed / "red" / "000.png").write_bytes((root / "blue" / "001.png").read_bytes())
+    shutil.rmtree(tmp_path / "saved")
+    hf_dataset({**written, **added}, changed).save_to_disk(tmp_path / "saved")  # one row's image replaced
+    images = ItemImages(Store.open(tmp_path / "hf"))
+    reason = images.image_or_placeholder(images.store.row_of("red/000.png"))[1]
+    assert reason is not None and "changed or left the dataset since extraction" in reason
     shutil.rmtree(tmp_path / "saved")
     hf_dataset({**written, **added}, root).save_to_disk(tmp_path / "saved")
     capsys.readouterr()

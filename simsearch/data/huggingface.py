@@ -124,7 +124,8 @@ class HFCollection(ImageCollection):
         if key_column and len(set(self.ids)) != len(self.ids):
             duplicated = Counter(self.ids).most_common(1)[0][0]
             raise SimsearchError(f"data.key_column={key_column} holds '{duplicated}' more than once: give a column of unique keys")
-        self.digests = self._digests()
+        self._digests: list[str] | None = None  # computed on first use: a thumbnail needs only its own row's
+        self.keyed = key_column is not None
 
     @staticmethod
     def _labels(dataset: Any, column: str | None, datasets: Any) -> tuple[list[str], np.ndarray]:
@@ -138,30 +139,43 @@ class HFCollection(ImageCollection):
         index = {name: i for i, name in enumerate(names)}
         return names, np.array([-1 if v is None else index[str(v)] for v in values], dtype=np.int64)
 
-    def _digests(self) -> list[str]:
-        """The sha256 of each row's encoded image (an empty string where there is none): part of its key."""
-        digests = []
-        for batch in self.dataset.select_columns([self.image_column]).iter(batch_size=HASH_BATCH):
-            for value in batch[self.image_column]:
-                try:
-                    digests.append(hashlib.sha256(encoded_bytes(value)).hexdigest()[:32])
-                except UnreadableImage:
-                    digests.append("")
-        return digests
+    @staticmethod
+    def _digest(value: Any) -> str:
+        """The sha256 of a row's encoded image (an empty string where there is none): part of its key."""
+        try:
+            return hashlib.sha256(encoded_bytes(value)).hexdigest()[:32]
+        except UnreadableImage:
+            return ""
+
+    @property
+    def digests(self) -> list[str]:
+        if self._digests is None:
+            batches = self.dataset.select_columns([self.image_column]).iter(batch_size=HASH_BATCH)
+            self._digests = [self._digest(value) for batch in batches for value in batch[self.image_column]]
+        return self._digests
+
+    def _key(self, index: int, digest: str) -> str:
+        return f"{self.split}/{self.ids[index]}:{digest}"
 
     def item_record(self, index: int) -> dict[str, Any]:
-        return {"id": self.ids[index], "index": index, "key": f"{self.split}/{self.ids[index]}:{self.digests[index]}"}
+        return {"id": self.ids[index], "index": index, "key": self._key(index, self.digests[index])}
 
     def image(self, index: int) -> Image.Image:
         return decode_image(io.BytesIO(encoded_bytes(self.dataset[index][self.image_column])))
 
     def image_of_item(self, item: dict[str, Any]) -> Image.Image:
-        """The image of a stored item, read back by its index and checked against its key: a dataset changed
-        since the extraction shows no other row's picture."""
-        index = int(item["index"])
-        if index >= len(self) or self.item_record(index)["key"] != item.get("key"):
+        """The image of a stored item, read back by its id (a key column) or index and checked against its key:
+        a dataset changed since the extraction shows no other row's picture."""
+        if self.keyed:
+            if not hasattr(self, "_row_of_id"):
+                self._row_of_id = {identifier: row for row, identifier in enumerate(self.ids)}
+            index = self._row_of_id.get(str(item.get("id")), len(self))
+        else:
+            index = int(item["index"])
+        value = self.dataset[index][self.image_column] if index < len(self) else None
+        if value is None or self._key(index, self._digest(value)) != item.get("key"):
             raise UnreadableImage(f"item {item.get('id')} changed or left the dataset since extraction")
-        return self.image(index)
+        return decode_image(io.BytesIO(encoded_bytes(value)))
 
     def pixels(self, index: int) -> torch.Tensor:
         return resize_pixels(to_pixels(self.image(index)), self.resize)
