@@ -676,8 +676,78 @@ def bench_thumbnails(side_px: int, workdir: Path) -> list[Row]:
     return rows
 
 
-SECTIONS = {"eval", "eval_sampled", "extract", "incremental", "index", "latency", "memory", "process", "search_startup", "serve",
-            "startup", "thumbnails"}
+def fashion_mnist_or_smooth(count: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """The first `count` Fashion-MNIST test images (Debian's idx files) with labels, else smooth grey noise."""
+    from simsearch.pixels import FASHION_MNIST_FILES, read_idx
+
+    root = Path("/usr/share/datasets/fashion-mnist")
+    images_file, labels_file = FASHION_MNIST_FILES["test"]
+    if (root / images_file).is_file():
+        return read_idx(root / images_file)[:count], read_idx(root / labels_file)[:count].astype(int), "Fashion-MNIST"
+    images = smooth_images(count).mean(axis=3).astype(np.uint8)
+    return images, np.arange(count) % 10, "smooth noise (no dataset-fashion-mnist)"
+
+
+def bench_formats(count: int, workdir: Path, per_shard: int = 1000) -> list[Row]:
+    """The same `count` images as a folder of PNG files, a Hugging Face dataset (save_to_disk) and WebDataset
+    shards: `simsearch extract` of each (raw pixels, so reading dominates), images/s, and whether every
+    vector equals the folder's, matched by item (path = key column = sample key), never by position."""
+    import io
+
+    import datasets
+    import webdataset
+    from PIL import Image
+
+    datasets.disable_progress_bars()
+    images, labels, source = fashion_mnist_or_smooth(count)
+    names, encoded = [], []
+    folder = workdir / "formats-folder"
+    for i, (image, label) in enumerate(zip(images, labels)):
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, "PNG")
+        names.append(f"{label}/{i:06d}")
+        encoded.append(buffer.getvalue())
+        (folder / str(label)).mkdir(parents=True, exist_ok=True)
+        (folder / f"{names[-1]}.png").write_bytes(encoded[-1])
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=[str(c) for c in range(10)]),
+                                  "name": datasets.Value("string")})
+    datasets.Dataset.from_dict({"image": [{"bytes": b, "path": None} for b in encoded], "label": labels.tolist(),
+                                "name": [f"{n}.png" for n in names]}, features=features).save_to_disk(workdir / "formats-hf")
+    shards = workdir / "formats-shards"
+    shards.mkdir()
+    for number, start in enumerate(range(0, count, per_shard)):
+        with webdataset.TarWriter(str(shards / f"s-{number:06d}.tar")) as sink:
+            for i in range(start, min(start + per_shard, count)):
+                sink.write({"__key__": names[i], "png": encoded[i], "cls": int(labels[i])})
+    last = (count - 1) // per_shard
+    common = ["model=pixels", "model.image_size=28", "data.num_workers=0", "data.batch_size=256", "trainer.accelerator=cpu"]
+    ways = {"folder": ["data=folder", f"data.root={folder}"],
+            "hf (save_to_disk)": ["data=hf", f"data.root={workdir / 'formats-hf'}", "data.key_column=name"],
+            "webdataset": ["data=webdataset", f"data.urls={shards}/s-{{000000..{last:06d}}}.tar"]}
+    vectors, rows, runs = {}, [], iter(range(10**6))
+
+    def fresh_extraction(arguments: list[str]) -> np.ndarray:  # a new run.dir each time: nothing reused
+        nonlocal run_dir
+        run_dir = workdir / f"formats-run-{next(runs)}"
+        return simsearch_extract(common + arguments + [f"run.dir={run_dir}"])
+
+    run_dir = workdir
+    for way, arguments in ways.items():
+        seconds, embeddings = timed(lambda: fresh_extraction(arguments), repeat=2)  # the first run also warms up
+        items = [json.loads(line) for line in (run_dir / "items.jsonl").read_text().splitlines()]
+        ids = [item.get("sample", item["id"].removesuffix(".png")) for item in items]
+        vectors[way] = dict(zip(ids, embeddings))
+        rows.append({"section": "formats", "source": f"{count} {source} PNGs", "format": way, "seconds": round(seconds, 2),
+                     "images_per_s": round(count / seconds), "items": len(items)})
+    for row in rows:
+        same = vectors[row["format"]].keys() == vectors["folder"].keys() and all(
+            np.array_equal(vector, vectors["folder"][key]) for key, vector in vectors[row["format"]].items())
+        row["vectors_equal_folder"] = same
+    return rows
+
+
+SECTIONS = {"eval", "eval_sampled", "extract", "formats", "incremental", "index", "latency", "memory", "process", "search_startup",
+            "serve", "startup", "thumbnails"}
 
 
 def hardware() -> dict[str, object]:
@@ -751,6 +821,8 @@ def main() -> None:
             rows += bench_memory([2_000, 20_000] if arguments.quick else [10_000, 100_000], workdir)
         if "incremental" in sections:
             rows += bench_incremental(400 if arguments.quick else 4_000, workdir)
+        if "formats" in sections:
+            rows += bench_formats(500 if arguments.quick else 10_000, workdir)
         if "thumbnails" in sections:
             rows += bench_thumbnails(4_000 if arguments.quick else 9_000, workdir)
         if "index" in sections:

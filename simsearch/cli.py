@@ -54,6 +54,9 @@ COMMANDS: dict[str, Command] = {
                        "simsearch compare data=fashion_mnist model=efficientnet_lite0"),
     "serve": Command("JSON API and web page over a store", "simsearch.stages.serve:serve",
                      "simsearch serve run.dir=outputs/photos"),
+    "export": Command("the store as clip-retrieval's img_emb/ + metadata/ (export.format=clip-retrieval) or one Parquet table",
+                      "simsearch.stages.export:export",
+                      "simsearch export run.dir=outputs/photos export.format=clip-retrieval export.dir=outputs/photos-emb"),
     "config": Command("print the resolved config (required keys shown as ???)", "simsearch.cli:print_config",
                       "simsearch config data=folder"),
 }

@@ -86,6 +86,9 @@ def run_fingerprint(cfg: DictConfig, identity: dict[str, Any], augment_seed: int
     data = cfg.data
     root = str(Path(data.root).expanduser().resolve()) if data.root else None
     source = {"name": data.name, "root": root, "split": data.split}
+    # data=hf: the hub dataset; hf and webdataset: which column is the image (unset: as before). A WebDataset
+    # item's key holds its shard's resolved path, so shards added to data.urls keep the vectors of the others
+    source.update({key: data.get(key) for key in ("hub", "image_column") if data.get(key) is not None})
     if data.name == "synthetic":  # item i is made from these and its index
         source.update(root=None, num_classes=data.num_classes, native_size_px=data.native_size_px, seed=cfg.run.seed)
     return {"embedder": digest(embedder), "source": digest(source)}

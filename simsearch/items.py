@@ -51,7 +51,10 @@ class ItemImages:
                 return decode_image(handle)
         if self._dataset is None:
             self._dataset = self._open_dataset()
-        return self._dataset.image(int(self.store.items[row]["index"]))
+        item = self.store.items[row]
+        if hasattr(self._dataset, "image_of_item"):  # read back by the item's key (data=hf, data=webdataset)
+            return self._dataset.image_of_item(item)
+        return self._dataset.image(int(item["index"]))
 
     def _open_dataset(self) -> Any:
         data, seed = self.data, int(self.store.manifest.get("model", {}).get("seed", 0))
@@ -59,6 +62,10 @@ class ItemImages:
             return SyntheticImages(int(data["num_items"]), int(data["num_classes"]), int(data["native_size_px"]), seed)
         if data.get("name") == "fashion_mnist" and self.root is not None:
             return ArrayImages(read_idx(self.root / FASHION_MNIST_FILES[data["split"]][0]))
+        if data.get("name") == "webdataset":  # by (shard, key): no listing of every shard first
+            from simsearch.data.shards import ShardImages, extensions
+
+            return ShardImages(extensions(data)[0])
         if data.get("name") in (None, "vectors"):
             raise SimsearchError(f"the store {self.store.dir} records no images, only vectors")
         return dataset_images(data, self.store.manifest, seed)

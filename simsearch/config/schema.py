@@ -21,6 +21,12 @@ class DataConfig:
     download: bool = False  # cifar10, cub200: fetch the archive when it is not in `root`
     labels: str = "folder"  # folder: top-level folder name is the label; none: no labels
     decode: str = "auto"  # folders' JPEGs: device (torchvision.io.decode_jpeg on the GPU) | loader (PIL in workers) | auto
+    # data=hf and data=webdataset (null: the format's default)
+    hub: str | None = None  # data=hf: a dataset of the Hugging Face hub (online), instead of data.root
+    image_column: str | None = None  # hf: the Image column (image) | webdataset: extensions tried in turn (jpg;png;webp)
+    label_column: str | None = None  # hf: label (ClassLabel names the classes) | webdataset: cls
+    key_column: str | None = None  # hf: a column of unique item keys (default: the row index)
+    urls: Any = None  # webdataset: tar shards, a brace pattern (shards/train-{000000..000009}.tar) or a list
     batch_size: int = 64  # images per step and device
     num_workers: int = 2  # DataLoader worker processes per device
     # synthetic only: clustered random images, for tests
@@ -175,6 +181,14 @@ class ServeConfig:
 
 
 @dataclass
+class ExportConfig:
+    # clip-retrieval: img_emb/img_emb_0.npy + metadata/metadata_0.parquet (autofaiss, clip-retrieval read it) |
+    # parquet: one embeddings.parquet, metadata columns and the vector as a fixed-size list column
+    format: str = "clip-retrieval"
+    dir: str = "${run.dir}/export-${export.format}"  # replaced whole once the new export is complete
+
+
+@dataclass
 class WandbConfig:
     enabled: bool = True
     mode: str = "offline"  # offline: no account needed, `wandb sync` uploads later | online | disabled
@@ -206,4 +220,5 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)

@@ -21,6 +21,8 @@ from simsearch.data.collections import (
     load_cifar10,
     load_fashion_mnist,
 )
+from simsearch.data.huggingface import load_hf
+from simsearch.data.shards import load_webdataset
 from simsearch.errors import SimsearchError
 
 
@@ -38,7 +40,7 @@ class LoadOptions:
 class DatasetKind:
     load: Callable[[DictConfig, LoadOptions], ImageCollection]
     help: str
-    splits: tuple[str, ...] = ("train", "test")
+    splits: tuple[str, ...] = ("train", "test")  # () : any split the source has (data=hf)
     needs_root: bool = True
 
 
@@ -89,6 +91,18 @@ def _synthetic(data: DictConfig, options: LoadOptions) -> ImageCollection:
     return SyntheticCollection(data.num_items, data.num_classes, data.native_size_px, options.seed)
 
 
+@register_dataset("hf", help="a Hugging Face dataset: data.root= save_to_disk folder, Parquet/Arrow files or imagefolder; "
+                               "data.hub=NAME online", splits=(), needs_root=False)
+def _hf(data: DictConfig, options: LoadOptions) -> ImageCollection:
+    return load_hf(data, options.resize)
+
+
+@register_dataset("webdataset", help="WebDataset tar shards: data.urls=shards/train-{000000..000009}.tar (image jpg;png;webp, "
+                                       "label cls)", splits=(), needs_root=False)
+def _webdataset(data: DictConfig, options: LoadOptions) -> ImageCollection:
+    return load_webdataset(data, options.resize)
+
+
 def _benchmark(name: str) -> Callable[[DictConfig, LoadOptions], ImageCollection]:
     def load(data: DictConfig, options: LoadOptions) -> ImageCollection:
         return read_benchmark(name, _root(data), data.split, options.resize, data.download, options.decode_on_device)
@@ -110,7 +124,7 @@ def dataset_kind(name: str) -> DatasetKind:
 def build_collection(data: DictConfig, resize: Resize, seed: int = 0, decode_on_device_by_default: bool = False) -> ImageCollection:
     """The collection a data config names, with `data.limit` applied."""
     kind = dataset_kind(data.name)
-    if data.split not in kind.splits:
+    if kind.splits and data.split not in kind.splits:
         hint = " (In-Shop is evaluated as split=query against split=gallery)" if data.name == "inshop" else ""
         raise SimsearchError(f"data.split for data={data.name} must be {' or '.join(kind.splits)}, not '{data.split}'{hint}")
     if kind.needs_root and not data.root:

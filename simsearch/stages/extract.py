@@ -293,7 +293,7 @@ def prepare_run_dir(store_dir: Path) -> None:
 def check_outside_collection(cfg: DictConfig, store_dir: Path) -> None:
     """A folder collection must not hold run.dir (its pictures would become items of the next extraction),
     unless run.dir is hidden there (a name starting with `.`: never listed)."""
-    if cfg.data.name != "folder" or not cfg.data.root:
+    if cfg.data.name not in ("folder", "hf") or not cfg.data.root:  # hf: an imagefolder is a folder too
         return
     root, run = Path(cfg.data.root).expanduser().resolve(), store_dir.expanduser().resolve()
     if run.is_relative_to(root) and not any(part.startswith(".") for part in run.relative_to(root).parts):
