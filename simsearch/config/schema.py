@@ -23,6 +23,10 @@ class DataConfig:
     decode: str = "auto"  # folders' JPEGs: device (torchvision.io.decode_jpeg on the GPU) | loader (PIL in workers) | auto
     batch_size: int = 64  # images per step and device
     num_workers: int = 2  # DataLoader worker processes per device
+    # a catalogue (.csv, .parquet, .jsonl), one row per item, kept in the store as metadata.jsonl and returned with
+    # every result; a changed row needs no new embedding (docs/recommendation.md)
+    metadata: str | None = None
+    metadata_key: str | None = None  # the catalogue's key column: id | path | index; None: the first of these it has
     # synthetic only: clustered random images, for tests
     num_items: int = 64
     num_classes: int = 4
@@ -87,6 +91,7 @@ class EvalConfig:
     query_chunk: int = 1024  # queries scored at once: memory is query_chunk x block_rows, never N x N
     block_rows: int = 16_384  # store rows read (from disk, not mapped) and scored at once: 64 MB of scores a chunk
     device: str = "auto"  # auto: every visible GPU, else CPU | cpu | cuda | a list, e.g. cuda:0,cuda:1
+    filter: str | None = None  # evaluate within the items a filter keeps (queries and gallery), e.g. "label == 'dress'"
 
 
 @dataclass
@@ -94,6 +99,7 @@ class SearchConfig:
     query: str | None = None  # a row number, an item id, or a path to a new image
     k: int = 10
     grid: str = "recommendations.png"  # written in run.dir
+    filter: str | None = None  # e.g. "category == 'dress' and price < 50": the top k among matching items only
 
 
 @dataclass
