@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from simsearch.errors import SimsearchError
 from simsearch.files import replace_atomically, sha256_of, write_text_atomically
 from simsearch.knn import ExactSearcher, Searcher, cuda_available
+from simsearch.milvus import open_milvus
 from simsearch.store import Store, mismatched
 
 log = logging.getLogger(__name__)
@@ -249,8 +250,20 @@ def open_index(store: Store, index_cfg: DictConfig, seed: int = 0, save: bool = 
     return index, info
 
 
+def check_backend(index_cfg: DictConfig) -> str:
+    backend = index_cfg.get("backend", "faiss")
+    if backend not in ("faiss", "milvus"):
+        raise SimsearchError(f"index.backend must be faiss or milvus, not '{backend}'")
+    return backend
+
+
 def open_searcher(store: Store, index_cfg: DictConfig, seed: int = 0) -> Searcher:
-    """What `search` and `serve` query: the FAISS index, or exact torch search on a GPU without faiss-gpu."""
+    """What `search` and `serve` query: the FAISS index, or exact torch search on a GPU without faiss-gpu, or
+    the store's Milvus collection (index.backend=milvus), brought in step with the store first."""
+    if check_backend(index_cfg) == "milvus":
+        searcher_of_milvus = open_milvus(store, index_cfg)
+        log.info("searching with %s", searcher_of_milvus.description)
+        return searcher_of_milvus
     exact = index_cfg.factory.strip().lower() in ("flat", "idmap,flat")
     wants_gpu = index_cfg.device in ("auto", "gpu", "cuda") and cuda_available()
     if exact and wants_gpu and faiss_gpu_count() == 0:

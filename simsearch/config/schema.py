@@ -70,6 +70,11 @@ class StoreConfig:
 
 @dataclass
 class IndexConfig:
+    # faiss: an index file beside the store, searched in this process | milvus: a Milvus collection (Milvus Lite in a
+    # local file, or a Milvus server / cluster), kept in step with the store by `simsearch index` (docs/recommendation.md)
+    backend: str = "faiss"
+    uri: str | None = None  # milvus: a .db file (Milvus Lite) or http://host:19530; None: milvus.db in run.dir
+    collection: str | None = None  # milvus: the collection's name; None: simsearch_<run.dir name>_<hash of its path>
     factory: str = "Flat"  # any FAISS index_factory string: Flat (exact), IVF1024,Flat, IVF1024,PQ64, HNSW32
     search_params: str = ""  # FAISS ParameterSpace string, e.g. "nprobe=32" or "efSearch=128"
     train_size: int = 100_000  # vectors sampled to train indexes that need training

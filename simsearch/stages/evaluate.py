@@ -35,9 +35,10 @@ from simsearch.config import save_config
 from simsearch.errors import SimsearchError
 from simsearch.files import write_json_atomically
 from simsearch.identity import check_same_model, stored_identity
-from simsearch.index import FaissSearcher, open_index
+from simsearch.index import FaissSearcher, check_backend, open_index
 from simsearch.knn import ExactSearcher, StoredRows, search_without_self, take_rows
 from simsearch.metrics import KNN_WEIGHTS, Ranking, metrics_table, per_query_metrics, summarise
+from simsearch.milvus import open_milvus
 from simsearch.runtime import cuda_available, join_launched_ranks, phase_bar
 from simsearch.store import Store, create_store
 from simsearch.tracking import finish, log_metrics, start_run
@@ -62,6 +63,8 @@ def _searcher_for(gallery: Store, eval_cfg: DictConfig, index_cfg: DictConfig, s
         if ranks and device == "auto":
             device = f"cuda:{ranks[2]}" if cuda_available() else "cpu"
         return ExactSearcher(stored_rows(gallery), device, int(eval_cfg.block_rows), ranks=ranks[:2] if ranks else None)
+    if eval_cfg.backend == "index" and check_backend(index_cfg) == "milvus":
+        return open_milvus(gallery, index_cfg)
     if eval_cfg.backend == "index":
         index, _ = open_index(gallery, index_cfg, seed)
         return FaissSearcher(index, index_cfg.device, index_cfg.gpu_sharded, index_cfg.batch_size)
@@ -76,7 +79,8 @@ def stored_rows(store: Store) -> StoredRows:
 def describe_search(eval_cfg: DictConfig, index_cfg: DictConfig) -> dict[str, Any]:
     """How neighbours were found, for metrics.json: an approximate index gives other (lower) numbers."""
     if eval_cfg.backend == "index":
-        return {"backend": "index", "factory": index_cfg.factory, "search_params": index_cfg.search_params,
+        return {"backend": "index", "index_backend": index_cfg.get("backend", "faiss"), "factory": index_cfg.factory,
+                "search_params": index_cfg.search_params,
                 "exact": index_cfg.factory.replace(" ", "").lower() in ("flat", "idmap,flat")}
     return {"backend": "exact", "exact": True}
 
