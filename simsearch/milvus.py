@@ -81,7 +81,8 @@ def connect(uri: str) -> Any:
         return pymilvus.MilvusClient(uri, **options)
     except Exception as error:  # noqa: BLE001 - pymilvus raises its own kinds (MilvusException, grpc errors)
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise SimsearchError(f"cannot connect to Milvus at index.uri={shown_uri(uri)}: {first}") from None
+        hint = "" if "://" in uri else " (a Milvus Lite file is opened by one process at a time: is a `simsearch serve` using it?)"
+        raise SimsearchError(f"cannot connect to Milvus at index.uri={shown_uri(uri)}: {first}{hint}") from None
 
 
 def collection_name(store: Store, index_cfg: DictConfig) -> str:

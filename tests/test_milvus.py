@@ -117,3 +117,25 @@ def test_incremental_extraction_sends_only_changed_items(shop, tmp_path, capsys)
                          f"index.backend={backend}", "search.filter=price < 40 and in_stock == true") == 0
     first, second = [block.split("Filter:")[0] for block in capsys.readouterr().out.split("Query Image")[1:]]
     assert first == second
+
+
+@pytest.mark.slow
+def test_server_answers_the_same_on_milvus_as_on_faiss(shop, tmp_path):  # noqa: F811 - the fixture
+    from fastapi.testclient import TestClient
+
+    from simsearch.config import load_config
+    from simsearch.stages.serve import create_app
+
+    root, catalogue, _ = shop
+    assert extract_shop(root, catalogue) == 0
+    answers = []
+    for backend in ("faiss", "milvus"):
+        cfg = load_config(["run.dir=store", "logger=none", "serve.device=cpu", f"index.backend={backend}"])
+        with TestClient(create_app(cfg), base_url="http://localhost") as client:
+            assert backend.upper() in client.get("/health").json()["index"].upper()
+            searches = [client.get("/search", params={"item": "shirt/2.png", "k": 6, "filter": text}).json()["results"]
+                        for text in ("price > 15 and brand != 'zeta'", "in_stock == false", "price < 0")]
+            bad = client.get("/search", params={"item": "shirt/2.png", "filter": 'brand == "x" or 1'})
+            assert bad.status_code == 400
+            answers.append([[(r["id"], round(r["score"], 5), r["metadata"]) for r in found] for found in searches])
+    assert answers[0] == answers[1] and answers[0][0] and answers[0][2] == []
