@@ -6,7 +6,7 @@ PYTHON  ?= $(VENV)/bin/python
 RUN     := $(VENV)/bin/simsearch
 ARGS    ?=
 
-.PHONY: setup demo test test-all lint extract index eval search finetune compare serve bench bench-gpu results clean
+.PHONY: setup demo test test-all lint extract index eval search finetune compare serve bench bench-milvus bench-gpu results clean
 
 setup:  ## create .venv and install simsearch with its test, serve, weights, milvus and catalogue extras
 	python3 -m venv $(VENV)
@@ -55,6 +55,9 @@ serve:
 
 bench:  ## benchmarks against the plain reference pipeline; BENCH_ARGS="--quick" for a short run
 	$(PYTHON) scripts/bench.py $(BENCH_ARGS)
+
+bench-milvus:  ## FAISS and Milvus Lite side by side, 10^6 x 256, filters of 1/10/50%; BENCH_ARGS="--quick": 2*10^4
+	$(PYTHON) scripts/bench_milvus.py $(BENCH_ARGS)
 
 # The GPU record (docs/BENCHMARKS.md): on a GPU machine, after scripts/gpu_wheels.sh here; GPU_ARGS=--dry-run tries it on the CPU.
 GPU_OUT  ?= bench-results/gpu

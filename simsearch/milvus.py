@@ -205,6 +205,8 @@ class MilvusIndex:
             self.client.upsert(self.name, self._entities(changed[start:start + UPSERT_BATCH], ids, wanted))
         for start in range(0, len(removed), UPSERT_BATCH):
             self.client.delete(self.name, ids=removed[start:start + UPSERT_BATCH])
+        if changed or removed:  # sealed and indexed: unflushed rows are searched raw (0.7 s a query at 2*10^4, measured)
+            self.client.flush(self.name)
         self.client.alter_collection_properties(self.name, {PROPERTY_MANIFEST: self.store.manifest.get("manifest_sha256", "")})
         self.client.load_collection(self.name)
         report = {"backend": "milvus", "uri": shown_uri(self.uri), "collection": self.name, "factory": self.factory,
