@@ -6,7 +6,7 @@ PYTHON  ?= $(VENV)/bin/python
 RUN     := $(VENV)/bin/simsearch
 ARGS    ?=
 
-.PHONY: setup demo test test-all lint extract index eval search finetune compare serve bench bench-milvus bench-gpu results clean
+.PHONY: setup demo test test-all lint extract index eval search finetune compare serve demo-shop bench bench-milvus bench-gpu results clean
 
 setup:  ## create .venv and install simsearch with its test, serve, weights, milvus and catalogue extras
 	python3 -m venv $(VENV)
@@ -22,6 +22,19 @@ demo:  ## the whole pipeline offline: extract, eval, one search with its grid (o
 	$(RUN) extract $(DEMO) $(ARGS)
 	$(RUN) eval $(DEMO) $(ARGS)
 	$(RUN) search $(DEMO) query=0 $(ARGS)
+
+# The recommendation demo (docs/recommendation.md): the same images as products, with a SYNTHETIC seeded catalogue
+# (department, brand, price, stock: scripts/shop_catalogue.py); "similar, under 70, in stock" on FAISS, then Milvus Lite.
+SHOP := data=fashion_mnist model=efficientnet_lite0 model.image_size=96 logger=none run.dir=outputs/shop \
+        data.metadata=outputs/shop-catalogue.csv
+SHOP_FILTER := filter="price < 70 and in_stock == true"
+
+demo-shop:  ## recommendation demo offline: Fashion-MNIST as products, a synthetic catalogue, filtered search (outputs/shop)
+	$(PYTHON) scripts/shop_catalogue.py outputs/shop-catalogue.csv
+	$(RUN) extract $(SHOP) $(ARGS)
+	$(RUN) search $(SHOP) query=0 $(SHOP_FILTER) $(ARGS)
+	$(RUN) index $(SHOP) index.backend=milvus $(ARGS)
+	$(RUN) search $(SHOP) query=0 $(SHOP_FILTER) index.backend=milvus $(ARGS)
 
 test:  ## the fast suite, run while working (< 4 min on 2 cores)
 	$(PYTHON) -m pytest -q -m "not slow" $(ARGS)

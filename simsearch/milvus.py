@@ -21,6 +21,8 @@ import logging
 import os
 import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -46,6 +48,16 @@ def import_pymilvus() -> Any:
         raise SimsearchError(f"index.backend=milvus needs pymilvus ({error}): `pip install -e .[milvus]` "
                              "(pymilvus and milvus-lite)") from None
     return pymilvus
+
+
+@contextmanager
+def milvus_errors(doing: str, uri: str) -> Iterator[None]:
+    """pymilvus's exceptions (a server gone, a collection dropped meanwhile) as one sentence."""
+    pymilvus = import_pymilvus()
+    try:
+        yield
+    except pymilvus.exceptions.MilvusException as error:
+        raise SimsearchError(f"Milvus at {shown_uri(uri)} failed while {doing}: {getattr(error, 'message', error)}") from None
 
 
 def resolve_uri(store: Store, index_cfg: DictConfig) -> str:
@@ -187,6 +199,10 @@ class MilvusIndex:
     def publish(self) -> dict[str, Any]:
         """Bring the collection in step with the store: create it if missing, upsert new and changed items, delete
         removed ones. Returns the counts (upserted, deleted, unchanged) and the time taken."""
+        with milvus_errors(f"publishing {self.store.dir} into {self.name}", self.uri):
+            return self._publish()
+
+    def _publish(self) -> dict[str, Any]:
         started = time.perf_counter()
         exists = self._check_owner()
         if exists and not self._fields_match():
@@ -196,6 +212,8 @@ class MilvusIndex:
             exists = False
         if not exists:
             self._create()
+        else:  # released when Milvus (Lite) started again: loaded to be read
+            self.client.load_collection(self.name)
         published = self._published_digests() if exists else {}
         wanted = digests(self.store)
         ids = [str(item["id"]) for item in self.store.items]
@@ -246,9 +264,10 @@ class MilvusIndex:
             return scores, rows
         step = min(QUERY_BATCH, self.batch_size)
         for start in range(0, len(queries), step):
-            answers = self.client.search(self.name, data=queries[start:start + step].tolist(), limit=k,
-                                         filter=expression, output_fields=["id"], anns_field="vector",
-                                         search_params={"metric_type": "IP", **search_params(self.factory, k)})
+            with milvus_errors(f"searching {self.name}", self.uri):
+                answers = self.client.search(self.name, data=queries[start:start + step].tolist(), limit=k,
+                                             filter=expression, output_fields=["id"], anns_field="vector",
+                                             search_params={"metric_type": "IP", **search_params(self.factory, k)})
             for offset, hits in enumerate(answers):
                 found = sorted(((float(hit["distance"]), self.row_of(hit["id"])) for hit in hits),
                                key=lambda pair: (-pair[0], pair[1]))[:k]
@@ -305,6 +324,9 @@ def search_params(factory: str, k: int) -> dict[str, Any]:
 def open_milvus(store: Store, index_cfg: DictConfig) -> MilvusIndex:
     """The store's Milvus collection, brought in step first when the store changed since it was published."""
     index = MilvusIndex(store, index_cfg)
-    if not index.in_step():
-        index.publish()
+    with milvus_errors(f"opening {index.name}", index.uri):
+        if not index.in_step():
+            index.publish()
+        else:  # loaded into memory for search: a collection of a Milvus (Lite) started since is released
+            index.client.load_collection(index.name)
     return index

@@ -75,6 +75,14 @@ def test_a_collection_of_another_store_is_refused(products, tmp_path, capsys):  
                      "index.collection=shared") == 0
     from tests.conftest import make_vector_store
 
+    client = pymilvus.MilvusClient(str(uri))  # released, as a Milvus (Lite) started again finds it
+    client.release_collection("shared")
+    client.close()
+    found = api.open(path, "index.backend=milvus", f"index.uri={uri}", "index.collection=shared").search(4, k=3)
+    assert [n.row for n in found] == [n.row for n in api.open(path).search(4, k=3)]
+    pymilvus.MilvusClient(str(uri)).release_collection("shared")
+    assert simsearch("index", f"run.dir={path}", "logger=none", "index.backend=milvus", f"index.uri={uri}",
+                     "index.collection=shared") == 0
     make_vector_store(tmp_path / "other", vectors[:50], labels[:50])
     capsys.readouterr()
     assert simsearch("index", f"run.dir={tmp_path / 'other'}", "logger=none", "index.backend=milvus", f"index.uri={uri}",

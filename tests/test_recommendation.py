@@ -267,3 +267,29 @@ def test_server_filters_both_searches_and_returns_metadata(shop, tmp_path):
         assert client.get("/items/dress%2F1.png").json()["metadata"]["brand"] == "zeta"
         page = client.get("/").text
         assert 'id="filter"' in page
+
+
+@pytest.mark.slow
+def test_the_demo_catalogue_is_seeded_and_joins_fashion_mnist_by_index(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.conftest import FASHION_MNIST
+
+    if not FASHION_MNIST.is_dir():
+        pytest.skip("Debian's dataset-fashion-mnist is not installed")
+    script = Path(__file__).resolve().parent.parent / "scripts" / "shop_catalogue.py"
+    for name in ("a.csv", "b.csv"):
+        subprocess.run([sys.executable, str(script), str(tmp_path / name), "--items", "40"], check=True, capture_output=True)
+    assert (tmp_path / "a.csv").read_bytes() == (tmp_path / "b.csv").read_bytes()  # seeded
+    assert simsearch("extract", "data=fashion_mnist", f"data.root={FASHION_MNIST}", "data.limit=40", "model=pixels",
+                     "model.image_size=8", *TINY[2:], f"data.metadata={tmp_path / 'a.csv'}", "run.dir=shop") == 0
+    store = api.open(tmp_path / "shop")
+    departments = {"Ankle boot": "shoes", "Sneaker": "shoes", "Sandal": "shoes", "Bag": "bags", "Dress": "dresses"}
+    for row in range(len(store)):
+        label = store.files.label_name(row)
+        if label in departments:
+            assert store.metadata[row]["department"] == departments[label]
+    found = store.search(0, k=5, filter="price < 70 and in_stock == true")
+    assert len(found) == 5 and all(n.metadata["price"] < 70 and n.metadata["in_stock"] for n in found)
