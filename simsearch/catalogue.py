@@ -20,7 +20,8 @@ from simsearch.errors import SimsearchError
 from simsearch.files import write_jsonl
 
 KEY_COLUMNS = ("id", "path", "index")
-RESERVED = {"label", "and", "or", "not", "in", "true", "false", "null", "like"}  # the filter language's own words
+# the filter language's own words, and the fields a Milvus collection holds besides the metadata (simsearch.milvus)
+RESERVED = {"label", "and", "or", "not", "in", "true", "false", "null", "like", "vector", "digest"}
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 INT = re.compile(r"[-+]?\d+")
 FLOAT = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
@@ -56,7 +57,7 @@ def read_catalogue(path: Path | str, key: str | None = None) -> Catalogue:
         if name != key and (not IDENTIFIER.fullmatch(name) or name.lower() in RESERVED or name in KEY_COLUMNS):
             raise SimsearchError(f"data.metadata={path}: the column name {name!r} cannot be filtered on (a column is "
                                  "a name of letters, digits and _, not starting with a digit, and not label, id, path, "
-                                 "index, and, or, not, in, true, false): rename it")
+                                 "index, vector, digest, and, or, not, in, true, false): rename it")
     columns = {name: _column_kind(path, name, [r.get(name) for r in records]) for name in names if name != key}
     catalogue = Catalogue(str(path.resolve()), key, columns)
     for line, record in enumerate(records, start=1):

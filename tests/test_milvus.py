@@ -80,6 +80,13 @@ def test_a_collection_of_another_store_is_refused(products, tmp_path, capsys):  
     client.close()
     found = api.open(path, "index.backend=milvus", f"index.uri={uri}", "index.collection=shared").search(4, k=3)
     assert [n.row for n in found] == [n.row for n in api.open(path).search(4, k=3)]
+    for hostile in ('brand == \'" or brand != "\'', "brand in ['\\\\\" or 1 == 1 or \"']"):  # pasted, these would match all
+        assert len(api.open(path, "index.backend=milvus", f"index.uri={uri}", "index.collection=shared").search(
+            4, k=3, filter=hostile)) == 0
+    quoted = "brand == 'q\"uo\\\\te'"  # a value with a double quote and a backslash, matched exactly
+    found = api.open(path, "index.backend=milvus", f"index.uri={uri}", "index.collection=shared").search(4, k=5, filter=quoted)
+    assert [n.row for n in found] == [n.row for n in api.open(path).search(4, k=5, filter=quoted)]
+    assert len(found) == 5 and {n.metadata["brand"] for n in found} == {'q"uo\\te'}
     pymilvus.MilvusClient(str(uri)).release_collection("shared")
     assert simsearch("index", f"run.dir={path}", "logger=none", "index.backend=milvus", f"index.uri={uri}",
                      "index.collection=shared") == 0
@@ -127,7 +134,6 @@ def test_incremental_extraction_sends_only_changed_items(shop, tmp_path, capsys)
     assert first == second
 
 
-@pytest.mark.slow
 def test_server_answers_the_same_on_milvus_as_on_faiss(shop, tmp_path):  # noqa: F811 - the fixture
     from fastapi.testclient import TestClient
 

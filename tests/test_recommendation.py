@@ -146,7 +146,7 @@ def products(tmp_path_factory):
     vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
     rng = np.random.default_rng(1)
     metadata = [None if i % 10 == 0 else {"price": float(rng.integers(5, 100)), "in_stock": bool(rng.integers(0, 2)),
-                                          "brand": str(rng.choice(["acme", "zeta", "o'hara"]))} for i in range(300)]
+                                          "brand": str(rng.choice(["acme", "zeta", "o'hara", 'q"uo\\te']))} for i in range(300)]
     items = [{"id": f"p{i}", "index": i, "label": CATEGORIES[y]} for i, y in enumerate(labels)]
     path = tmp_path_factory.mktemp("products") / "store"
     create_store(path, vectors, labels, items, {"data": {"name": "vectors", "classes": list(CATEGORIES)}, "model": {}},
@@ -269,7 +269,6 @@ def test_server_filters_both_searches_and_returns_metadata(shop, tmp_path):
         assert 'id="filter"' in page
 
 
-@pytest.mark.slow
 def test_the_demo_catalogue_is_seeded_and_joins_fashion_mnist_by_index(tmp_path):
     import subprocess
     import sys
