@@ -153,3 +153,13 @@ def test_server_answers_the_same_on_milvus_as_on_faiss(shop, tmp_path):  # noqa:
             assert bad.status_code == 400
             answers.append([[(r["id"], round(r["score"], 5), r["metadata"]) for r in found] for found in searches])
     assert answers[0] == answers[1] and answers[0][0] and answers[0][2] == []
+
+
+def test_a_server_address_is_shown_without_its_credentials(products, tmp_path, monkeypatch):  # noqa: F811 - the fixture
+    from simsearch.milvus import shown_uri
+
+    assert shown_uri("http://alice:s3cret@milvus.example:19530") == "http://milvus.example:19530"
+    monkeypatch.setenv("MILVUS_TOKEN", "tok-s3cret")
+    with pytest.raises(SimsearchError) as caught:
+        api.open(products[0], "index.backend=milvus", "index.uri=/no/such/folder/x.txt").search(1)
+    assert "ending in .db" in str(caught.value) and "s3cret" not in str(caught.value)

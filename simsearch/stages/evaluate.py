@@ -79,9 +79,9 @@ def stored_rows(store: Store) -> StoredRows:
 def describe_search(eval_cfg: DictConfig, index_cfg: DictConfig) -> dict[str, Any]:
     """How neighbours were found, for metrics.json: an approximate index gives other (lower) numbers."""
     if eval_cfg.backend == "index":
-        return {"backend": "index", "index_backend": index_cfg.get("backend", "faiss"), "factory": index_cfg.factory,
-                "search_params": index_cfg.search_params,
-                "exact": index_cfg.factory.replace(" ", "").lower() in ("flat", "idmap,flat")}
+        described = {"backend": "index", "factory": index_cfg.factory, "search_params": index_cfg.search_params,
+                     "exact": index_cfg.factory.replace(" ", "").lower() in ("flat", "idmap,flat")}
+        return {**described, "index_backend": "milvus"} if index_cfg.get("backend") == "milvus" else described
     return {"backend": "exact", "exact": True}
 
 
