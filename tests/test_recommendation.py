@@ -292,3 +292,61 @@ def test_the_demo_catalogue_is_seeded_and_joins_fashion_mnist_by_index(tmp_path)
             assert store.metadata[row]["department"] == departments[label]
     found = store.search(0, k=5, filter="price < 70 and in_stock == true")
     assert len(found) == 5 and all(n.metadata["price"] < 70 and n.metadata["in_stock"] for n in found)
+
+
+@pytest.mark.slow
+def test_the_page_filters_and_shows_each_result_s_metadata(shop, tmp_path):
+    """As a person: an item searched with a filter typed in the Filter box; every caption shows the item's
+    catalogue values and keeps the filter; the permalink holds it; a bad filter is said, no results left."""
+    pytest.importorskip("selenium")
+    from urllib.parse import parse_qs, urlparse
+
+    from selenium import webdriver
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from tests.test_serve import LiveServer, chromium_paths
+
+    if chromium_paths() is None:
+        pytest.skip("no chromium and chromedriver (apt-get install chromium chromium-driver)")
+    root, catalogue, _ = shop
+    assert extract_shop(root, catalogue) == 0
+    browser, driver = chromium_paths()
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 f"--user-data-dir={tmp_path / 'chromium-profile'}", "--window-size=1200,900"):
+        options.add_argument(flag)
+    with LiveServer(tmp_path / "store") as url:
+        page = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
+        try:
+            wait = WebDriverWait(page, 60)
+            tiles = lambda: page.find_elements(By.CSS_SELECTOR, "#results .result")  # noqa: E731
+            page.get(url)
+            wait.until(lambda p: "items" in p.find_element(By.ID, "info").text)
+            page.find_element(By.ID, "filter").send_keys("in_stock == true and price < 40")
+            page.find_element(By.ID, "k").clear()
+            page.find_element(By.ID, "k").send_keys("4")
+            page.find_element(By.ID, "item").send_keys("dress/0.png", Keys.ENTER)
+            wait.until(lambda p: len(tiles()) == 4)
+            for tile in tiles():
+                values = tile.find_element(By.CSS_SELECTOR, ".metadata").text
+                assert "in_stock: true" in values
+                price = float(values.split("price: ")[1].split(" ")[0])
+                assert price < 40
+                assert parse_qs(urlparse(tile.get_attribute("href")).query)["filter"] == ["in_stock == true and price < 40"]
+            assert parse_qs(urlparse(page.current_url).query)["filter"] == ["in_stock == true and price < 40"]
+            shown = [t.get_attribute("data-id") for t in tiles()]
+            page.get(page.current_url)  # the permalink: the same filtered results
+            wait.until(lambda p: len(tiles()) == 4)
+            assert [t.get_attribute("data-id") for t in tiles()] == shown
+            assert page.find_element(By.ID, "filter").get_attribute("value") == "in_stock == true and price < 40"
+            box = page.find_element(By.ID, "filter")
+            box.clear()
+            box.send_keys("price < 'cheap'")
+            page.find_element(By.ID, "item-search").click()
+            wait.until(lambda p: "error" in p.find_element(By.ID, "status").get_attribute("class"))
+            assert "price is a number column" in page.find_element(By.ID, "status").text and tiles() == []
+        finally:
+            page.quit()
