@@ -163,3 +163,16 @@ def test_a_server_address_is_shown_without_its_credentials(products, tmp_path, m
     with pytest.raises(SimsearchError) as caught:
         api.open(products[0], "index.backend=milvus", "index.uri=/no/such/folder/x.txt").search(1)
     assert "ending in .db" in str(caught.value) and "s3cret" not in str(caught.value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("factory", ["HNSW16", "IVF4,Flat"])
+def test_approximate_milvus_indexes_never_return_an_item_the_filter_drops(products, tmp_path, factory):  # noqa: F811
+    path, vectors, labels, metadata = products
+    store = api.open(path, "index.backend=milvus", f"index.uri={tmp_path / 'm.db'}", f"index.factory={factory}")
+    for text, condition in FILTERS:
+        keep = matches(metadata, labels, **condition)
+        found = [n.row for n in store.search(7, k=10, filter=text)]
+        assert all(keep[row] for row in found) and 7 not in found
+        exact = brute_force(vectors, keep, vectors[7], 10, 7)
+        assert len(found) == len(exact) and len(set(found) & set(exact)) >= 0.8 * len(exact)

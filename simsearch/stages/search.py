@@ -150,9 +150,9 @@ def neighbours_of(store: Store, searcher: Searcher, vector: np.ndarray, k: int, 
     vector = vector.reshape(1, -1).astype(np.float32)
     if allowed is not None:
         filtered = getattr(searcher, "search_filtered", None)  # a database that filters inside its search
-        if filtered is not None:
-            scores, rows = filtered(vector, k, where, own_row)
-        else:
+        scores, rows = filtered(vector, k, where, own_row) if filtered is not None else (None, None)
+        matching = len(allowed) - int(own_row is not None and bool(np.isin(own_row, allowed)))
+        if rows is None or int((rows >= 0).sum()) < min(k, matching):  # an approximate index found too few: exactly
             scores, rows = search_among(store, searcher, vector, k, allowed, own_row)
     elif own_row is None:
         scores, rows = searcher.search(vector, k)
