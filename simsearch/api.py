@@ -53,7 +53,7 @@ QUIET_LOGGERS = ("lightning.pytorch", "lightning.pytorch.utilities.rank_zero", "
 
 class Results:
     """The neighbours of one query, best first. Iterate for `Neighbour`s (.rank, .id, .path, .label,
-    .score, .row, .relevant); `show()` draws them, `to_records()` gives plain dicts."""
+    .score, .row, .relevant, .metadata); `show()` draws them, `to_records()` gives plain dicts."""
 
     def __init__(self, store: Store, result: SearchResult, query_image: Image.Image | int | None, query_caption: str):
         self.store = store
@@ -142,8 +142,14 @@ class Store:
             self._images = ItemImages(self.files)
         return self._images.image(self.files.row_of(item))
 
-    def search(self, query: Any, k: int = 10) -> Results:
-        """The k nearest neighbours of `query`:
+    @property
+    def metadata(self) -> list[dict[str, Any]]:
+        """Each row's catalogue values (`data.metadata`), column -> value (None: no value); [] without one."""
+        return self.files.metadata
+
+    def search(self, query: Any, k: int = 10, filter: str | None = None) -> Results:  # noqa: A002 - the word users know
+        """The k nearest neighbours of `query` (with `filter`, e.g. "category == 'dress' and price < 50", the
+        k nearest among the items it keeps: docs/recommendation.md):
 
         - `int`: a row of the store (the item itself is left out of its results);
         - `str`: an item id (or a row number), else the path of an image file (or of a .npy vector);
@@ -152,7 +158,8 @@ class Store:
         - a vector: anything numpy reads as D numbers (numpy, list, torch tensor); normalised first.
         """
         query = parse_query(self.files, query)
-        result = answer(self.files, self._searcher_once(), query, k, self._encoder_once)
+        result = answer(self.files, self._searcher_once(), query, k, self._encoder_once,
+                        self.cfg.search.filter if filter is None else filter)
         shown = query.row if query.kind == "item" else query.image
         return Results(self, result, shown, query.caption)
 

@@ -18,11 +18,13 @@ from omegaconf import DictConfig
 from simsearch.errors import SimsearchError
 from simsearch.files import replace_atomically, sha256_of, write_text_atomically
 from simsearch.knn import ExactSearcher, Searcher, cuda_available
+from simsearch.milvus import open_milvus
 from simsearch.store import Store, mismatched
 
 log = logging.getLogger(__name__)
 FAISS_GPU_MAX_K = 2048  # FAISS GPU indexes cannot return more neighbours per query
 ADD_CHUNK = 65_536
+SUBSET_EXACT_ROWS = 20_000  # a filter keeping fewer rows is searched exactly over a copy of them (20 MB at d=256)
 
 
 def import_faiss():
@@ -59,35 +61,78 @@ class FaissSearcher:
         else:
             self.description = f"FAISS on CPU ({faiss.omp_get_max_threads()} threads)"
 
-    def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _search(self, queries: np.ndarray, k: int, params: Any = None) -> tuple[np.ndarray, np.ndarray]:
         index = self.gpu_index
-        if index is None or k > FAISS_GPU_MAX_K:
-            if index is not None:
+        if index is None or k > FAISS_GPU_MAX_K or params is not None:  # GPU indexes take no row selector
+            if index is not None and params is None:
                 log.info("k=%d exceeds FAISS GPU's limit of %d: searching on the CPU copy", k, FAISS_GPU_MAX_K)
             index = self.cpu_index
-        results = [index.search(queries[s : s + self.batch_size], k) for s in range(0, len(queries), self.batch_size)]
+        extra = {} if params is None else {"params": params}
+        results = [index.search(queries[s : s + self.batch_size], k, **extra) for s in range(0, len(queries), self.batch_size)]
         if not results:
             return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
         return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results]).astype(np.int64)
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, params: Any = None, total: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k with simsearch's one tie rule (equal scores rank by row, lowest first), which FAISS does not
-        keep: one extra neighbour shows a tie across the cut, and only those queries are searched deeper."""
+        keep: one extra neighbour shows a tie across the cut, and only those queries are searched deeper.
+        `params`: FAISS search parameters (a row selector, of `total` rows)."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        total = int(self.cpu_index.ntotal)
+        total = int(self.cpu_index.ntotal) if total is None else total
         k = min(k, total)
         depth = min(k + 1, total)
-        scores, rows = self._search(queries, depth)
+        scores, rows = self._search(queries, depth, params)
         best_scores, best_rows = lowest_row_first(scores, rows, k)
         if depth == k:
             return best_scores, best_rows
         crowded = np.flatnonzero((scores[:, k] == scores[:, k - 1]) & (rows[:, k] >= 0))
         while len(crowded) and depth < total:  # deepen until each tie group ends inside the list
             depth = min(total, depth * 2)
-            deep_scores, deep_rows = self._search(queries[crowded], depth)
+            deep_scores, deep_rows = self._search(queries[crowded], depth, params)
             best_scores[crowded], best_rows[crowded] = lowest_row_first(deep_scores, deep_rows, k)
             crowded = crowded[(deep_scores[:, -1] == deep_scores[:, k - 1]) & (deep_rows[:, -1] >= 0)]
         return best_scores, best_rows
+
+    def search_rows(self, queries: np.ndarray, k: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k among `rows` only, through a FAISS row selector (a bitmap over the index's rows) given
+        in the index type's own search parameters; None where this index type takes no selector."""
+        faiss = import_faiss()
+        mask = np.zeros(int(self.cpu_index.ntotal), dtype=bool)
+        mask[rows] = True
+        bitmap = np.packbits(mask, bitorder="little")  # alive until the search returns: FAISS holds a pointer
+        selector = faiss.IDSelectorBitmap(len(mask), faiss.swig_ptr(bitmap))
+        index = faiss.downcast_index(self.cpu_index)
+        if isinstance(index, faiss.IndexHNSW):
+            params = faiss.SearchParametersHNSW(sel=selector, efSearch=max(index.hnsw.efSearch, k))
+        elif faiss.try_extract_index_ivf(index) is not None:
+            params = faiss.SearchParametersIVF(sel=selector, nprobe=faiss.try_extract_index_ivf(index).nprobe)
+        else:
+            params = faiss.SearchParameters(sel=selector)
+        try:
+            return self.search(queries, k, params, total=len(rows))
+        except RuntimeError as error:  # an index type without selectors: the caller searches the rows exactly
+            log.info("this FAISS index takes no row selector (%s): searching the matching rows exactly",
+                     str(error).splitlines()[0])
+            return None
+
+
+def search_among(store: Store, searcher: Searcher, queries: np.ndarray, k: int, rows: np.ndarray,
+                 own_row: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Exact filtered search: the top-k among `rows` (ascending) only, `own_row` left out; fewer than k only
+    when fewer rows are given. Few rows are searched exactly (copied); more go through the index's row
+    selector, and again exactly where an approximate index found fewer than it should."""
+    if own_row is not None:
+        rows = rows[rows != own_row]
+    k = min(k, len(rows))
+    if k == 0:
+        return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
+    by_selector = getattr(searcher, "search_rows", None)
+    if by_selector is not None and len(rows) > SUBSET_EXACT_ROWS:
+        found = by_selector(queries, k, rows)
+        if found is not None and (found[1] >= 0).all():
+            return found
+    scores, positions = ExactSearcher(store.vectors(rows), "cpu").search(queries, k)
+    return scores, rows[positions]
 
 
 def lowest_row_first(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -205,8 +250,20 @@ def open_index(store: Store, index_cfg: DictConfig, seed: int = 0, save: bool = 
     return index, info
 
 
+def check_backend(index_cfg: DictConfig) -> str:
+    backend = index_cfg.get("backend", "faiss")
+    if backend not in ("faiss", "milvus"):
+        raise SimsearchError(f"index.backend must be faiss or milvus, not '{backend}'")
+    return backend
+
+
 def open_searcher(store: Store, index_cfg: DictConfig, seed: int = 0) -> Searcher:
-    """What `search` and `serve` query: the FAISS index, or exact torch search on a GPU without faiss-gpu."""
+    """What `search` and `serve` query: the FAISS index, or exact torch search on a GPU without faiss-gpu, or
+    the store's Milvus collection (index.backend=milvus), brought in step with the store first."""
+    if check_backend(index_cfg) == "milvus":
+        searcher_of_milvus = open_milvus(store, index_cfg)
+        log.info("searching with %s", searcher_of_milvus.description)
+        return searcher_of_milvus
     exact = index_cfg.factory.strip().lower() in ("flat", "idmap,flat")
     wants_gpu = index_cfg.device in ("auto", "gpu", "cuda") and cuda_available()
     if exact and wants_gpu and faiss_gpu_count() == 0:

@@ -4,6 +4,9 @@
     labels.npy      (N,) int64, -1 where unknown
     items.jsonl     one JSON object per row: id, path (files) or index (datasets), key, label name
     skipped.jsonl   every input that could not be read, with the reason
+    metadata.jsonl  (with data.metadata) one JSON object per row: the item's id, then its catalogue columns (null
+                    where it has no value); the manifest's `metadata` gives each column's type (docs/store.md)
+    metadata_unmatched.jsonl  catalogue rows that matched no item, and items that no catalogue row names
     manifest.json   count, dim, dtype, data, model, fingerprint, embedded/reused, versions, sha256 of each file
                     and of itself (manifest_sha256)
     config.yaml     the resolved config of the run that wrote it
@@ -34,12 +37,16 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from simsearch.catalogue import column_kinds, write_metadata
 from simsearch.errors import SimsearchError
 from simsearch.files import file_identity, fsync_path, read_jsonl, sha256_of, write_jsonl, write_text_atomically
+from simsearch.filters import Column, evaluate, parse_filter
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 3  # 2: items carry a `key`, the manifest a `fingerprint`; 3: the manifest its own checksum
-CHECKSUMMED = ("embeddings.npy", "labels.npy", "items.jsonl", "skipped.jsonl", "config.yaml")
+CHECKSUMMED = ("embeddings.npy", "labels.npy", "items.jsonl", "skipped.jsonl", "config.yaml", "metadata.jsonl",
+               "metadata_unmatched.jsonl")
+METADATA, METADATA_UNMATCHED = "metadata.jsonl", "metadata_unmatched.jsonl"
 STAGING = ".staging"  # the next store, written beside the current one
 VERIFIED = ".verified.json"  # identity (device, inode, size, mtime, ctime) and checksum of each file when verified
 LOCK = ".lock"
@@ -90,13 +97,17 @@ def finish_store(store_dir: Path, labels: np.ndarray, items: list[dict[str, Any]
 
 
 def create_store(store_dir: Path, embeddings: np.ndarray, labels: np.ndarray, items: list[dict[str, Any]],
-                 description: dict[str, Any]) -> Store:
-    """A store from arrays in memory (cached features, tests, imports from elsewhere)."""
+                 description: dict[str, Any], metadata: list[dict[str, Any] | None] | None = None) -> Store:
+    """A store from arrays in memory (cached features, tests, imports from elsewhere); `metadata`: one dict
+    of column values per row (None: no values), kept as metadata.jsonl."""
     store_dir.mkdir(parents=True, exist_ok=True)
     staging = fresh_staging(store_dir)
     if (store_dir / "config.yaml").is_file():  # written by the caller beside the store
         shutil.copy2(store_dir / "config.yaml", staging / "config.yaml")
     np.save(staging / "embeddings.npy", embeddings)
+    if metadata is not None:
+        columns = column_kinds(metadata)
+        description = {**description, "metadata": {"columns": columns, **write_metadata(staging, items, metadata, columns, [])}}
     finish_store(staging, labels, items, [], {"count": len(embeddings), "dim": int(embeddings.shape[1]),
                                               "dtype": str(embeddings.dtype), **description})
     swap_in(staging, store_dir)
@@ -127,6 +138,8 @@ def swap_in(staging: Path, store_dir: Path) -> None:
         raise
     for name in names:
         os.replace(staging / name, store_dir / name)
+    for name in {METADATA, METADATA_UNMATCHED} - set(names):  # a previous catalogue the new store has not
+        (store_dir / name).unlink(missing_ok=True)
     fsync_path(store_dir)  # the renames themselves: a reported success survives a power loss
     shutil.rmtree(staging, ignore_errors=True)
 
@@ -157,6 +170,8 @@ class Store:
     _items_file: BinaryIO | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _row_of_id: dict[str, int] = field(default_factory=dict, repr=False)
+    _metadata: list[dict[str, Any]] | None = field(default=None, repr=False)
+    _filter_columns: dict[str, Column] | None = field(default=None, repr=False)
 
     @classmethod
     def open(cls, store_dir: Path | str, verify: bool | str = True) -> Store:
@@ -251,6 +266,49 @@ class Store:
         if key.isascii() and key.isdigit() and int(key) < len(self):  # "²", "-0", "+1" are not rows
             return int(key)
         raise SimsearchError(f"no item '{query}' in the store {self.dir} (ids or rows 0..{len(self) - 1})")
+
+    @property
+    def metadata_columns(self) -> dict[str, str]:
+        """The catalogue's columns and their types (str, int, float, bool); empty without data.metadata."""
+        return dict(self.manifest.get("metadata", {}).get("columns", {}))
+
+    @property
+    def metadata(self) -> list[dict[str, Any]]:
+        """Each row's catalogue values (column -> value, None where it has none), from metadata.jsonl,
+        checked against the manifest's checksum and paired with items.jsonl by id; [] without a catalogue."""
+        if not self.metadata_columns:
+            return []
+        if self._metadata is None:
+            records = read_jsonl(self.dir / METADATA, self.manifest.get("sha256", {}).get(METADATA))
+            ids = [str(item["id"]) for item in self.items]
+            if len(records) != len(ids) or any(str(r.get("id")) != i for r, i in zip(records, ids)):
+                raise SimsearchError(f"store {self.dir} is inconsistent: {METADATA} does not list the items of items.jsonl")
+            columns = self.metadata_columns
+            self._metadata = [{name: record.get(name) for name in columns} for record in records]
+        return self._metadata
+
+    def filter_columns(self) -> dict[str, Column]:
+        """What a filter may name: `label` and the metadata columns, as arrays over the rows (built once)."""
+        if self._filter_columns is None:
+            labels = Column("str", np.asarray(self.labels, dtype=np.int64), self.classes)
+            if self.classes:  # labels without class names (a store made from Python) compare as numbers
+                labels.values = np.where(labels.values < len(self.classes), labels.values, -1)
+            else:
+                labels = Column("int", np.where(self.labels >= 0, self.labels, np.nan).astype(np.float64), [])
+            columns = {"label": labels}
+            metadata = self.metadata
+            for name, kind in self.metadata_columns.items():
+                columns[name] = Column.of(kind, [values[name] for values in metadata])
+            self._filter_columns = columns
+        return self._filter_columns
+
+    def filter_rows(self, text: str | None) -> np.ndarray | None:
+        """The rows (ascending) that the filter keeps; None without a filter (every row)."""
+        if text is None or (isinstance(text, str) and not text.strip()):
+            return None
+        columns = self.filter_columns()
+        tree = parse_filter(text, {name: column.kind for name, column in columns.items()})
+        return np.flatnonzero(evaluate(tree, columns, len(self)))
 
     def label_name(self, row: int) -> str | None:
         label = int(self.labels[row])

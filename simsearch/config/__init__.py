@@ -27,9 +27,9 @@ from simsearch.files import write_text_atomically
 
 GROUPS = ("data", "model", "logger")
 # Short spellings accepted on the command line, e.g. `simsearch search query=42`.
-ALIASES = {"query": "search.query"}
+ALIASES = {"query": "search.query", "filter": "search.filter"}
 # Taken exactly as typed, never parsed as YAML: `query=true` is a file named `true`, `query=-0` is not row 0.
-VERBATIM = ("search.query", "run.dir", "data.root", "search.grid")
+VERBATIM = ("search.query", "run.dir", "data.root", "search.grid", "search.filter", "eval.filter", "data.metadata")
 # The smallest value each number may take: below it a run would fail later, less clearly.
 MINIMUMS = {
     "data.batch_size": 1, "data.num_workers": 0, "data.num_items": 1, "data.num_classes": 1, "data.native_size_px": 1,

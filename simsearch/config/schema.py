@@ -29,6 +29,10 @@ class DataConfig:
     urls: Any = None  # webdataset: tar shards, a brace pattern (shards/train-{000000..000009}.tar) or a list
     batch_size: int = 64  # images per step and device
     num_workers: int = 2  # DataLoader worker processes per device
+    # a catalogue (.csv, .parquet, .jsonl), one row per item, kept in the store as metadata.jsonl and returned with
+    # every result; a changed row needs no new embedding (docs/recommendation.md)
+    metadata: str | None = None
+    metadata_key: str | None = None  # the catalogue's key column: id | path | index; None: the first of these it has
     # synthetic only: clustered random images, for tests
     num_items: int = 64
     num_classes: int = 4
@@ -72,6 +76,11 @@ class StoreConfig:
 
 @dataclass
 class IndexConfig:
+    # faiss: an index file beside the store, searched in this process | milvus: a Milvus collection (Milvus Lite in a
+    # local file, or a Milvus server / cluster), kept in step with the store by `simsearch index` (docs/recommendation.md)
+    backend: str = "faiss"
+    uri: str | None = None  # milvus: a .db file (Milvus Lite) or http://host:19530; None: milvus.db in run.dir
+    collection: str | None = None  # milvus: the collection's name; None: simsearch_<run.dir name>_<hash of its path>
     factory: str = "Flat"  # any FAISS index_factory string: Flat (exact), IVF1024,Flat, IVF1024,PQ64, HNSW32
     search_params: str = ""  # FAISS ParameterSpace string, e.g. "nprobe=32" or "efSearch=128"
     train_size: int = 100_000  # vectors sampled to train indexes that need training
@@ -93,6 +102,7 @@ class EvalConfig:
     query_chunk: int = 1024  # queries scored at once: memory is query_chunk x block_rows, never N x N
     block_rows: int = 16_384  # store rows read (from disk, not mapped) and scored at once: 64 MB of scores a chunk
     device: str = "auto"  # auto: every visible GPU, else CPU | cpu | cuda | a list, e.g. cuda:0,cuda:1
+    filter: str | None = None  # evaluate within the items a filter keeps (queries and gallery), e.g. "label == 'dress'"
 
 
 @dataclass
@@ -100,6 +110,7 @@ class SearchConfig:
     query: str | None = None  # a row number, an item id, or a path to a new image
     k: int = 10
     grid: str = "recommendations.png"  # written in run.dir
+    filter: str | None = None  # e.g. "category == 'dress' and price < 50": the top k among matching items only
 
 
 @dataclass

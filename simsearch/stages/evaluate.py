@@ -22,23 +22,25 @@ any relevant item are left out of every average (as in pytorch-metric-learning) 
 from __future__ import annotations
 
 import logging
+import tempfile
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from simsearch.config import save_config
 from simsearch.errors import SimsearchError
 from simsearch.files import write_json_atomically
 from simsearch.identity import check_same_model, stored_identity
-from simsearch.index import FaissSearcher, open_index
+from simsearch.index import FaissSearcher, check_backend, open_index
 from simsearch.knn import ExactSearcher, StoredRows, search_without_self, take_rows
 from simsearch.metrics import KNN_WEIGHTS, Ranking, metrics_table, per_query_metrics, summarise
+from simsearch.milvus import open_milvus
 from simsearch.runtime import cuda_available, join_launched_ranks, phase_bar
-from simsearch.store import Store
+from simsearch.store import Store, create_store
 from simsearch.tracking import finish, log_metrics, start_run
 
 log = logging.getLogger(__name__)
@@ -61,6 +63,8 @@ def _searcher_for(gallery: Store, eval_cfg: DictConfig, index_cfg: DictConfig, s
         if ranks and device == "auto":
             device = f"cuda:{ranks[2]}" if cuda_available() else "cpu"
         return ExactSearcher(stored_rows(gallery), device, int(eval_cfg.block_rows), ranks=ranks[:2] if ranks else None)
+    if eval_cfg.backend == "index" and check_backend(index_cfg) == "milvus":
+        return open_milvus(gallery, index_cfg)
     if eval_cfg.backend == "index":
         index, _ = open_index(gallery, index_cfg, seed)
         return FaissSearcher(index, index_cfg.device, index_cfg.gpu_sharded, index_cfg.batch_size)
@@ -75,8 +79,9 @@ def stored_rows(store: Store) -> StoredRows:
 def describe_search(eval_cfg: DictConfig, index_cfg: DictConfig) -> dict[str, Any]:
     """How neighbours were found, for metrics.json: an approximate index gives other (lower) numbers."""
     if eval_cfg.backend == "index":
-        return {"backend": "index", "factory": index_cfg.factory, "search_params": index_cfg.search_params,
-                "exact": index_cfg.factory.replace(" ", "").lower() in ("flat", "idmap,flat")}
+        described = {"backend": "index", "factory": index_cfg.factory, "search_params": index_cfg.search_params,
+                     "exact": index_cfg.factory.replace(" ", "").lower() in ("flat", "idmap,flat")}
+        return {**described, "index_backend": "milvus"} if index_cfg.get("backend") == "milvus" else described
     return {"backend": "exact", "exact": True}
 
 
@@ -132,6 +137,8 @@ def evaluate_store(store: Store, eval_cfg: DictConfig, index_cfg: DictConfig, se
     queries against `gallery` (eval.gallery) when given. `eval.queries`: a seeded sample of queries.
     `ranks` (global rank, world size, local rank; `runtime.join_launched_ranks`): the exact search's
     blocks are shared among the ranks, and every rank returns the same metrics."""
+    if eval_cfg.get("filter"):
+        return evaluate_filtered(store, eval_cfg, index_cfg, seed, gallery, ranks)
     _check_sizes(eval_cfg)
     knn = KnnVote.from_config(eval_cfg)
     if not store.has_labels:
@@ -164,6 +171,32 @@ def evaluate_store(store: Store, eval_cfg: DictConfig, index_cfg: DictConfig, se
                              list(eval_cfg.k), searcher, int(eval_cfg.query_chunk), leave_one_out=False,
                              sample=eval_cfg.queries, seed=seed, knn=knn, progress=True)
     return {**metrics, "search": describe_search(eval_cfg, index_cfg), "gallery": store_identity(gallery)}
+
+
+def evaluate_filtered(store: Store, eval_cfg: DictConfig, index_cfg: DictConfig, seed: int, gallery: Store | None,
+                      ranks: tuple[int, int, int] | None) -> dict[str, Any]:
+    """`eval.filter`: the evaluation of the items the filter keeps, queries and gallery both: each store's
+    matching rows copied into a scratch store (vectors, labels, items; the same model), evaluated as any."""
+    text = str(eval_cfg.filter)
+    with tempfile.TemporaryDirectory(prefix="simsearch-filter-") as scratch:
+        kept = filtered_copy(store, text, Path(scratch) / "queries")
+        kept_gallery = None if gallery is None else filtered_copy(gallery, text, Path(scratch) / "gallery")
+        metrics = evaluate_store(kept, OmegaConf.merge(eval_cfg, {"filter": None}), index_cfg, seed, kept_gallery, ranks)
+    counts = {"queries": len(kept), **({} if kept_gallery is None else {"gallery": len(kept_gallery)})}
+    return {**metrics, "filter": {"expression": text, **counts}}
+
+
+def filtered_copy(store: Store, text: str, scratch: Path) -> Store:
+    """A store of the rows of `store` that the filter keeps (refused with a sentence when it keeps none)."""
+    rows = store.filter_rows(text)
+    if len(rows) == 0:
+        raise SimsearchError(f"eval.filter={text!r} keeps no item of the store {store.dir}: nothing to evaluate")
+    left_out = ("count", "dim", "dtype", "sha256", "manifest_sha256", "format_version", "versions", "created", "metadata")
+    description = {key: value for key, value in store.manifest.items() if key not in left_out}
+    items = [store.items[row] for row in rows.tolist()]
+    metadata = [store.metadata[row] for row in rows.tolist()] if store.metadata_columns else None
+    return create_store(scratch, np.ascontiguousarray(store.embeddings[rows]), store.labels[rows], items, description,
+                        metadata)
 
 
 def store_identity(store: Store) -> dict[str, Any]:

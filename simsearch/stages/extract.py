@@ -35,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from simsearch.catalogue import Catalogue, join, read_catalogue, unmatched_records, write_metadata
 from simsearch.config import save_config
 from simsearch.data import ImageCollection, Resize
 from simsearch.data.loading import ImageDataModule
@@ -247,9 +248,9 @@ def describe_store(cfg: DictConfig, collection: ImageCollection, count: int, dim
 
 
 def write_store(cfg: DictConfig, collection: ImageCollection, staging: Path, plan: Plan, previous: Store | None,
-                identity: dict[str, Any]) -> dict[str, Any]:
+                identity: dict[str, Any], catalogue: Catalogue | None = None) -> dict[str, Any]:
     """Write the complete store into `staging` (manifest last) from the plan's sources; `identity` holds the
-    run's fingerprint and the embedder's identity (`simsearch.identity`)."""
+    run's fingerprint and the embedder's identity (`simsearch.identity`); `catalogue`: data.metadata, read."""
     dim = previous.dim if previous is not None and (plan.previous_row >= 0).any() else _embedding_dim(plan.shards)
     kept = merge_vectors(plan, previous, dim, cfg.store.dtype, staging / "embeddings.npy") if dim else np.zeros(0, int)
     skipped = [{**collection.item_record(i), "reason": plan.skip_reason.get(i, "unreadable")}
@@ -269,7 +270,21 @@ def write_store(cfg: DictConfig, collection: ImageCollection, staging: Path, pla
     reused = int((plan.previous_row >= 0).sum())
     description = {**describe_store(cfg, collection, len(kept), dim, len(skipped)), **identity,
                    "embedded": len(kept) - reused, "reused": reused}
+    if catalogue is not None:
+        description["metadata"] = store_metadata(cfg, catalogue, items, staging)
     return finish_store(staging, labels, items, skipped, description)
+
+
+def store_metadata(cfg: DictConfig, catalogue: Catalogue, items: list[dict[str, Any]], staging: Path) -> dict[str, Any]:
+    """metadata.jsonl and metadata_unmatched.jsonl from the catalogue joined by key; one warning for what did not
+    match. Metadata is no part of the fingerprint: a changed row rewrites this file, never a vector."""
+    joined = join(catalogue, items)
+    counts = write_metadata(staging, items, joined.rows, catalogue.columns, unmatched_records(joined))
+    if joined.unmatched_rows or joined.items_without_row:
+        log.warning("data.metadata: %d catalogue row(s) match no item and %d item(s) have no catalogue row (e.g. %s): "
+                    "listed in %s", len(joined.unmatched_rows), len(joined.items_without_row),
+                    (joined.unmatched_rows + joined.items_without_row)[0], Path(cfg.run.dir) / "metadata_unmatched.jsonl")
+    return {"source": catalogue.source, "key": catalogue.key, "columns": catalogue.columns, **counts}
 
 
 def is_secondary_rank() -> bool:
@@ -344,6 +359,7 @@ def extract_locked(cfg: DictConfig, store_dir: Path, augment_seed: int | None) -
             problems.append(str(error))
 
     attempt(datamodule.setup)
+    catalogue = attempt(lambda: read_catalogue(cfg.data.metadata, cfg.data.metadata_key)) if cfg.data.metadata else None
     embedder = attempt(lambda: build_embedder(cfg.model, cfg.run.seed))
     if problems:
         raise SimsearchError("; and ".join(problems))
@@ -377,7 +393,8 @@ def extract_locked(cfg: DictConfig, store_dir: Path, augment_seed: int | None) -
         plan.add_shards([p for p in complete_shards(shard_dir, shard_fingerprint(fingerprint)) if p not in known])
         staging = fresh_staging(store_dir)
         try:
-            manifest = write_store(cfg, collection, staging, plan, previous, {"fingerprint": fingerprint, "embedder": identity})
+            manifest = write_store(cfg, collection, staging, plan, previous, {"fingerprint": fingerprint, "embedder": identity},
+                                   catalogue)
         except BaseException:  # a full disk, a bad value: the half-written next store goes, the previous one stays
             shutil.rmtree(staging, ignore_errors=True)
             raise

@@ -20,7 +20,7 @@ from PIL import Image
 from simsearch.drawing import draw_grid
 from simsearch.errors import SimsearchError
 from simsearch.files import replace_atomically
-from simsearch.index import open_searcher
+from simsearch.index import open_searcher, search_among
 from simsearch.items import ItemImages
 from simsearch.knn import Searcher, search_without_self
 from simsearch.pixels import UnreadableImage, decode_image
@@ -39,6 +39,7 @@ class Neighbour:
     label: str | None
     score: float
     relevant: bool | None
+    metadata: dict[str, Any] | None = None  # the item's catalogue values (data.metadata); None without a catalogue
 
 
 @dataclass
@@ -142,11 +143,18 @@ def read_query_image(path: Path) -> Image.Image:
 
 
 def neighbours_of(store: Store, searcher: Searcher, vector: np.ndarray, k: int, own_row: int | None,
-                  query_label: int | None) -> SearchResult:
+                  query_label: int | None, allowed: np.ndarray | None = None, where: str | None = None) -> SearchResult:
+    """The top-k of one vector; with `allowed` (the rows a filter `where` keeps), among those rows only."""
     if not 1 <= k <= len(store) - (own_row is not None):
         raise SimsearchError(f"k={k} is out of range: 1..{len(store) - (own_row is not None)} for this store")
     vector = vector.reshape(1, -1).astype(np.float32)
-    if own_row is None:
+    if allowed is not None:
+        filtered = getattr(searcher, "search_filtered", None)  # a database that filters inside its search
+        scores, rows = filtered(vector, k, where, own_row) if filtered is not None else (None, None)
+        matching = len(allowed) - int(own_row is not None and bool(np.isin(own_row, allowed)))
+        if rows is None or int((rows >= 0).sum()) < min(k, matching):  # an approximate index found too few: exactly
+            scores, rows = search_among(store, searcher, vector, k, allowed, own_row)
+    elif own_row is None:
         scores, rows = searcher.search(vector, k)
     else:
         scores, rows = search_without_self(searcher, vector, np.array([own_row]), k)
@@ -157,16 +165,21 @@ def neighbours_of(store: Store, searcher: Searcher, vector: np.ndarray, k: int, 
             continue
         item = store.items[row]
         relevant = bool(store.labels[row] == query_label) if labelled else None
-        neighbours.append(Neighbour(rank, row, str(item["id"]), item.get("path"), store.label_name(row), score, relevant))
+        neighbours.append(Neighbour(rank, row, str(item["id"]), item.get("path"), store.label_name(row), score, relevant,
+                                    store.metadata[row] if store.metadata_columns else None))
     precision = sum(bool(n.relevant) for n in neighbours) / k if labelled else None
     return SearchResult({}, neighbours, precision)
 
 
-def answer(store: Store, searcher: Searcher, query: Query, k: int, encoder: Callable[[], Any]) -> SearchResult:
-    """The top-k of a parsed query; `encoder()` gives the store's query encoder, built only for an image."""
+def answer(store: Store, searcher: Searcher, query: Query, k: int, encoder: Callable[[], Any],
+           where: str | None = None) -> SearchResult:
+    """The top-k of a parsed query; `encoder()` gives the store's query encoder, built only for an image;
+    `where`: a filter (`simsearch.filters`), checked before anything is embedded."""
+    allowed = store.filter_rows(where)
+    where = where if allowed is not None else None
     if query.kind == "item":
         result = neighbours_of(store, searcher, store.vectors(np.array([query.row])), k, query.row,
-                               int(store.labels[query.row]))
+                               int(store.labels[query.row]), allowed, where)
         item = store.items[query.row]
         result.query = {"row": query.row, "id": str(item["id"]), "path": item.get("path"),
                         "label": store.label_name(query.row)}
@@ -175,7 +188,7 @@ def answer(store: Store, searcher: Searcher, query: Query, k: int, encoder: Call
     if not (np.isfinite(vector).all() and float(np.linalg.norm(vector)) > 0.5):  # unit norm expected
         raise SimsearchError(f"the query {query.caption!r} gives a zero or non-finite embedding (a blank image: "
                              "all white, all black or fully transparent, for this model): nothing is similar to it")
-    result = neighbours_of(store, searcher, vector, k, None, None)
+    result = neighbours_of(store, searcher, vector, k, None, None, allowed, where)
     result.query = {"vector": True} if query.kind == "vector" else {"file": query.caption}
     return result
 
@@ -201,8 +214,18 @@ def result_table(result: SearchResult, missing: list[str | None] | None = None) 
         mark = "" if n.relevant is None else (" +" if n.relevant else " -")
         note = f"  (image unavailable: {reason})" if reason else ""
         shown = n.id if n.id.isprintable() else repr(n.id)  # a newline in a file name stays on its line
-        lines.append(f"{n.rank:>4}  {n.score:>7.4f}  {str(n.label):<14}  {shown}{mark}{note}")
+        lines.append(f"{n.rank:>4}  {n.score:>7.4f}  {str(n.label):<14}  {shown}{mark}{metadata_text(n.metadata)}{note}")
+    if not result.neighbours:
+        lines.append("   (no item matches the filter)")
     return "\n".join(lines)
+
+
+def metadata_text(metadata: dict[str, Any] | None) -> str:
+    """`  category=dress price=45.0`: an item's catalogue values on its line (null ones left out)."""
+    if not metadata:
+        return ""
+    shown = " ".join(f"{name}={value}" for name, value in metadata.items() if value is not None)
+    return "  " + (shown if shown.isprintable() else repr(shown))
 
 
 def search(cfg: DictConfig) -> SearchResult:
@@ -213,13 +236,17 @@ def search(cfg: DictConfig) -> SearchResult:
                              "or query=VECTOR.npy")
     store = Store.open(cfg.run.dir)
     query = parse_query(store, str(cfg.search.query))
+    store.filter_rows(cfg.search.filter)  # a bad filter is said before the index is opened
     searcher = open_searcher(store, single_query_index(cfg.index), cfg.run.seed)
-    result = answer(store, searcher, query, cfg.search.k, lambda: query_encoder(store, cfg.serve.device))
+    result = answer(store, searcher, query, cfg.search.k, lambda: query_encoder(store, cfg.serve.device),
+                    cfg.search.filter)
     print({"item": f"Query Image Index: {query.row}  id: {result.query.get('id')}  label: {result.query.get('label')}",
            "vector": f"Query vector: {cfg.search.query}", "image": f"Query image: {cfg.search.query}"}[query.kind])
     pixels = ItemImages(store)
     tiles = [pixels.image_or_placeholder(n.row) for n in result.neighbours] if pixels.records_images else []
     print(result_table(result, [reason for _, reason in tiles] or None), flush=True)
+    if cfg.search.filter:
+        print(f"Filter: {cfg.search.filter}", flush=True)
     if result.precision is not None:
         print(f"Precision@{cfg.search.k}: {result.precision:.2f}", flush=True)
     if not pixels.records_images:  # the answer stands without its picture

@@ -51,6 +51,7 @@ MAX_SUGGESTIONS = 100  # ids one GET /items answers at most
 THUMBNAIL_CACHE_ITEMS = 512  # thumbnails kept in memory (a few tens of KB each)
 THUMBNAIL_DECODES = 2  # large images decoded at once: 8 requests for a 9000 px image wait their turn
 MULTIPART_OVERHEAD_BYTES = 64 * 1024  # form fields and boundaries around an upload
+FILTER_HELP = "only items this keeps, e.g. category == 'dress' and price < 50 (docs/recommendation.md)"
 
 
 class AnyPathConvertor(Convertor):
@@ -240,6 +241,8 @@ def result_json(store: Store, result: SearchResult) -> dict[str, Any]:
     results = [{**{k: v for k, v in asdict(n).items() if k != "row"}, "image": f"/items/{quote(n.id, safe='')}/image"}
                for n in result.neighbours]
     body: dict[str, Any] = {"query": result.query, "results": results}
+    if not results:
+        body["note"] = "no item matches the filter"
     if result.precision is not None:
         body["precision"] = result.precision
     return body
@@ -419,7 +422,7 @@ def create_app(cfg: DictConfig) -> FastAPI:
         return {"status": "ok", "items": len(store), "dim": store.dim, "model": manifest["model"].get("name"),
                 "weights": manifest.get("weights"), "checkpoint": manifest["model"].get("checkpoint"),
                 "image_size": manifest.get("image_size"), "index": searcher.description, "device": encoder.device,
-                "labelled": store.has_labels, "max_k": max_k}
+                "labelled": store.has_labels, "max_k": max_k, "filter_columns": {"label": "str", **store.metadata_columns}}
 
     @app.get("/items/{item_id:anypath}/image", responses={200: {"content": {"image/png": {}}}})
     def item_image(item_id: str) -> Response:
@@ -441,15 +444,20 @@ def create_app(cfg: DictConfig) -> FastAPI:
     def item(item_id: str) -> dict[str, Any]:
         row = row_of(item_id)
         return {**store.items[row], "row": row, "label": store.label_name(row),
-                "image": f"/items/{quote(str(store.items[row]['id']), safe='')}/image"}
+                "image": f"/items/{quote(str(store.items[row]['id']), safe='')}/image",
+                **({"metadata": store.metadata[row]} if store.metadata_columns else {})}
 
     @app.get("/search")
-    def search_by_item(item: str = Query(..., description="an item id or row"), k: int = 10) -> dict[str, Any]:
-        return result_json(store, answer(store, searcher, item_query(store, row_of(item)), checked_k(k), lambda: encoder))
+    def search_by_item(item: str = Query(..., description="an item id or row"), k: int = 10,
+                       filter: str | None = Query(None, description=FILTER_HELP)) -> dict[str, Any]:  # noqa: A002
+        return result_json(store, answer(store, searcher, item_query(store, row_of(item)), checked_k(k), lambda: encoder,
+                                         filter))
 
     @app.post("/search")
-    async def search_by_upload(request: Request, file: UploadFile = File(...), k: int = Form(10)) -> dict[str, Any]:
+    async def search_by_upload(request: Request, file: UploadFile = File(...), k: int = Form(10),
+                               filter: str | None = Form(None, description=FILTER_HELP)) -> dict[str, Any]:  # noqa: A002
         k = checked_k(k)
+        store.filter_rows(filter)  # a bad filter is a 400 before the upload is embedded
         declared = int(request.headers.get("content-length") or 0)
         if declared > max_bytes + 64 * 1024:
             raise HTTPException(413, f"upload over serve.max_upload_mb={cfg.serve.max_upload_mb}")
@@ -464,7 +472,7 @@ def create_app(cfg: DictConfig) -> FastAPI:
             raise HTTPException(400, f"the upload is not a readable image: {error}") from None
         vector = await batcher.embed(image)
         query = SearchQuery("vector", file.filename or "upload", vector=vector)
-        result = await asyncio.to_thread(answer, store, searcher, query, k, lambda: encoder)
+        result = await asyncio.to_thread(answer, store, searcher, query, k, lambda: encoder, filter)
         result.query = {"file": query.caption}
         return result_json(store, result)
 

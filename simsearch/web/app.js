@@ -41,7 +41,14 @@ function fail(error) {
 function permalink(id, k) {
   const params = new URLSearchParams({ item: id });
   if (k !== DEFAULT_K) params.set("k", k);
+  const filter = $("filter").value.trim();
+  if (filter) params.set("filter", filter);
   return `?${params}`;
+}
+
+function filterParam() {
+  const filter = $("filter").value.trim();
+  return filter ? `&filter=${encodeURIComponent(filter)}` : "";
 }
 
 function resultTile(r, k) {
@@ -66,6 +73,12 @@ function resultTile(r, k) {
   meta.className = "meta";
   meta.textContent = r.path && r.path !== r.id ? `${r.id} · ${r.path}` : r.id;
   caption.append(score, " ", label, meta);
+  if (r.metadata) {
+    const values = document.createElement("div");
+    values.className = "meta metadata";
+    values.textContent = Object.entries(r.metadata).filter(([, v]) => v !== null).map(([n, v]) => `${n}: ${v}`).join(" · ");
+    caption.append(values);
+  }
   tile.append(img, caption);
   tile.addEventListener("click", (event) => {
     if (event.button !== 0 || event.ctrlKey || event.metaKey || event.shiftKey || event.altKey) return; // a new tab
@@ -82,7 +95,7 @@ function show(body, queryImage, caption, k) {
   if (body.precision !== undefined) text += ` · Precision@${body.results.length}: ${body.precision.toFixed(2)}`;
   $("query-caption").textContent = text;
   $("results").replaceChildren(...body.results.map((r) => resultTile(r, k)));
-  status(`${body.results.length} results`);
+  status(body.results.length ? `${body.results.length} results` : "no item matches the filter");
 }
 
 async function searchItem(id, { push = true } = {}) {
@@ -91,7 +104,7 @@ async function searchItem(id, { push = true } = {}) {
   busy(true);
   status(`searching from ${id}...`);
   try {
-    const body = await call(`/search?item=${encodeURIComponent(id)}&k=${encodeURIComponent(k)}`);
+    const body = await call(`/search?item=${encodeURIComponent(id)}&k=${encodeURIComponent(k)}${filterParam()}`);
     if (request !== latest) return;
     const found = String(body.query.id);
     show(body, `/items/${encodeURIComponent(found)}/image`, `${found} (${body.query.label ?? "no label"})`, k);
@@ -113,6 +126,7 @@ async function searchFile(file) {
   const form = new FormData();
   form.append("file", file);
   form.append("k", $("k").value);
+  if ($("filter").value.trim()) form.append("filter", $("filter").value.trim());
   try {
     const body = await call("/search", { method: "POST", body: form });
     if (request !== latest) return;
@@ -152,6 +166,7 @@ function fromUrl() {
   const params = new URLSearchParams(location.search);
   const item = params.get("item");
   if (params.get("k")) $("k").value = params.get("k");
+  $("filter").value = params.get("filter") ?? "";
   if (item !== null) searchItem(item, { push: false });
   else { latest++; clearResults(); status(""); busy(false); }
 }
