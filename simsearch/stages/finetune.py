@@ -510,6 +510,8 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
     if ft.init_head and resume_from is None:
         load_trained_head(head, ft.init_head, spec)
     embedder = Embedder(Preprocess.from_spec(spec.preprocessing), backbone.network, head)
+    if ft.unfreeze and cfg.model.channels_last:  # the memory layout extraction uses (model.channels_last)
+        embedder.use_channels_last()
     module = MetricLearningModule(embedder, ft, classes, metadata)
     train_loader, val_loader = loaders(cfg, labels, train_rows, val_rows, features, collection)
     best = ModelCheckpoint(dirpath=checkpoint_dir, filename="best-epoch{epoch:03d}-map_r{val/map@r:.4f}",
