@@ -656,8 +656,6 @@ def test_a_forged_verification_cache_is_never_trusted(store_dir, monkeypatch):
 
     monkeypatch.setattr(store_module, "RACY_NS", 0)
     api.open(store_dir)  # verified and cached
-    key = Path(os.environ["XDG_CACHE_HOME"]) / "simsearch" / "verify.key"
-    assert key.stat().st_mode & 0o777 == 0o600 and not key.is_relative_to(store_dir)
     path = store_dir / "labels.npy"
     data = bytearray(path.read_bytes())
     data[-1] ^= 0x01
@@ -670,6 +668,8 @@ def test_a_forged_verification_cache_is_never_trusted(store_dir, monkeypatch):
     (store_dir / ".verified.json").write_text(json.dumps(cache))
     with pytest.raises(SimsearchError, match="labels.npy does not match its checksum"):
         api.open(store_dir)
+    key = Path(os.environ["XDG_CACHE_HOME"]) / "simsearch" / "verify.key"  # the user's, outside the store
+    assert key.stat().st_mode & 0o777 == 0o600 and not key.is_relative_to(store_dir)
 
 
 def test_a_file_name_that_is_not_utf8_is_skipped_with_the_reason(tmp_path, caplog):
