@@ -41,6 +41,7 @@ from simsearch.files import (
     file_identity,
     fsync_path,
     open_regular,
+    parse_json,
     read_json,
     read_jsonl,
     sha256_of,
@@ -311,9 +312,15 @@ def read_manifest(store_dir: Path) -> dict[str, Any]:
             f"no store in {store_dir} (manifest.json missing): run `simsearch extract run.dir={store_dir}` first"
         )
     try:
-        manifest = read_json(path)  # a pipe, a key given twice, nesting too deep: one sentence
+        with open_regular(path) as handle:  # a pipe in its place: one sentence, not a reader that hangs
+            data = handle.read()
     except OSError as error:
         raise SimsearchError(f"{path} is not a readable manifest ({type(error).__name__}): extract the store again") from None
+    try:
+        manifest = parse_json(data, path)  # a key given twice, nesting too deep: damage like any other
+    except SimsearchError as error:
+        reason = str(error).removeprefix(f"{path} is damaged: ")
+        raise SimsearchError(f"{path} is not a readable manifest ({reason}): extract the store again") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("count"), int) \
             or not isinstance(manifest.get("sha256", {}), dict):
         raise SimsearchError(f"{path} is not a simsearch manifest (no count or checksums): extract the store again")
