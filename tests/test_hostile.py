@@ -865,3 +865,17 @@ def test_a_run_writes_nothing_in_the_current_folder(store_dir, tmp_path, monkeyp
                      "logger.wandb.mode=offline") == 0
     assert list(cwd.iterdir()) == []
     assert list((store_dir / "wandb").glob("offline-run-*"))
+
+
+def test_a_port_already_taken_is_one_sentence(store_dir, capsys):
+    pytest.importorskip("uvicorn")
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        capsys.readouterr()
+        assert simsearch("serve", f"run.dir={store_dir}", f"serve.port={taken.getsockname()[1]}", "logger=none",
+                         "serve.device=cpu") == 2
+    error = capsys.readouterr().err
+    assert "simsearch serve: error: cannot serve on 127.0.0.1" in error and "Traceback" not in error

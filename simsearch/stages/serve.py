@@ -553,7 +553,10 @@ def serve(cfg: DictConfig) -> None:
         log.warning("serving on %s: reachable from other machines; simsearch has no authentication", cfg.serve.host)
     print(f"simsearch: serving {cfg.run.dir} on http://{cfg.serve.host}:{cfg.serve.port}/ (API docs: /docs)")
     server = uvicorn.Server(server_config(app, cfg))
-    server.run()
+    try:
+        server.run()
+    except SystemExit:  # uvicorn exits when it cannot bind
+        pass
     if not server.started:  # uvicorn logged why (the port taken, an address not of this machine)
         raise SimsearchError(f"cannot serve on {cfg.serve.host}:{cfg.serve.port} (see the error above): "
                              "choose another serve.port or serve.host")
