@@ -323,6 +323,7 @@ LONG = "a" * 5000
     (["serve", "serve.upload_timeout_s=1e9"], "serve.upload_timeout_s=1000000000.0 is out of range"),
     (["serve", "serve.header_timeout_s=0"], "serve.header_timeout_s=0.0 must be a positive number"),
     (["serve", "serve.host=no-such-host.invalid"], "serve.host=no-such-host.invalid cannot be resolved"),
+    (["extract", f"trainer.devices={4 * (os.cpu_count() or 1) + 1}", "run.dir=new"], "(at most 4 per core)"),
 ])
 def test_hostile_values_are_one_sentence_and_create_nothing(store_dir, tmp_path, arguments, words, capsys):
     command, *rest = arguments
@@ -729,6 +730,14 @@ def test_a_query_that_is_a_pipe_a_device_or_empty_gets_its_own_sentence(store_di
         api.open(store_dir).search("")
 
 
+def test_an_empty_image_or_a_complex_vector_is_one_sentence(store_dir):
+    store = api.open(store_dir)
+    with pytest.raises(SimsearchError, match="the query image is empty"):
+        store.search(Image.new("RGB", (0, 0)))
+    with pytest.raises(SimsearchError, match="real numbers, not complex"):
+        store.search(np.ones(store.dim) * 1j)
+
+
 @pytest.mark.parametrize("k", [True, 2.5, "3", None])
 def test_the_api_refuses_a_k_that_is_not_a_whole_number(store_dir, k):
     store = api.open(store_dir)
@@ -768,7 +777,7 @@ def test_an_unverified_open_never_serves_a_non_finite_row(store_dir):
 
 @pytest.mark.parametrize("command, key, name", [
     (["search", "query=0", "search.k=2"], "search.grid", "grid.png"), (["duplicates"], "duplicates.output", "d.json"),
-    (["duplicates"], "duplicates.image", "d.png"), (["map", "map.method=pca"], "map.image", "map.png"),
+    (["duplicates"], "duplicates.image", "d.png"), (["map"], "map.image", "map.png"),
 ])
 def test_an_output_inside_the_collection_is_refused(store_dir, tmp_path, command, key, name, capsys):
     before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "images").rglob("*"))

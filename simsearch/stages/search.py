@@ -74,6 +74,8 @@ def parse_query(store: Store, query: Any) -> Query:
             raise SimsearchError(f"row {int(query)} is not in the store (rows 0..{len(store) - 1})")
         return item_query(store, int(query))
     if isinstance(query, Image.Image):
+        if not (query.width and query.height):
+            raise SimsearchError(f"the query image is empty ({query.width} x {query.height} pixels)")
         return Query("image", "image", image=query.convert("RGB"))
     if isinstance(query, Path):
         return file_query(store, query.expanduser(), str(query))
@@ -109,6 +111,8 @@ def file_query(store: Store, path: Path, typed: str) -> Query:
 def _as_array(query: Any) -> np.ndarray:
     if hasattr(query, "detach"):  # a torch tensor, perhaps on a GPU
         query = query.detach().float().cpu().numpy()
+    if np.iscomplexobj(query):
+        raise SimsearchError("a query vector must hold real numbers, not complex ones")
     try:
         return np.asarray(query, dtype=np.float64)  # float64: 1e38 and its norm stay finite
     except (TypeError, ValueError):
