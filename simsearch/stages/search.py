@@ -137,10 +137,10 @@ def as_query_vector(vector: Any, dim: int) -> np.ndarray:
         raise SimsearchError(f"a query vector must have the store's {dim} values, not shape {array.shape}")
     array = array.reshape(1, dim)
     if not np.isfinite(array).all():
-        raise SimsearchError("a query vector must be finite (it holds NaN or infinite values)")
+        raise SimsearchError("a query vector must be finite and not all zeros: this one holds NaN or infinite values")
     largest = float(np.abs(array).max())
     if largest == 0:
-        raise SimsearchError("a query vector must not be all zeros")
+        raise SimsearchError("a query vector must be finite and not all zeros: this one is all zeros")
     array = array / largest  # scaled first: the norm of (1e38, 1e38) overflows, its direction does not
     return (array / np.linalg.norm(array)).astype(np.float32)
 
