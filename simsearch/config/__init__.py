@@ -43,7 +43,7 @@ MINIMUMS = {
 MAXIMUMS = {
     "serve.port": 65535, "run.seed": 2**32 - 1, "data.num_items": 10**9, "data.num_classes": 10**6,
     "data.native_size_px": 4096, "data.batch_size": 65_536, "data.num_workers": 1024, "model.image_size": 4096,
-    "trainer.num_nodes": 100_000, "index.batch_size": 2**24, "eval.query_chunk": 2**20, "eval.block_rows": 2**24,
+    "trainer.num_nodes": 100_000,
     "serve.max_k": 10**6, "serve.batch_size": 4096, "serve.batch_wait_ms": 60_000, "serve.thumbnail_px": 4096,
     "serve.max_upload_mb": 100_000, "serve.upload_timeout_s": 86_400, "serve.header_timeout_s": 3600,
 }
