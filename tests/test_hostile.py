@@ -323,6 +323,8 @@ LONG = "a" * 5000
     (["serve", "serve.upload_timeout_s=1e9"], "serve.upload_timeout_s=1000000000.0 is out of range"),
     (["serve", "serve.header_timeout_s=0"], "serve.header_timeout_s=0.0 must be a positive number"),
     (["serve", "serve.host=no-such-host.invalid"], "serve.host=no-such-host.invalid cannot be resolved"),
+    (["serve", "serve.allowed_hosts=[photos.lan:80:x]"], "serve.allowed_hosts holds 'photos.lan:80:x'"),
+    (["serve", "serve.allowed_hosts=[a b]"], "serve.allowed_hosts holds 'a b'"),
     (["extract", f"trainer.devices={4 * (os.cpu_count() or 1) + 1}", "run.dir=new"], "(at most 4 per core)"),
 ])
 def test_hostile_values_are_one_sentence_and_create_nothing(store_dir, tmp_path, arguments, words, capsys):

@@ -548,6 +548,11 @@ def serve(cfg: DictConfig) -> None:
     import uvicorn
 
     check_host(cfg.serve.host, cfg.serve.port)
+    for name in cfg.serve.allowed_hosts:  # one that no Host header can name would be dropped unseen
+        spelt = f"[{name}]" if ":" in name and not name.startswith("[") else name.lower()
+        if not HOST_HEADER.fullmatch(spelt):
+            raise SimsearchError(f"serve.allowed_hosts holds {name!r}, not a host name or address (no port, no "
+                                 "spaces): e.g. serve.allowed_hosts=[photos.lan]")
     app = create_app(cfg)
     if cfg.serve.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s: reachable from other machines; simsearch has no authentication", cfg.serve.host)
