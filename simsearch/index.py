@@ -16,7 +16,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from simsearch.errors import SimsearchError
-from simsearch.files import replace_atomically, sha256_of, write_text_atomically
+from simsearch.files import read_json, replace_atomically, sha256_of, write_text_atomically
 from simsearch.knn import ExactSearcher, Searcher, cuda_available
 from simsearch.milvus import open_milvus
 from simsearch.store import Store, mismatched
@@ -207,8 +207,8 @@ def load_index(store: Store, index_cfg: DictConfig) -> tuple[Any, dict[str, Any]
     if not (path.is_file() and info_path.is_file()):
         return None
     try:
-        info = json.loads(info_path.read_text())
-    except (OSError, ValueError):
+        info = read_json(info_path)  # a pipe, a key given twice, nesting too deep: rebuilt
+    except (OSError, SimsearchError):
         log.warning("index.json in %s is unreadable: rebuilding the index", store.dir)
         return None
     if not isinstance(info, dict) or info.get("store_embeddings_sha256") != store.manifest.get("sha256", {}).get("embeddings.npy") \

@@ -100,3 +100,19 @@ def dataset_images(data: dict[str, Any], manifest: dict[str, Any], seed: int) ->
     model = manifest.get("model", {})
     resize = Resize(int(model["image_size"]), str(model.get("interpolation") or "bilinear"))
     return build_collection(OmegaConf.create({**data, "limit": None}), resize, seed)
+
+
+def output_path(store: Store, key: str, name: str) -> Path:
+    """Where the output `key` (search.grid, duplicates.output, ...) is written: `name` in run.dir (or where an
+    absolute or `..` path leads). Refused with a sentence inside the store's folder collection, as run.dir
+    is (`simsearch extract`): the picture would become an item of the next extraction. A hidden folder
+    there (a name starting with `.`) is never listed, so allowed."""
+    path = store.dir / name
+    data = store.manifest.get("data", {})
+    if data.get("name") != "folder" or not data.get("root"):
+        return path
+    root, resolved = Path(data["root"]).resolve(), path.resolve()
+    if resolved.is_relative_to(root) and not any(part.startswith(".") for part in resolved.relative_to(root).parts):
+        raise SimsearchError(f"{key}={name} is inside data.root={data['root']}: it would become an item of the next "
+                             "extraction; write it outside the collection (or in a hidden folder, .simsearch)")
+    return path

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gzip
 import os
-import stat
 import warnings
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -17,6 +16,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from simsearch.errors import SimsearchError
+from simsearch.files import open_regular
 
 FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -25,6 +25,19 @@ FASHION_MNIST_FILES = {
 FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 ]
+
+
+# The files simsearch reads, by suffix, and the Pillow decoder of each: Pillow is never asked to try any
+# other (a PostScript file named .png would otherwise be handed to Ghostscript).
+IMAGE_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".gif": "GIF", ".tif": "TIFF",
+                 ".tiff": "TIFF", ".webp": "WEBP", ".ppm": "PPM", ".pgm": "PPM", ".pbm": "PPM"}
+IMAGE_SUFFIXES = set(IMAGE_FORMATS)
+PIL_FORMATS = sorted(set(IMAGE_FORMATS.values()))
+
+
+def open_image(source: Any) -> Image.Image:
+    """Image.open restricted to the formats simsearch reads (PIL_FORMATS)."""
+    return Image.open(source, formats=PIL_FORMATS)
 
 
 class UnreadableImage(Exception):
@@ -64,22 +77,21 @@ def open_inside(path: Path, real_root: Path) -> BinaryIO:
     """`path` opened for reading, once, after checking what was opened: a regular file whose real path
     (the kernel's, /proc/self/fd) is inside `real_root`. A link retargeted outside the root between the
     listing and this read, or a pipe swapped in, is refused with the reason (UnreadableImage)."""
-    try:  # non-blocking: a pipe swapped in for the file must not hang the run
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:  # non-blocking, checked after opening: a pipe swapped in for the file must not hang the run
+        handle = open_regular(path)
     except OSError as error:
         raise UnreadableImage(f"{type(error).__name__}: {error.strerror or error}") from None
+    except SimsearchError:
+        raise UnreadableImage("not a regular file (a pipe, socket or device): not read") from None
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise UnreadableImage("not a regular file (a pipe, socket or device): not read")
-        proc = Path(f"/proc/self/fd/{fd}")
+        proc = Path(f"/proc/self/fd/{handle.fileno()}")
         real = Path(os.readlink(proc)) if proc.is_symlink() else path.resolve()
         if not real.is_relative_to(real_root):
             raise UnreadableImage("the file opened is outside data.root (a link changed after the folder was "
                                   "listed): not read")
-        os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
+        return handle
     except BaseException:
-        os.close(fd)
+        handle.close()
         raise
 
 
@@ -88,7 +100,7 @@ def decode_image(source: Any) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(source) as image:
+            with open_image(source) as image:
                 image.load()  # decodes fully: truncated files fail here, not later
                 return to_rgb(ImageOps.exif_transpose(image))
     except Image.DecompressionBombError as error:
@@ -96,7 +108,7 @@ def decode_image(source: Any) -> Image.Image:
     except Image.DecompressionBombWarning as error:
         raise UnreadableImage(f"too many pixels (over {Image.MAX_IMAGE_PIXELS}): {error}") from None
     except Image.UnidentifiedImageError:
-        raise UnreadableImage("not an image PIL can identify") from None
+        raise UnreadableImage(f"not an image in a format simsearch reads ({', '.join(PIL_FORMATS)})") from None
     except (OSError, ValueError, SyntaxError, EOFError) as error:
         raise UnreadableImage(f"{type(error).__name__}: {error}") from None
 

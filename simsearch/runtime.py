@@ -104,11 +104,42 @@ def phase_progress_bar() -> Any:
     return PhaseProgressBar()
 
 
+CPU_PROCESSES_PER_CORE = 4  # DDP on CPUs: one process per "device"; more than this per core is a typo
+
+
+def device_count(devices: Any) -> int | None:
+    """How many devices `trainer.devices` asks for (None: auto or -1, all of them)."""
+    if isinstance(devices, int):
+        return None if devices == -1 else devices
+    if isinstance(devices, str):
+        return None if devices in ("auto", "-1") else len([d for d in devices.split(",") if d.strip()])
+    return len(devices)
+
+
+def check_device_count(trainer_cfg: DictConfig) -> None:
+    """No more processes than the machine has devices: on a CPU, Lightning starts one per 'device' asked
+    for (trainer.devices=100000 would start 100,000 processes)."""
+    import torch
+
+    wanted = device_count(trainer_cfg.devices)
+    on_gpu = trainer_cfg.accelerator in ("gpu", "cuda") or (trainer_cfg.accelerator == "auto" and torch.cuda.is_available())
+    if wanted is None:
+        return
+    if on_gpu and wanted > torch.cuda.device_count():
+        raise SimsearchError(f"trainer.devices={trainer_cfg.devices} asks for {wanted} GPUs; this machine has "
+                             f"{torch.cuda.device_count()}: use trainer.devices=auto")
+    cores = os.cpu_count() or 1
+    if not on_gpu and wanted > CPU_PROCESSES_PER_CORE * cores:
+        raise SimsearchError(f"trainer.devices={trainer_cfg.devices} would start {wanted} processes on {cores} CPU "
+                             f"cores (at most {CPU_PROCESSES_PER_CORE} per core): use trainer.devices=auto")
+
+
 def build_trainer(cfg: DictConfig, callbacks: list, **extra: Any) -> L.Trainer:
     """A Trainer from `cfg.trainer`: devices, nodes, strategy (DDP, SLURM detected by Lightning), precision."""
     import lightning as L
 
     trainer = cfg.trainer
+    check_device_count(trainer)
     return L.Trainer(
         accelerator=trainer.accelerator,
         devices=trainer.devices,

@@ -26,7 +26,8 @@ def start_run(cfg: DictConfig, job_type: str, name: str | None = None) -> Any | 
         raise SimsearchError(f"logger.wandb.mode must be offline, online or disabled, not '{settings.mode}'")
     import wandb
 
-    Path(settings.dir).mkdir(parents=True, exist_ok=True)
+    directory = settings.dir or cfg.run.dir  # beside the run's outputs: nothing lands in the current folder
+    Path(directory).mkdir(parents=True, exist_ok=True)
     try:
         return wandb.init(
             project=settings.project,
@@ -36,7 +37,7 @@ def start_run(cfg: DictConfig, job_type: str, name: str | None = None) -> Any | 
             job_type=job_type,
             tags=list(settings.tags),
             config=OmegaConf.to_container(cfg, resolve=True),
-            dir=settings.dir,
+            dir=directory,
             mode=settings.mode,
             reinit="create_new",
         )

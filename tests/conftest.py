@@ -65,6 +65,7 @@ def _isolated(tmp_path, monkeypatch):
     """Each test runs in its own folder, with torchvision's cache there (never the user's)."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path.parent / f"{tmp_path.name}-cache"))  # the MAC key of .verified.json
     monkeypatch.setenv("WANDB_SILENT", "true")
     yield
     forget_torchscript()

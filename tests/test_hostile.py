@@ -310,6 +310,22 @@ LONG = "a" * 5000
     (["extract", "trainer.accelerator=tpu", "run.dir=new"], "trainer.accelerator=tpu"),
     (["extract", "run.dir="], "run.dir= is empty"),
     (["extract", "data=folder", "data.root=missing", "run.dir=new"], "missing"),
+    (["extract", "data.num_items=100000000000000000000", "run.dir=new"], "data.num_items=100000000000000000000"),
+    (["extract", "run.seed=100000000000000000000", "run.dir=new"], "run.seed=100000000000000000000 is out of range"),
+    (["extract", "run.seed=4294967296", "run.dir=new"], "at most 4294967295"),
+    (["extract", "data.batch_size=100000000000", "run.dir=new"], "data.batch_size=100000000000 is out of range"),
+    (["extract", "model.image_size=100000", "run.dir=new"], "model.image_size=100000 is out of range"),
+    (["serve", "serve.max_upload_mb=1e309"], "serve.max_upload_mb=inf is not a finite number"),
+    (["extract", "model.mean=[nan,0.5,0.5]", "run.dir=new"], "model.mean[0]=nan is not a finite number"),
+    (["extract", "model.std=[0.2,inf,0.2]", "run.dir=new"], "model.std[1]=inf is not a finite number"),
+    (["extract", "model.std=[0.2,0,0.2]", "run.dir=new"], "model.std=[0.2, 0.0, 0.2] must be positive"),
+    (["serve", "serve.upload_timeout_s=1e309"], "serve.upload_timeout_s=inf is not a finite number"),
+    (["serve", "serve.upload_timeout_s=1e9"], "serve.upload_timeout_s=1000000000.0 is out of range"),
+    (["serve", "serve.header_timeout_s=0"], "serve.header_timeout_s=0.0 must be a positive number"),
+    (["serve", "serve.host=no-such-host.invalid"], "serve.host=no-such-host.invalid cannot be resolved"),
+    (["serve", "serve.allowed_hosts=[photos.lan:80:x]"], "serve.allowed_hosts holds 'photos.lan:80:x'"),
+    (["serve", "serve.allowed_hosts=[a b]"], "serve.allowed_hosts holds 'a b'"),
+    (["extract", f"trainer.devices={4 * (os.cpu_count() or 1) + 1}", "run.dir=new"], "(at most 4 per core)"),
 ])
 def test_hostile_values_are_one_sentence_and_create_nothing(store_dir, tmp_path, arguments, words, capsys):
     command, *rest = arguments
@@ -361,8 +377,10 @@ def test_every_answer_has_the_security_headers_and_the_page_satisfies_its_csp(st
 
 
 @pytest.mark.parametrize("host, status", [
-    ("localhost", 200), ("127.0.0.1:8000", 200), ("[::1]:8000", 200), ("photos.lan", 200),
+    ("localhost", 200), ("127.0.0.1:8000", 200), ("[::1]:8000", 200), ("photos.lan", 200), ("[::1]", 200),
     ("evil.example", 400), ("127.0.0.1.evil.example", 400), ("", 400),
+    ("localhost:80:evil", 400), ("localhost:abc", 400), ("localhost evil", 400), ("[::1]x", 400), ("[::1]:80:1", 400),
+    ("::1", 400), ("localhost:123456", 400), ("photos.lan@evil.example", 400),
 ])
 def test_only_allowed_hosts_are_answered(store_dir, host, status):
     pytest.importorskip("fastapi")
@@ -544,3 +562,331 @@ def test_a_run_dir_inside_the_collection_is_refused(tmp_path, capsys):
     assert not (root / "cats" / "out").exists() and not (root / ".lock").exists()
     assert extract(root, str(root / ".simsearch")) == 0  # hidden: never listed
     assert extract(root, str(root / ".simsearch")) == 0 and len(Store.open(root / ".simsearch")) == 6
+
+
+# ---------------------------------------------------------------- 9. the second probe: pipes, JSON, the cache, names, formats
+
+
+def finished_within(seconds: float, function):
+    """`function()`'s result (or its exception), failing the test if it is still running after `seconds`:
+    a reader blocked on a named pipe must not hang the test suite."""
+    import threading
+
+    outcome: dict = {}
+
+    def run():
+        try:
+            outcome["value"] = function()
+        except BaseException as error:  # noqa: BLE001 - handed to the test
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still blocked after {seconds} s"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+@pytest.mark.parametrize("name", ["embeddings.npy", "labels.npy", "items.jsonl", "manifest.json"])
+@pytest.mark.parametrize("verify", [True, False])
+def test_a_pipe_in_place_of_a_store_file_is_one_sentence(store_dir, name, verify):
+    (store_dir / name).unlink()
+    os.mkfifo(store_dir / name)
+    with pytest.raises(SimsearchError, match="is not a regular file"):
+        finished_within(10, lambda: api.open(store_dir, verify=verify).items)
+
+
+def test_a_pipe_in_place_of_the_verification_cache_is_ignored(store_dir):
+    (store_dir / ".verified.json").unlink(missing_ok=True)
+    os.mkfifo(store_dir / ".verified.json")
+    assert len(finished_within(10, lambda: api.open(store_dir))) == 6
+
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+def test_deeply_nested_json_in_a_store_file_is_one_sentence(store_dir, capsys, caplog):
+    manifest = (store_dir / "manifest.json").read_text()
+    (store_dir / "manifest.json").write_text(DEEP)
+    with pytest.raises(SimsearchError, match="nested too deeply"):
+        api.open(store_dir)
+    (store_dir / "manifest.json").write_text(manifest)
+    (store_dir / ".verified.json").write_text(DEEP)
+    assert len(api.open(store_dir)) == 6  # the cache ignored: files hashed again
+    assert simsearch("index", f"run.dir={store_dir}") == 0
+    (store_dir / "index.json").write_text(DEEP)
+    capsys.readouterr()
+    assert simsearch("search", f"run.dir={store_dir}", "query=0", "search.k=2", "logger=none") == 0
+    assert "index.json" in caplog.text and "rebuilding" in caplog.text
+    (store_dir / "items.jsonl").write_text(DEEP + "\n")
+    resign_manifest(store_dir, "items.jsonl")  # a consistent forgery: only the JSON's depth is left to refuse
+    with pytest.raises(SimsearchError, match="items.jsonl is damaged: line 1"):
+        _ = api.open(store_dir).items
+
+
+def resign_manifest(store_dir: Path, name: str) -> None:
+    """The manifest rewritten with the checksum of `name` as it is now, and its own checksum recomputed."""
+    import hashlib
+
+    manifest = json.loads((store_dir / "manifest.json").read_text())
+    manifest["sha256"][name] = hashlib.sha256((store_dir / name).read_bytes()).hexdigest()
+    content = {key: value for key, value in manifest.items() if key != "manifest_sha256"}
+    canonical = json.dumps(content, sort_keys=True, ensure_ascii=True, separators=(",", ":")).encode()
+    manifest["manifest_sha256"] = hashlib.sha256(canonical).hexdigest()
+    (store_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_key_given_twice_in_a_store_file_is_refused(store_dir, caplog):
+    path = store_dir / "manifest.json"
+    original = path.read_text()
+    path.write_text('{"count": 999999,' + original.lstrip()[1:])  # json.loads would keep the last count
+    with pytest.raises(SimsearchError, match="'count' appears twice"):
+        api.open(store_dir)
+    path.write_text(original)
+    assert simsearch("index", f"run.dir={store_dir}") == 0
+    info = (store_dir / "index.json").read_text()
+    (store_dir / "index.json").write_text('{"factory": "HNSW32",' + info.lstrip()[1:])
+    assert simsearch("search", f"run.dir={store_dir}", "query=0", "search.k=2", "logger=none") == 0
+    assert "index.json" in caplog.text and "rebuilding" in caplog.text
+
+
+def test_a_forged_verification_cache_is_never_trusted(store_dir, monkeypatch):
+    """A byte of labels.npy flipped, then .verified.json edited to the file's new identity, verified
+    'later': without the user's key the entry's MAC fails, so the file is hashed again and refused."""
+    import simsearch.store as store_module
+
+    monkeypatch.setattr(store_module, "RACY_NS", 0)
+    api.open(store_dir)  # verified and cached
+    path = store_dir / "labels.npy"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+    stat = path.stat()
+    cache = json.loads((store_dir / ".verified.json").read_text())
+    entries = cache.get("files", cache)
+    entries["labels.npy"].update(dev=stat.st_dev, ino=stat.st_ino, size=stat.st_size, mtime_ns=stat.st_mtime_ns,
+                                 ctime_ns=stat.st_ctime_ns, verified_ns=time.time_ns() + 10**10)
+    (store_dir / ".verified.json").write_text(json.dumps(cache))
+    with pytest.raises(SimsearchError, match="labels.npy does not match its checksum"):
+        api.open(store_dir)
+    key = Path(os.environ["XDG_CACHE_HOME"]) / "simsearch" / "verify.key"  # the user's, outside the store
+    assert key.stat().st_mode & 0o777 == 0o600 and not key.is_relative_to(store_dir)
+
+
+def test_a_file_name_that_is_not_utf8_is_skipped_with_the_reason(tmp_path, caplog):
+    root = tmp_path / "images"
+    write_folder(root)
+    bad_file = os.fsdecode(os.fsencode(root / "cats") + b"/caf\xe9.png")
+    bad_folder = os.fsdecode(os.fsencode(root) + b"/d\xe9j\xe0")
+    write_image(Path(bad_file), seed=50)
+    write_image(Path(bad_folder) / "x.png", seed=51)
+    assert extract(root) == 0
+    assert len(Store.open(tmp_path / "store")) == 6
+    skipped = {s["path_hex"]: s for s in read_jsonl(tmp_path / "store" / "skipped.jsonl")}
+    assert set(skipped) == {b"cats/caf\xe9.png".hex(), b"d\xe9j\xe0".hex()}
+    assert skipped[b"cats/caf\xe9.png".hex()]["path"] == "cats/caf\\xe9.png"
+    assert all("not valid UTF-8" in s["reason"] for s in skipped.values())
+    assert "2 of 8 inputs could not be read" in caplog.text
+
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 12 12\nnewpath 0 0 moveto 12 12 lineto stroke showpage\n"
+
+
+def test_a_postscript_file_named_png_never_reaches_ghostscript(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("fastapi")
+    from PIL import EpsImagePlugin
+
+    from tests.test_serve import client_for
+
+    ghostscript_runs = []
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: ghostscript_runs.append(a) or no_space())
+    root = tmp_path / "images"
+    write_folder(root)
+    (root / "cats" / "x.png").write_bytes(EPS)
+    assert extract(root) == 0
+    skipped = {s["path"]: s["reason"] for s in read_jsonl(tmp_path / "store" / "skipped.jsonl")}
+    assert "not an image in a format simsearch reads" in skipped["cats/x.png"]
+    capsys.readouterr()
+    assert simsearch("search", "run.dir=store", f"query={root / 'cats' / 'x.png'}", "logger=none") == 2
+    assert "not an image in a format simsearch reads" in one_sentence(capsys)
+    with client_for(tmp_path / "store") as client:
+        response = client.post("/search", files={"file": ("x.png", EPS, "image/png")}, data={"k": "2"})
+    assert response.status_code == 400 and "not an image in a format simsearch reads" in response.json()["error"]
+    assert ghostscript_runs == []
+
+
+# ---------------------------------------------------------------- 10. the second probe: queries, the API, outputs
+
+
+def test_a_query_that_is_a_pipe_a_device_or_empty_gets_its_own_sentence(store_dir, tmp_path, capsys):
+    os.mkfifo(tmp_path / "pipe.png")
+    for query, words in ((str(tmp_path / "pipe.png"), "is not a regular file"), ("/dev/null", "is not a regular file"),
+                         ("", "the query is empty"), (str(tmp_path), "is a folder")):
+        capsys.readouterr()
+        assert finished_within(20, lambda: simsearch("search", f"run.dir={store_dir}", f"query={query}",
+                                                     "logger=none")) == 2
+        assert words in one_sentence(capsys)
+    with pytest.raises(SimsearchError, match="the query is empty"):
+        api.open(store_dir).search("")
+
+
+def test_an_empty_image_or_a_complex_vector_is_one_sentence(store_dir):
+    store = api.open(store_dir)
+    with pytest.raises(SimsearchError, match="the query image is empty"):
+        store.search(Image.new("RGB", (0, 0)))
+    with pytest.raises(SimsearchError, match="real numbers, not complex"):
+        store.search(np.ones(store.dim) * 1j)
+
+
+@pytest.mark.parametrize("k", [True, 2.5, "3", None])
+def test_the_api_refuses_a_k_that_is_not_a_whole_number(store_dir, k):
+    store = api.open(store_dir)
+    with pytest.raises(SimsearchError, match="must be a whole number"):
+        store.search(0, k=k)
+    with pytest.raises(SimsearchError, match="must be a whole number"):
+        store.search(np.ones(store.dim), k=k)
+
+
+def test_a_query_vector_of_huge_finite_values_is_searched(store_dir):
+    store = api.open(store_dir)
+    direction = Store.open(store_dir).vectors()[3]
+    huge_values = (direction.astype(np.float64) * (1e38 / float(np.abs(direction).max()))).astype(np.float32)
+    with np.errstate(over="ignore"):  # float32's norm of it overflows
+        assert np.isfinite(huge_values).all() and not np.isfinite(np.linalg.norm(huge_values))
+    huge = [r.id for r in store.search(huge_values, k=3)]
+    assert huge == [r.id for r in store.search(direction, k=3)] and huge[0] == store.items[3]["id"]
+    assert [r.id for r in store.search([1e300] * store.dim, k=2)] == [r.id for r in store.search([1.0] * store.dim, k=2)]
+
+
+def test_an_unverified_open_never_serves_a_non_finite_row(store_dir):
+    path = store_dir / "embeddings.npy"
+    embeddings = np.load(path)
+    embeddings[4, 1] = np.nan
+    np.save(path, embeddings)
+    with pytest.raises(SimsearchError, match="row 4 of embeddings.npy is not finite"):
+        api.open(store_dir, verify=False)
+    with pytest.raises(SimsearchError, match="embeddings.npy does not match its checksum"):
+        api.open(store_dir)
+    from simsearch.store import create_store
+
+    with pytest.raises(SimsearchError, match="NaN or infinite"):
+        create_store(store_dir.parent / "nan", embeddings, np.zeros(len(embeddings), np.int64),
+                     [{"id": str(i)} for i in range(len(embeddings))], {"data": {}, "model": {}})
+    assert not (store_dir.parent / "nan").exists()
+
+
+@pytest.mark.parametrize("command, key, name", [
+    (["search", "query=0", "search.k=2"], "search.grid", "grid.png"), (["duplicates"], "duplicates.output", "d.json"),
+    (["duplicates"], "duplicates.image", "d.png"), (["map"], "map.image", "map.png"),
+])
+def test_an_output_inside_the_collection_is_refused(store_dir, tmp_path, command, key, name, capsys):
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "images").rglob("*"))
+    for value in (f"../images/cats/{name}", str(tmp_path / "images" / name)):
+        capsys.readouterr()
+        assert simsearch(*command, f"run.dir={store_dir}", f"{key}={value}", "logger=none") == 2
+        assert "is inside data.root" in one_sentence(capsys)
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "images").rglob("*")) == before
+    if key == "search.grid":  # a hidden folder in the collection is never listed: allowed, as for run.dir
+        (tmp_path / "images" / ".simsearch").mkdir()
+        assert simsearch(*command, f"run.dir={store_dir}", f"{key}=../images/.simsearch/grid.png", "logger=none") == 0
+        assert (tmp_path / "images" / ".simsearch" / "grid.png").is_file()
+
+
+# ---------------------------------------------------------------- 11. the second probe: the server's connections, the cwd
+
+
+class Served:
+    """The app of `simsearch serve` under the uvicorn configuration `simsearch serve` runs (`server_config`),
+    on a free port of 127.0.0.1, in a thread."""
+
+    def __init__(self, store_dir: Path, *overrides: str):
+        import threading
+
+        import uvicorn
+
+        from simsearch.config import load_config
+        from simsearch.stages.serve import create_app, server_config
+        from tests.test_serve import free_port
+
+        cfg = load_config([f"run.dir={store_dir}", "logger=none", "serve.device=cpu", f"serve.port={free_port()}",
+                           *overrides])
+        self.port = cfg.serve.port
+        self.server = uvicorn.Server(server_config(create_app(cfg), cfg, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> int:
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started and time.time() < deadline:
+            time.sleep(0.05)
+        return self.port
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def test_request_headers_sent_a_byte_at_a_time_are_cut_off(store_dir):
+    pytest.importorskip("uvicorn")
+    import socket
+
+    with Served(store_dir, "serve.header_timeout_s=1") as port:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:  # a well-behaved client
+            connection.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert connection.recv(65536).startswith(b"HTTP/1.1 200")
+        for request_line in (b"", b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"):  # new, then kept alive
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+                if request_line:
+                    connection.sendall(request_line)
+                    assert connection.recv(65536).startswith(b"HTTP/1.1 200")
+                started, closed = time.monotonic(), None
+                for byte in b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 100:
+                    try:
+                        connection.sendall(bytes([byte]))
+                        connection.settimeout(0.2)
+                        if connection.recv(1024) == b"":
+                            closed = time.monotonic() - started
+                            break
+                    except TimeoutError:
+                        continue
+                    except (BrokenPipeError, ConnectionResetError):
+                        closed = time.monotonic() - started
+                        break
+                assert closed is not None and closed < 2.5, closed
+
+
+def test_an_unresolvable_host_is_refused_before_the_model_is_loaded(store_dir, capsys, monkeypatch):
+    import simsearch.stages.serve as serve_module
+
+    monkeypatch.setattr(serve_module, "create_app", lambda cfg: pytest.fail("the app was built"))
+    capsys.readouterr()
+    assert simsearch("serve", f"run.dir={store_dir}", "serve.host=no-such-host.invalid", "logger=none") == 2
+    assert "cannot be resolved" in one_sentence(capsys)
+
+
+@pytest.mark.slow
+def test_a_run_writes_nothing_in_the_current_folder(store_dir, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    assert simsearch("search", f"run.dir={store_dir}", "query=0", "search.k=2", "logger=wandb",
+                     "logger.wandb.mode=offline") == 0
+    assert list(cwd.iterdir()) == []
+    assert list((store_dir / "wandb").glob("offline-run-*"))
+
+
+def test_a_port_already_taken_is_one_sentence(store_dir, capsys):
+    pytest.importorskip("uvicorn")
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        capsys.readouterr()
+        assert simsearch("serve", f"run.dir={store_dir}", f"serve.port={taken.getsockname()[1]}", "logger=none",
+                         "serve.device=cpu") == 2
+    error = capsys.readouterr().err
+    assert "simsearch serve: error: cannot serve on 127.0.0.1" in error and "Traceback" not in error

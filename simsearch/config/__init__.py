@@ -7,6 +7,7 @@ A misspelt key or a value of the wrong type is a `SimsearchError` naming the key
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,16 @@ MINIMUMS = {
     "search.k": 1, "serve.port": 0, "serve.max_k": 1, "serve.batch_size": 1, "serve.batch_wait_ms": 0,
     "serve.thumbnail_px": 1, "run.seed": 0,
 }
-MAXIMUMS = {"serve.port": 65535}
+# The largest: beyond them a value is a typo, and would fail later as a traceback (numpy's seed range,
+# memory for image_size^2 pixels, int64 overflow) or hold a server open for ever.
+MAXIMUMS = {
+    "serve.port": 65535, "run.seed": 2**32 - 1, "data.num_items": 10**9, "data.num_classes": 10**6,
+    "data.native_size_px": 4096, "data.batch_size": 65_536, "data.num_workers": 1024, "model.image_size": 4096,
+    "trainer.num_nodes": 100_000,
+    "serve.max_k": 10**6, "serve.batch_size": 4096, "serve.batch_wait_ms": 60_000, "serve.thumbnail_px": 4096,
+    "serve.max_upload_mb": 100_000, "serve.upload_timeout_s": 86_400, "serve.header_timeout_s": 3600,
+}
+LARGEST_INT = 2**63 - 1  # any integer key: numpy's int64
 # What Lightning's Trainer accepts (simsearch picks one when None); anything else would fail inside it
 PRECISIONS = ("16-mixed", "bf16-mixed", "32-true", "64-true", "16-true", "bf16-true", "16", "32", "64", "bf16")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
@@ -172,8 +182,26 @@ def load_config(arguments: list[str] | None = None, allow_missing: bool = False)
     return cfg
 
 
+def _leaves(node: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    if OmegaConf.is_dict(node):
+        return [leaf for key in node for leaf in _leaves(node._get_node(key), f"{prefix}{key}.")]
+    if OmegaConf.is_list(node):
+        return [leaf for i in range(len(node)) for leaf in _leaves(node._get_node(i), f"{prefix[:-1]}[{i}].")]
+    return [(prefix[:-1], node._value())]
+
+
+def check_numbers(cfg: DictConfig) -> None:
+    """Every number finite (nan, inf and 1e309 are typos, never settings) and every integer an int64."""
+    for key, value in _leaves(cfg):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise SimsearchError(f"{key}={value} is not a finite number")
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > LARGEST_INT:
+            raise SimsearchError(f"{key}={value} is out of range: at most {LARGEST_INT} in size")
+
+
 def check_values(cfg: DictConfig) -> None:
     """Values of the right type but out of range, each refused with one sentence naming the key."""
+    check_numbers(cfg)
     for key, minimum in MINIMUMS.items():
         value = OmegaConf.select(cfg, key)
         if value is not None and value < minimum:
@@ -197,8 +225,16 @@ def check_values(cfg: DictConfig) -> None:
         raise SimsearchError(f"trainer.accelerator={cfg.trainer.accelerator} is not one of {', '.join(ACCELERATORS)}")
     if not cfg.serve.upload_timeout_s > 0:
         raise SimsearchError(f"serve.upload_timeout_s={cfg.serve.upload_timeout_s} must be a positive number of seconds")
+    if not cfg.serve.header_timeout_s > 0:
+        raise SimsearchError(f"serve.header_timeout_s={cfg.serve.header_timeout_s} must be a positive number of seconds")
     if not cfg.serve.max_upload_mb > 0:
         raise SimsearchError(f"serve.max_upload_mb={cfg.serve.max_upload_mb} must be a positive number of megabytes")
+    for key in ("model.mean", "model.std"):
+        values = OmegaConf.select(cfg, key)
+        if values is not None and len(values) not in (1, 3):
+            raise SimsearchError(f"{key}={list(values)} must hold 3 numbers (one per channel: R, G, B)")
+    if cfg.model.std is not None and any(value <= 0 for value in cfg.model.std):
+        raise SimsearchError(f"model.std={list(cfg.model.std)} must be positive numbers (pixels are divided by them)")
     if any(k < 1 for k in cfg.eval.k) or not len(cfg.eval.k):
         raise SimsearchError(f"eval.k={list(cfg.eval.k)} must be one or more positive integers, e.g. eval.k=[1,10]")
     devices = cfg.trainer.devices

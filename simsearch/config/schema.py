@@ -189,6 +189,7 @@ class ServeConfig:
     # Host headers answered besides serve.host, localhost, 127.0.0.1 and [::1] (others get 400: DNS rebinding)
     allowed_hosts: list[str] = field(default_factory=list)
     upload_timeout_s: float = 30.0  # an upload body not received whole within this is answered 408 and closed
+    header_timeout_s: float = 10.0  # a request's headers not received whole within this: the connection is closed
 
 
 @dataclass
@@ -207,7 +208,7 @@ class WandbConfig:
     entity: str | None = None
     group: str | None = None  # runs of one group sit side by side in a W&B report
     name: str | None = None  # default: <command>-<run dir name>
-    dir: str = "."  # W&B writes its `wandb/` folder here
+    dir: str | None = None  # W&B writes its `wandb/` folder here; None: in run.dir (never the current folder)
     tags: list[str] = field(default_factory=list)
 
 

@@ -26,6 +26,7 @@ from simsearch.errors import SimsearchError
 from simsearch.pixels import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_FILES,
+    IMAGE_SUFFIXES,
     SyntheticImages,
     UnreadableImage,
     decode_image,
@@ -36,7 +37,6 @@ from simsearch.pixels import (
 log = logging.getLogger(__name__)
 
 JPEG_SUFFIXES = {".jpg", ".jpeg"}
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 
 
@@ -208,7 +208,11 @@ def list_image_files(root: Path) -> tuple[list[tuple[Path, tuple[int, int, int]]
 
     def unlist(path: Path, reason: str) -> None:
         relative = path.relative_to(root).as_posix()
-        unlisted.append({"id": relative, "path": relative, "reason": reason})
+        record = {"id": relative, "path": relative, "reason": reason}
+        if not _is_utf8(relative):  # the name's bytes as \xNN (JSON holds text only), and exactly, in hex
+            shown = os.fsencode(relative).decode("utf-8", "backslashreplace")
+            record = {"id": shown, "path": shown, "path_hex": os.fsencode(relative).hex(), "reason": reason}
+        unlisted.append(record)
 
     def target_of(path: Path) -> Path | None:
         """The resolved target of a link inside the root, or None after recording why not."""
@@ -238,6 +242,10 @@ def list_image_files(root: Path) -> tuple[list[tuple[Path, tuple[int, int, int]]
             if _is_hidden(entry.name):
                 continue
             path = folder / entry.name
+            if not _is_utf8(entry.name):
+                unlist(path, "the name is not valid UTF-8 (items.jsonl holds names as UTF-8 text): not read; "
+                             "rename it, e.g. with convmv")
+                continue
             target = target_of(path) if entry.is_symlink() else path
             if target is None:
                 continue
@@ -266,13 +274,22 @@ def list_image_files(root: Path) -> tuple[list[tuple[Path, tuple[int, int, int]]
     return files, unlisted
 
 
+def _is_utf8(name: str) -> bool:
+    """False for a file name whose bytes are not UTF-8 (Python keeps them as lone surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def read_jpeg_bytes(handle: BinaryIO) -> torch.Tensor:
     """A JPEG file's bytes (from its open file) for decoding on the device, after PIL has checked its header
     (size limits)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(handle)  # reads the header only; the handle stays open for the bytes
+            image = Image.open(handle, formats=["JPEG"])  # the header only; the handle stays open for the bytes
             if image.format != "JPEG":
                 raise UnreadableImage(f"not a JPEG file ({image.format})")
         handle.seek(0)

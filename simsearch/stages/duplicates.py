@@ -17,7 +17,7 @@ from simsearch.errors import SimsearchError
 from simsearch.files import replace_atomically, write_json_atomically
 from simsearch.identity import check_same_model, stored_identity
 from simsearch.index import open_searcher
-from simsearch.items import ItemImages
+from simsearch.items import ItemImages, output_path
 from simsearch.knn import Searcher, search_without_self
 from simsearch.store import Store
 
@@ -118,6 +118,7 @@ def duplicates(cfg: DictConfig) -> list[list[str]]:
     """
     settings = cfg.duplicates
     store = Store.open(cfg.run.dir)
+    output, picture = output_path(store, "duplicates.output", settings.output), output_path(store, "duplicates.image", settings.image)
     threshold = default_threshold(store) if settings.threshold is None else float(settings.threshold)
     if not -1.0 <= threshold <= 1.0 or settings.k < 1:
         raise SimsearchError(f"duplicates.threshold must be a cosine in [-1, 1] and duplicates.k >= 1, "
@@ -152,10 +153,8 @@ def duplicates(cfg: DictConfig) -> list[list[str]]:
               f"{in_groups - len(groups)} removable (cosine >= {threshold}, top {settings.k})")
         for group in groups[: settings.show_groups]:
             print(f"  {len(group)}: " + ", ".join(str(i) for i in group[:8]) + (" ..." if len(group) > 8 else ""))
-    output = store.dir / settings.output
     write_json_atomically(output, groups, indent=1)
     print(f"Saved: {output}")
-    picture = store.dir / settings.image
     picture.unlink(missing_ok=True)  # a picture of an earlier run's groups would mislead
     if drawn:
         sheet = draw_groups(drawn[: settings.show_groups], headings=headings[: settings.show_groups])

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from simsearch.drawing import draw_map
 from simsearch.errors import SimsearchError
-from simsearch.items import ItemImages
+from simsearch.items import ItemImages, output_path
 from simsearch.pixels import UnreadableImage
 from simsearch.store import Store
 from simsearch.tracking import finish, log_image, start_run
@@ -71,6 +71,7 @@ def embedding_map(cfg: DictConfig) -> Path:
     """`simsearch map`: embedding_map.png in run.dir (logged to W&B), the store's vectors in 2-D."""
     settings, seed = cfg.map, cfg.run.seed
     store = Store.open(cfg.run.dir)
+    path = output_path(store, "map.image", settings.image)
     rows = sample_rows(len(store), settings.max_items, seed)
     if len(rows) < len(store):
         print(f"map of {len(rows)} of {len(store)} items, drawn at random with run.seed={seed} (map.max_items)")
@@ -88,7 +89,6 @@ def embedding_map(cfg: DictConfig) -> Path:
     manifest = store.manifest
     weights = f"{manifest['weights']} weights, " if manifest.get("weights") not in (None, "none") else ""
     title = f"{store_name(store)}\n{len(rows)} items, {settings.method.upper()} ({weights}dim {store.dim})"
-    path = store.dir / settings.image
     draw_map(points, store.labels[rows], store.classes, title, path, thumbnails)
     print(f"{settings.method} of {len(rows)} vectors in {seconds:.1f} s. Saved image: {path}")
     run = start_run(cfg, "map")

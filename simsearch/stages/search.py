@@ -21,7 +21,7 @@ from simsearch.drawing import draw_grid
 from simsearch.errors import SimsearchError
 from simsearch.files import replace_atomically
 from simsearch.index import open_searcher, search_among
-from simsearch.items import ItemImages
+from simsearch.items import ItemImages, output_path
 from simsearch.knn import Searcher, search_without_self
 from simsearch.pixels import UnreadableImage, decode_image
 from simsearch.store import Store
@@ -75,6 +75,8 @@ def parse_query(store: Store, query: Any) -> Query:
             raise SimsearchError(f"row {int(query)} is not in the store (rows 0..{len(store) - 1})")
         return item_query(store, int(query))
     if isinstance(query, Image.Image):
+        if not (query.width and query.height):
+            raise SimsearchError(f"the query image is empty ({query.width} x {query.height} pixels)")
         return Query("image", "image", image=query.convert("RGB"))
     if isinstance(query, Path):
         return file_query(store, query.expanduser(), str(query))
@@ -93,21 +95,27 @@ def item_query(store: Store, row: int) -> Query:
 
 def file_query(store: Store, path: Path, typed: str) -> Query:
     """A .npy vector or an image file; a path that does not exist says so first."""
+    if not typed.strip():
+        raise SimsearchError("the query is empty: give an item id, a row, an image file or a .npy vector")
     if not path.exists():
         raise SimsearchError(f"query={typed!r}: no such file, and no item of the store has that id "
                              f"(ids, or rows 0..{len(store) - 1})")
-    if path.is_file() and path.suffix.lower() == ".npy":
-        return Query("vector", path.name, vector=read_query_vector(path, store.dim))
-    if not path.is_file():
+    if path.is_dir():
         raise SimsearchError(f"query={typed!r} is a folder, not an image file")
+    if not path.is_file():
+        raise SimsearchError(f"query={typed!r} is not a regular file (a pipe, socket or device): give an image file")
+    if path.suffix.lower() == ".npy":
+        return Query("vector", path.name, vector=read_query_vector(path, store.dim))
     return Query("image", path.name, image=read_query_image(path))
 
 
 def _as_array(query: Any) -> np.ndarray:
     if hasattr(query, "detach"):  # a torch tensor, perhaps on a GPU
         query = query.detach().float().cpu().numpy()
+    if np.iscomplexobj(query):
+        raise SimsearchError("a query vector must hold real numbers, not complex ones")
     try:
-        return np.asarray(query, dtype=np.float32)
+        return np.asarray(query, dtype=np.float64)  # float64: 1e38 and its norm stay finite
     except (TypeError, ValueError):
         raise SimsearchError(
             f"cannot search for a {type(query).__name__}: give a row, an id, a path, a PIL image or a vector"
@@ -125,14 +133,17 @@ def read_query_vector(path: Path, dim: int) -> np.ndarray:
 
 def as_query_vector(vector: Any, dim: int) -> np.ndarray:
     """A (D,) or (1, D) finite vector as unit-norm float32 (1, D): the store's vectors are unit norm."""
-    array = np.asarray(vector, dtype=np.float32)
+    array = np.asarray(vector, dtype=np.float64)
     if array.size != dim or array.ndim > 2:
         raise SimsearchError(f"a query vector must have the store's {dim} values, not shape {array.shape}")
     array = array.reshape(1, dim)
-    norm = float(np.linalg.norm(array))
-    if not np.isfinite(norm) or norm == 0:
-        raise SimsearchError("a query vector must be finite and not all zeros")
-    return array / norm
+    if not np.isfinite(array).all():
+        raise SimsearchError("a query vector must be finite and not all zeros: this one holds NaN or infinite values")
+    largest = float(np.abs(array).max())
+    if largest == 0:
+        raise SimsearchError("a query vector must be finite and not all zeros: this one is all zeros")
+    array = array / largest  # scaled first: the norm of (1e38, 1e38) overflows, its direction does not
+    return (array / np.linalg.norm(array)).astype(np.float32)
 
 
 def read_query_image(path: Path) -> Image.Image:
@@ -145,6 +156,9 @@ def read_query_image(path: Path) -> Image.Image:
 def neighbours_of(store: Store, searcher: Searcher, vector: np.ndarray, k: int, own_row: int | None,
                   query_label: int | None, allowed: np.ndarray | None = None, where: str | None = None) -> SearchResult:
     """The top-k of one vector; with `allowed` (the rows a filter `where` keeps), among those rows only."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise SimsearchError(f"k={k!r} must be a whole number of neighbours, e.g. k=10")
+    k = int(k)
     if not 1 <= k <= len(store) - (own_row is not None):
         raise SimsearchError(f"k={k} is out of range: 1..{len(store) - (own_row is not None)} for this store")
     vector = vector.reshape(1, -1).astype(np.float32)
@@ -235,6 +249,7 @@ def search(cfg: DictConfig) -> SearchResult:
         raise SimsearchError("say what to search for: query=ID (an item of the store), query=PATH (an image file) "
                              "or query=VECTOR.npy")
     store = Store.open(cfg.run.dir)
+    grid_path = output_path(store, "search.grid", cfg.search.grid)
     query = parse_query(store, str(cfg.search.query))
     store.filter_rows(cfg.search.filter)  # a bad filter is said before the index is opened
     searcher = open_searcher(store, single_query_index(cfg.index), cfg.run.seed)
@@ -258,7 +273,6 @@ def search(cfg: DictConfig) -> SearchResult:
         if missing:
             log.warning("the query's image cannot be shown: %s", missing)
     grid = draw_grid(query_image, query.caption, result, [image for image, _ in tiles])
-    grid_path = store.dir / cfg.search.grid
     replace_atomically(grid_path, grid.save)
     print(f"Saved image: {grid_path}")
     run = start_run(cfg, "search")

@@ -38,7 +38,7 @@ from simsearch.drawing import placeholder_image
 from simsearch.errors import SimsearchError
 from simsearch.index import open_searcher
 from simsearch.items import ItemImages
-from simsearch.pixels import UnreadableImage, decode_image, open_inside, to_rgb
+from simsearch.pixels import UnreadableImage, decode_image, open_image, open_inside, to_rgb
 from simsearch.stages.search import Query as SearchQuery
 from simsearch.stages.search import SearchResult, answer, item_query, query_encoder
 from simsearch.store import Store
@@ -110,18 +110,22 @@ class UploadLimit:
         await send({"type": "http.response.body", "body": body})
 
 
+HOST_HEADER = re.compile(r"(\[[0-9a-f:.]+\]|[a-z0-9._-]+)(?::[0-9]{0,5})?")  # host[:port], IPv6 in brackets
+
+
 def request_host(headers: list[tuple[bytes, bytes]]) -> str:
-    """The host named by the Host header, without its port, lower case ("[::1]" keeps its brackets)."""
+    """The host named by the Host header, without its port, lower case ("[::1]" keeps its brackets); the
+    whole header as given when it is not exactly host[:port] (never in the allow-list, then)."""
     value = dict(headers).get(b"host", b"").decode("latin-1").strip().lower()
-    if value.startswith("["):
-        return value[: value.find("]") + 1] if "]" in value else value
-    return value.partition(":")[0]
+    match = HOST_HEADER.fullmatch(value)
+    return match.group(1) if match else value
 
 
 def allowed_host_names(bound_host: str, extra: list[str]) -> set[str]:
     """The bound host, the loopback names and serve.allowed_hosts, as Host headers spell them."""
     names = {bound_host, "localhost", "127.0.0.1", "::1", *extra}
-    return {f"[{name}]" if ":" in name and not name.startswith("[") else name.lower() for name in names}
+    names = {f"[{name}]" if ":" in name and not name.startswith("[") else name.lower() for name in names}
+    return {name for name in names if HOST_HEADER.fullmatch(name)}
 
 
 def page_csp(page: str) -> str:
@@ -267,7 +271,7 @@ def file_thumbnail(path: Path, size_px: int, real_root: Path) -> Image.Image:
 
     with open_inside(path, real_root) as handle:
         try:
-            with Image.open(handle) as image:
+            with open_image(handle) as image:
                 image.thumbnail((size_px, size_px), reducing_gap=2.0)
                 return to_rgb(ImageOps.exif_transpose(image))
         except (ValueError, OSError, Image.DecompressionBombError):  # modes thumbnail cannot reduce: the full decoder
@@ -479,12 +483,93 @@ def create_app(cfg: DictConfig) -> FastAPI:
     return app
 
 
+def header_timeout_protocol(timeout_s: float) -> type:
+    """uvicorn's h11 protocol with a deadline on each request's headers (uvicorn has none: a client sending a
+    header byte a second would hold its connection for ever): the connection is closed when a request's
+    headers are not received whole within `timeout_s` of its first byte (or of the connection)."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeoutProtocol(H11Protocol):
+        header_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self.arm()
+
+        def arm(self) -> None:
+            if self.header_timer is None:
+                self.header_timer = self.loop.call_later(timeout_s, self.headers_too_slow)
+
+        def disarm(self) -> None:
+            if self.header_timer is not None:
+                self.header_timer.cancel()
+                self.header_timer = None
+
+        def data_received(self, data: bytes) -> None:
+            if self.conn.their_state is h11.IDLE:  # a request's first bytes (or more of its headers)
+                self.arm()
+            super().data_received(data)
+            if self.conn.their_state is not h11.IDLE:  # headers complete: the body has serve.upload_timeout_s
+                self.disarm()
+
+        def on_response_complete(self) -> None:
+            self.disarm()  # until the next request's first byte, uvicorn's keep-alive timeout applies
+            super().on_response_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self.disarm()
+            super().connection_lost(exc)
+
+        def headers_too_slow(self) -> None:
+            self.header_timer = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                log.warning("closing a connection from %s: its request headers took over serve.header_timeout_s=%g",
+                            self.client[0] if self.client else "?", timeout_s)
+                self.transport.close()
+
+    return HeaderTimeoutProtocol
+
+
+def server_config(app: FastAPI, cfg: DictConfig, log_level: str = "info") -> Any:
+    """The uvicorn configuration of `simsearch serve` (tests start the same one)."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=cfg.serve.host, port=cfg.serve.port, log_level=log_level,
+                          http=header_timeout_protocol(cfg.serve.header_timeout_s))
+
+
+def check_host(host: str, port: int) -> None:
+    """serve.host must name an address of this machine, said before the model is loaded (uvicorn would exit 3)."""
+    import socket
+
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as error:
+        reason = error.strerror if isinstance(error, socket.gaierror) else str(error)
+        raise SimsearchError(f"serve.host={host} cannot be resolved ({reason}): give an address of this "
+                             "machine, e.g. serve.host=127.0.0.1") from None
+
+
 def serve(cfg: DictConfig) -> None:
     """`simsearch serve`: the app on cfg.serve.host:port (127.0.0.1 unless told otherwise)."""
     import uvicorn
 
+    check_host(cfg.serve.host, cfg.serve.port)
+    for name in cfg.serve.allowed_hosts:  # one that no Host header can name would be dropped unseen
+        spelt = f"[{name}]" if ":" in name and not name.startswith("[") else name.lower()
+        if not HOST_HEADER.fullmatch(spelt):
+            raise SimsearchError(f"serve.allowed_hosts holds {name!r}, not a host name or address (no port, no "
+                                 "spaces): e.g. serve.allowed_hosts=[photos.lan]")
     app = create_app(cfg)
     if cfg.serve.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s: reachable from other machines; simsearch has no authentication", cfg.serve.host)
     print(f"simsearch: serving {cfg.run.dir} on http://{cfg.serve.host}:{cfg.serve.port}/ (API docs: /docs)")
-    uvicorn.run(app, host=cfg.serve.host, port=cfg.serve.port, log_level="info")
+    server = uvicorn.Server(server_config(app, cfg))
+    try:
+        server.run()
+    except SystemExit:  # uvicorn exits when it cannot bind
+        pass
+    if not server.started:  # uvicorn logged why (the port taken, an address not of this machine)
+        raise SimsearchError(f"cannot serve on {cfg.serve.host}:{cfg.serve.port} (see the error above): "
+                             "choose another serve.port or serve.host")
