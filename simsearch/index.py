@@ -68,7 +68,10 @@ class FaissSearcher:
                 log.info("k=%d exceeds FAISS GPU's limit of %d: searching on the CPU copy", k, FAISS_GPU_MAX_K)
             index = self.cpu_index
         extra = {} if params is None else {"params": params}
-        results = [index.search(queries[s : s + self.batch_size], k, **extra) for s in range(0, len(queries), self.batch_size)]
+        # faiss.contrib.torch_utils (imported by pytorch-metric-learning) replaces Index.search with a version that
+        # takes no `params`; it keeps FAISS's own as search_numpy
+        search = getattr(index, "search_numpy", index.search)
+        results = [search(queries[s : s + self.batch_size], k, **extra) for s in range(0, len(queries), self.batch_size)]
         if not results:
             return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
         return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results]).astype(np.int64)

@@ -350,3 +350,15 @@ def test_the_page_filters_and_shows_each_result_s_metadata(shop, tmp_path):
             assert "price is a number column" in page.find_element(By.ID, "status").text and tiles() == []
         finally:
             page.quit()
+
+
+def test_a_filtered_faiss_search_survives_faiss_torch_utils(products, monkeypatch):
+    """pytorch-metric-learning imports faiss.contrib.torch_utils, which swaps Index.search for one without
+    `params`: a filtered FAISS search after fine-tuning in the same process must still work."""
+    import faiss.contrib.torch_utils  # noqa: F401 - what a fine-tuning run imports
+
+    path, vectors, labels, metadata = products
+    monkeypatch.setattr("simsearch.index.SUBSET_EXACT_ROWS", 0)  # through FAISS's row selector
+    keep = matches(metadata, labels, label="dress", below=50)
+    found = [n.row for n in api.open(path, "index.factory=Flat").search(7, k=10, filter="label == 'dress' and price < 50")]
+    assert found == brute_force(vectors, keep, vectors[7], 10, 7)
