@@ -36,7 +36,7 @@ demo-shop:  ## recommendation demo offline: Fashion-MNIST as products, a synthet
 	$(RUN) index $(SHOP) index.backend=milvus $(ARGS)
 	$(RUN) search $(SHOP) query=0 $(SHOP_FILTER) index.backend=milvus $(ARGS)
 
-test:  ## the fast suite, run while working (< 4 min on 2 cores)
+test:  ## the fast suite, run while working (about 5.5 min on 2 cores)
 	$(PYTHON) -m pytest -q -m "not slow" $(ARGS)
 
 test-all:  ## every test: the slow ones too (DDP, torchrun, browser, notebook, load, memory, real data)
