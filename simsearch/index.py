@@ -6,9 +6,13 @@ the exact kernel (`simsearch.knn`): equal scores rank by row, lowest first.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +39,36 @@ def import_faiss():
             f"faiss is not importable ({error}): `pip install faiss-cpu`, or the gpu extra `pip install -e .[gpu]`"
         ) from None
     return faiss
+
+
+@contextmanager
+def faiss_left_as_it_was() -> Iterator[None]:
+    """Run a block (importing pytorch-metric-learning) without leaving FAISS patched: PML imports
+    faiss.contrib.torch_utils, which replaces Index.search and the rest, process-wide, with versions that take no
+    `params`, so FAISS row selectors (filtered search) and Milvus Lite's own searches fail after fine-tuning in
+    the same process. FAISS's methods are put back, unless torch_utils was imported before (by the user)."""
+    patched_before = "faiss.contrib.torch_utils" in sys.modules
+    try:
+        yield
+    finally:
+        if not patched_before and "faiss.contrib.torch_utils" in sys.modules:
+            restore_faiss_methods()
+
+
+def restore_faiss_methods() -> None:
+    """Undo faiss.contrib.torch_utils: it keeps each replaced method as `<name>_numpy` on the class it patched."""
+    import faiss
+
+    for symbol in dir(faiss):
+        cls = getattr(faiss, symbol)
+        if not (inspect.isclass(cls) and issubclass(cls, faiss.Index)):
+            continue
+        for name, original in list(vars(cls).items()):
+            patched = getattr(cls, name.removesuffix("_numpy"), None) if name.endswith("_numpy") else None
+            if getattr(patched, "__name__", "").startswith("torch_replacement_"):
+                setattr(cls, name.removesuffix("_numpy"), original)
+    if getattr(getattr(faiss, "knn", None), "__name__", "").startswith("torch_replacement_"):
+        faiss.knn = faiss.knn_numpy
 
 
 def faiss_gpu_count() -> int:

@@ -362,3 +362,31 @@ def test_a_filtered_faiss_search_survives_faiss_torch_utils(products, monkeypatc
     keep = matches(metadata, labels, label="dress", below=50)
     found = [n.row for n in api.open(path, "index.factory=Flat").search(7, k=10, filter="label == 'dress' and price < 50")]
     assert found == brute_force(vectors, keep, vectors[7], 10, 7)
+
+
+@pytest.mark.slow
+def test_fine_tuning_leaves_faiss_as_it_found_it(tmp_path):
+    """Fine-tuning imports pytorch-metric-learning, whose samplers import faiss.contrib.torch_utils: FAISS's own
+    methods (which take a row selector, as filtered searches and Milvus Lite's searches pass one) must be back
+    afterwards, in the same process."""
+    import subprocess
+    import sys
+
+    from tests.conftest import TINY
+
+    finetune = ["finetune", *TINY, "data=synthetic", "data.num_items=80", "data.num_classes=4", "finetune.batch_size=16",
+                "finetune.m_per_class=4", "finetune.dim=16", "finetune.hidden_dim=32", "finetune.epochs=1",
+                "finetune.val_fraction=0.25", f"finetune.checkpoint_dir={tmp_path / 'ck'}", f"run.dir={tmp_path / 'ft'}"]
+    script = (
+        "import numpy as np, faiss, sys\n"
+        "from simsearch.cli import main\n"
+        f"assert main({finetune!r}) == 0\n"
+        "assert 'faiss.contrib.torch_utils' in sys.modules\n"
+        "index = faiss.IndexHNSWFlat(4, 8, faiss.METRIC_INNER_PRODUCT)\n"
+        "index.add(np.eye(4, dtype=np.float32))\n"
+        "params = faiss.SearchParametersHNSW(sel=faiss.IDSelectorBatch(np.array([2, 3], dtype=np.int64)))\n"
+        "print(index.search(np.eye(4, dtype=np.float32)[:1], 2, params=params)[1].tolist())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert sorted(eval(done.stdout.strip().splitlines()[-1])[0]) == [2, 3]

@@ -30,6 +30,7 @@ from simsearch.data.loading import augment, collate
 from simsearch.errors import SimsearchError
 from simsearch.files import write_json_atomically
 from simsearch.identity import MODEL_SETTINGS, embedder_identity, first_difference, stored_identity
+from simsearch.index import faiss_left_as_it_was
 from simsearch.metrics import metric_names
 from simsearch.model import (
     Embedder,
@@ -153,8 +154,9 @@ def _ntxent(ft: DictConfig) -> tuple[Any, None]:
 
 
 def build_loss(ft: DictConfig) -> tuple[Any, Any | None]:
-    """(loss, miner) of `finetune.loss`."""
-    return LOSSES[ft.loss].build(ft)
+    """(loss, miner) of `finetune.loss`; pytorch-metric-learning leaves FAISS as it found it."""
+    with faiss_left_as_it_was():
+        return LOSSES[ft.loss].build(ft)
 
 
 def active_fraction(embeddings: torch.Tensor, labels: torch.Tensor, margin: float, triplets: Any = None) -> torch.Tensor:
@@ -450,7 +452,8 @@ def cached_features(cfg: DictConfig) -> tuple[torch.Tensor, Store]:
 
 def loaders(cfg: DictConfig, labels: np.ndarray, train_rows: np.ndarray, val_rows: np.ndarray,
             features: torch.Tensor | None, collection: ImageCollection | None) -> tuple[DataLoader, DataLoader]:
-    from pytorch_metric_learning.samplers import MPerClassSampler
+    with faiss_left_as_it_was():
+        from pytorch_metric_learning.samplers import MPerClassSampler
 
     ft = cfg.finetune
     if features is not None:
