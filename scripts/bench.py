@@ -746,8 +746,69 @@ def bench_formats(count: int, workdir: Path, per_shard: int = 1000) -> list[Row]
     return rows
 
 
+def bench_train_step(sizes: list[int], steps: int, batch: int = 128) -> list[Row]:
+    """End-to-end fine-tuning speed: images/s of one training step as `simsearch finetune` takes it (Lite0, every
+    stage trainable, class-balanced Fashion-MNIST batch from the data loader, augmentation, supcon, backward,
+    AdamW), beside a plain loop over the same network and head on one fixed tensor (no data, no augmentation)."""
+    from simsearch.config import load_config
+    from simsearch.data import Resize, build_collection
+    from simsearch.model import Embedder, Preprocess, ProjectionHead, backbone_spec, build_backbone, resolve_model_config
+    from simsearch.stages import finetune as ft_stage
+
+    rows = []
+    for px in sizes:
+        cfg = load_config(["data=fashion_mnist", "data.num_workers=0", "data.split=train", "finetune.unfreeze=7",
+                           "model.name=timm/tf_efficientnet_lite0", "model.weights=imagenet", f"model.image_size={px}",
+                           "logger=none", f"finetune.batch_size={batch}"])
+        cfg = OmegaConf.merge(cfg, {"model": resolve_model_config(cfg.model)})
+        try:
+            collection = build_collection(cfg.data, Resize(px, cfg.model.interpolation), 0)
+        except Exception as error:  # noqa: BLE001 - no dataset-fashion-mnist: say so, measure the rest
+            print(f"train_step skipped: {error}", file=sys.stderr)
+            return rows
+        spec = backbone_spec(cfg.model)
+        backbone = build_backbone(spec, 0)
+        embedder = Embedder(Preprocess.from_spec(spec.preprocessing), backbone.network, ProjectionHead(backbone.width, 512, 128))
+        embedder.use_channels_last()
+        module = ft_stage.MetricLearningModule(embedder, cfg.finetune, collection.classes, {})
+        train_rows, val_rows = ft_stage.split_rows(len(collection.labels), 0.1, 0)
+        loader, _ = ft_stage.loaders(cfg, collection.labels, train_rows, val_rows, None, collection)
+        module.train()
+        optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4)
+        batches = iter(loader)
+
+        def simsearch_step() -> None:
+            data = next(batches)
+            pixels = ft_stage.augment(data["pixels"], strong=False, crop_scale=cfg.finetune.crop_scale)
+            loss = module.loss_fn(module.embedder(pixels), data["label"])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+        fixed = torch.rand(batch, 3, px, px).contiguous(memory_format=torch.channels_last)
+        labels = torch.arange(batch) % 8
+        network, head = backbone.network, embedder.head
+
+        def plain_step() -> None:
+            features = network(fixed)
+            loss = module.loss_fn(torch.nn.functional.normalize(head(features), dim=1), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+        speeds = {}
+        for name, step in (("simsearch", simsearch_step), ("plain", plain_step)):
+            step(), step()  # warm-up
+            seconds, _ = timed(lambda: [step() for _ in range(steps)])
+            speeds[name] = batch * steps / seconds
+        rows.append({"section": "train_step", "case": f"Lite0 end to end, batch {batch}, {px} px, {steps} steps, fp32 channels-last",
+                     "simsearch_img_per_s": round(speeds["simsearch"]), "plain_img_per_s": round(speeds["plain"]),
+                     "ratio": round(speeds["simsearch"] / speeds["plain"], 2)})
+    return rows
+
+
 SECTIONS = {"eval", "eval_sampled", "extract", "formats", "incremental", "index", "latency", "memory", "process", "search_startup",
-            "serve", "startup", "thumbnails"}
+            "serve", "startup", "thumbnails", "train_step"}
 
 
 def hardware() -> dict[str, object]:
@@ -823,6 +884,8 @@ def main() -> None:
             rows += bench_incremental(400 if arguments.quick else 4_000, workdir)
         if "formats" in sections:
             rows += bench_formats(500 if arguments.quick else 10_000, workdir)
+        if "train_step" in sections:
+            rows += bench_train_step([32] if arguments.quick else [32, 48, 64], steps=5 if arguments.quick else 10)
         if "thumbnails" in sections:
             rows += bench_thumbnails(4_000 if arguments.quick else 9_000, workdir)
         if "index" in sections:

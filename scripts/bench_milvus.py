@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import resource
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -69,6 +70,11 @@ def recall(found: list[list[int]], truth: list[list[int]]) -> float:
     return float(np.mean([len(set(f) & set(t)) / max(1, len(t)) for f, t in zip(found, truth)]))
 
 
+def phase(text: str) -> None:
+    """Progress on stderr: a 10^6 run takes a while, and one stopped early still says how far it got."""
+    print(f"[{time.strftime('%H:%M:%S')} load {os.getloadavg()[0]:.2f}] {text}", file=sys.stderr, flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=1_000_000)
@@ -82,6 +88,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="simsearch-bench-milvus-") as scratch:
         store_dir = Path(scratch) / "store"
         started = time.perf_counter()
+        phase(f"writing a store of {args.items} x {args.dim}")
         vectors, buckets = make_store(store_dir, args.items, args.dim, seed=0)
         made_s = time.perf_counter() - started
         rng = np.random.default_rng(1)
@@ -91,6 +98,7 @@ def main() -> None:
                                    queries) for name, where in SELECTIVITY.items()}
         rows = []
         for backend in ("faiss", "milvus"):
+            phase(f"{backend}: build or publish")
             store = simsearch.open(store_dir, f"index.backend={backend}", "index.factory=Flat", verify=False)
             rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             started = time.perf_counter()
@@ -100,6 +108,7 @@ def main() -> None:
             build_s = time.perf_counter() - started
             peak_mb = max(rss_before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
             for name, where in SELECTIVITY.items():
+                phase(f"{backend}: {args.queries} queries, filter {name}")
                 times, found = latencies(store, queries, where)
                 rows.append({"backend": backend, "filter": name, "publish_or_build_s": round(build_s, 2),
                              "p50_ms": round(1000 * float(np.percentile(times, 50)), 2),
@@ -109,6 +118,7 @@ def main() -> None:
             if backend == "milvus":
                 searcher = store._searcher_once()
                 searcher.client.close()
+        phase("one catalogue row changed: publishing again")
         # one catalogue row changed, the same store written again: the rows Milvus is sent
         make_store(store_dir, args.items, args.dim, seed=0, changed_row=args.items // 2)
         store = simsearch.open(store_dir, "index.backend=milvus", verify=False)

@@ -66,9 +66,34 @@ def caption_lines(lines: list[str], width_px: float, size: int = CAPTION_FONT_PX
     return "\n".join(fit_caption(line, width_px, size) for line in lines if line)
 
 
+METADATA_CAPTION_LINES = 2  # a tile shows as many catalogue values as fit on this many lines
+
+
+def metadata_line(metadata: dict[str, Any] | None) -> str:
+    """`price=45.0 in_stock=True`: an item's catalogue values (null ones left out), for a caption."""
+    shown = " ".join(f"{name}={value}" for name, value in (metadata or {}).items() if value is not None)
+    return shown if shown.isprintable() else repr(shown)
+
+
+def packed_lines(words: list[str], width_px: float, most: int) -> list[str]:
+    """Words packed greedily into at most `most` lines of `width_px`; the last line cut to fit."""
+    lines: list[str] = []
+    for word in words:
+        if lines and text_width(f"{lines[-1]} {word}") <= width_px:
+            lines[-1] = f"{lines[-1]} {word}"
+        elif len(lines) < most:
+            lines.append(word)
+        else:
+            lines[-1] = f"{lines[-1]} {word}"
+    return lines
+
+
 def result_caption(neighbour: Any, width_px: float) -> str:
-    """A result tile's caption: rank and score, label, id (its file name kept)."""
-    return caption_lines([f"#{neighbour.rank} {neighbour.score:.3f}", neighbour.label or "", str(neighbour.id)], width_px)
+    """A result tile's caption: rank and score, label, id (its file name kept), catalogue values if any."""
+    values = metadata_line(getattr(neighbour, "metadata", None)).split(" ")
+    lines = [f"#{neighbour.rank} {neighbour.score:.3f}", neighbour.label or "", str(neighbour.id),
+             *packed_lines([v for v in values if v], width_px, METADATA_CAPTION_LINES)]
+    return caption_lines(lines, width_px)
 
 
 def split_label(caption: str) -> tuple[str, str]:
@@ -80,9 +105,11 @@ def split_label(caption: str) -> tuple[str, str]:
 def draw_grid(query_image: Image.Image, query_caption: str, result: Any, images: list[Image.Image],
               tile_px: int = 160, columns: int = 5) -> Image.Image:
     """The query on the left, its top-K in rows to the right, each tile captioned with rank, score,
-    label and id; green / red frames mark relevant / irrelevant results when labels exist."""
+    label, id and catalogue values; green / red frames mark relevant / irrelevant results when labels exist;
+    the title names the filter the results were chosen under."""
     line_px, margin, title_px = CAPTION_FONT_PX + 3, 8, 36
-    caption_px = 3 * line_px + 6
+    with_metadata = any(getattr(n, "metadata", None) for n in result.neighbours)
+    caption_px = (3 + METADATA_CAPTION_LINES * with_metadata) * line_px + 6
     rows = max(1, -(-len(images) // columns))
     width = margin + (tile_px + margin) * (columns + 1) + margin
     height = title_px + rows * (tile_px + caption_px + margin) + margin
@@ -91,6 +118,8 @@ def draw_grid(query_image: Image.Image, query_caption: str, result: Any, images:
     title = f"Query: {query_caption}   top {len(result.neighbours)}"
     if result.precision is not None:
         title += f"   Precision@{len(result.neighbours)}: {result.precision:.2f}"
+    if getattr(result, "filter", None):
+        title += f"   filter: {result.filter}"
     draw.text((margin, 8), fit_caption(title, width - 2 * margin, 18), fill="black", font=font(18))
 
     def tile(image: Image.Image, x: int, y: int, caption: str, frame: str | None) -> None:

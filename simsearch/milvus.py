@@ -141,6 +141,8 @@ class MilvusIndex:
         self.uri = resolve_uri(store, index_cfg)
         self.name = collection_name(store, index_cfg)
         self.factory = str(index_cfg.factory)
+        self.search_settings = str(index_cfg.search_params or "")
+        search_params(self.factory, 1, self.search_settings)  # a setting that does not fit: said before connecting
         self.batch_size = int(index_cfg.batch_size)
         self.client = connect(self.uri)
         self.kinds = columns_of(store)
@@ -263,11 +265,12 @@ class MilvusIndex:
         if k == 0:
             return scores, rows
         step = min(QUERY_BATCH, self.batch_size)
+        params = {"metric_type": "IP", **search_params(self.factory, k, self.search_settings)}
         for start in range(0, len(queries), step):
             with milvus_errors(f"searching {self.name}", self.uri):
                 answers = self.client.search(self.name, data=queries[start:start + step].tolist(), limit=k,
                                              filter=expression, output_fields=["id"], anns_field="vector",
-                                             search_params={"metric_type": "IP", **search_params(self.factory, k)})
+                                             search_params=params)
             for offset, hits in enumerate(answers):
                 found = sorted(((float(hit["distance"]), self.row_of(hit["id"])) for hit in hits),
                                key=lambda pair: (-pair[0], pair[1]))[:k]
@@ -312,13 +315,27 @@ def index_params(factory: str) -> dict[str, Any]:
     raise SimsearchError(f"index.factory={factory} has no Milvus counterpart here: use Flat (exact), HNSW32 or IVF1024,Flat")
 
 
-def search_params(factory: str, k: int) -> dict[str, Any]:
+# index.search_params (FAISS's ParameterSpace names) -> Milvus's search parameter, per index type
+MILVUS_SEARCH_PARAMS = {"HNSW": {"efSearch": "ef"}, "IVF_FLAT": {"nprobe": "nprobe"}}
+DEFAULT_SEARCH_PARAMS = {"HNSW": {"ef": 64}, "IVF_FLAT": {"nprobe": 16}}
+
+
+def search_params(factory: str, k: int, given: str = "") -> dict[str, Any]:
+    """Milvus's search parameters from index.search_params, written as for FAISS ("nprobe=32", "efSearch=128"),
+    so one setting means the same on both back ends; HNSW's ef is never below k (Milvus refuses that)."""
     kind = index_params(factory)["index_type"]
+    params = dict(DEFAULT_SEARCH_PARAMS.get(kind, {}))
+    names = MILVUS_SEARCH_PARAMS.get(kind, {})
+    for setting in filter(None, given.replace(" ", "").split(",")):
+        name, _, value = setting.partition("=")
+        if name not in names or not value.isdigit() or int(value) < 1:
+            usable = ", ".join(f"{n}=N" for n in names) or "nothing (an exact index has no search parameters)"
+            raise SimsearchError(f"index.search_params='{given}': {setting!r} does not fit the Milvus index "
+                                 f"{factory}; it takes {usable}")
+        params[names[name]] = int(value)
     if kind == "HNSW":
-        return {"params": {"ef": max(64, k)}}
-    if kind == "IVF_FLAT":
-        return {"params": {"nprobe": 16}}
-    return {}
+        params["ef"] = max(params["ef"], k)
+    return {"params": params} if params else {}
 
 
 def open_milvus(store: Store, index_cfg: DictConfig) -> MilvusIndex:

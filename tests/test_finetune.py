@@ -181,10 +181,26 @@ def test_layer_decay_gives_each_lower_stage_group_a_smaller_learning_rate():
 
 
 @pytest.mark.parametrize("setting, words", [("finetune.layer_decay=0", "finetune.layer_decay must be in (0, 1]"),
-                                            ("finetune.warmup_epochs=99", "finetune.warmup_epochs must be between 0")])
+                                            ("finetune.warmup_epochs=99", "finetune.warmup_epochs must be between 0"),
+                                            ("finetune.crop_scale=0", "finetune.crop_scale=0.0 must be a share"),
+                                            ("finetune.crop_scale=1.5", "finetune.crop_scale=1.5 must be a share")])
 def test_bad_schedule_settings_are_one_sentence(tmp_path, capsys, setting, words):
     assert simsearch("finetune", *SMALL, setting, "run.dir=ft") == 2
     assert words in capsys.readouterr().err
+
+
+def test_crop_scale_one_only_flips_and_a_smaller_one_crops():
+    from simsearch.data.loading import augment
+
+    torch.manual_seed(0)
+    pixels = torch.randint(0, 256, (64, 3, 12, 12), dtype=torch.uint8)
+    flipped_only = augment(pixels, strong=False, crop_scale=1.0)
+    for before, after in zip(pixels, flipped_only):
+        assert torch.equal(after, before) or torch.equal(after, before.flip(-1))
+    assert not torch.equal(flipped_only, pixels)  # some were flipped
+    cropped = augment(pixels, strong=False, crop_scale=0.3)
+    changed = [not (torch.equal(a, b) or torch.equal(a, b.flip(-1))) for a, b in zip(cropped, pixels)]
+    assert sum(changed) > 32
 
 
 @pytest.mark.slow

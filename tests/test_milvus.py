@@ -176,3 +176,18 @@ def test_approximate_milvus_indexes_never_return_an_item_the_filter_drops(produc
         assert all(keep[row] for row in found) and 7 not in found
         exact = brute_force(vectors, keep, vectors[7], 10, 7)
         assert len(found) == len(exact) and len(set(found) & set(exact)) >= 0.8 * len(exact)
+
+
+@pytest.mark.slow
+def test_index_search_params_reach_milvus_as_they_reach_faiss(products, tmp_path):  # noqa: F811 - the fixture
+    """nprobe = every list makes IVF exact on both back ends; a setting the index cannot take is one sentence."""
+    path, vectors, labels, metadata = products
+    uri = tmp_path / "m.db"
+    store = api.open(path, "index.backend=milvus", f"index.uri={uri}", "index.factory=IVF32,Flat",
+                     "index.search_params=nprobe=32")
+    for query in (7, 123, 250):
+        found = [n.row for n in store.search(query, k=10)]
+        assert found == brute_force(vectors, np.ones(len(vectors), bool), vectors[query], 10, query)
+    with pytest.raises(SimsearchError, match=r"efSearch=8.*nprobe=N"):
+        api.open(path, "index.backend=milvus", f"index.uri={uri}", "index.factory=IVF32,Flat",
+                 "index.search_params=efSearch=8").search(7, k=10)

@@ -11,7 +11,7 @@ import logging
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 import simsearch as api
 from simsearch.errors import SimsearchError
@@ -85,6 +85,27 @@ def test_catalogue_is_kept_in_the_store_and_returned_with_results(shop, tmp_path
                      "search.filter=category == 'shirt'") == 0
     printed = capsys.readouterr().out
     assert "category=shirt" in printed and "category=dress" not in printed.split("Filter:")[0].split("\n", 2)[2]
+
+
+def test_the_grid_names_the_filter_and_shows_each_results_catalogue_values(shop, tmp_path, monkeypatch):
+    root, catalogue, rows = shop
+    assert extract_shop(root, catalogue) == 0
+    drawn = []
+    multiline = ImageDraw.ImageDraw.multiline_text
+    text = ImageDraw.ImageDraw.text
+    monkeypatch.setattr(ImageDraw.ImageDraw, "text", lambda self, xy, t, *a, **k: drawn.append(t) or text(self, xy, t, *a, **k))
+    monkeypatch.setattr(ImageDraw.ImageDraw, "multiline_text",
+                        lambda self, xy, t, *a, **k: drawn.append(t) or multiline(self, xy, t, *a, **k))
+    grid = tmp_path / "grid.png"
+    assert simsearch("search", f"run.dir={tmp_path / 'store'}", "query=dress/0.png", "search.k=3", "logger=none",
+                     "search.filter=price < 30", f"search.grid={grid}") == 0
+    assert grid.is_file() and any("filter: price < 30" in t for t in drawn)
+    captions = {t for t in drawn if t.startswith("#")}  # multiline_text draws through text: each caption twice
+    prices = {row["path"]: float(row["price"]) for row in rows}
+    assert len(captions) == 3
+    for caption in captions:
+        item, *values = caption.split("\n")[2:]
+        assert f"price={prices[item]}" in " ".join(values).split() and prices[item] < 30
 
 
 def test_a_changed_catalogue_row_updates_metadata_without_embedding_again(shop, tmp_path):

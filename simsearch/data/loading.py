@@ -99,12 +99,14 @@ class ImageDataModule:
         )
 
 
-def augment(pixels: torch.Tensor, strong: bool) -> torch.Tensor:
-    """Per-image random resized crop and flip (and colour jitter when `strong`), uint8 in and out."""
+def augment(pixels: torch.Tensor, strong: bool, crop_scale: float | None = None) -> torch.Tensor:
+    """Per-image random resized crop (keeping at least `crop_scale` of the area; 1: none) and flip (and colour
+    jitter when `strong`), uint8 in and out."""
     from torchvision.transforms import v2
 
-    steps = [v2.RandomResizedCrop(pixels.shape[-2:], scale=(0.35 if strong else 0.6, 1.0), antialias=True),
-             v2.RandomHorizontalFlip()]
+    smallest = crop_scale if crop_scale is not None else (0.35 if strong else 0.6)
+    steps = [v2.RandomResizedCrop(pixels.shape[-2:], scale=(smallest, 1.0), antialias=True)] if smallest < 1 else []
+    steps += [v2.RandomHorizontalFlip()]
     if strong:
         steps += [v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), v2.RandomGrayscale(p=0.2)]
     transform = v2.Compose(steps)

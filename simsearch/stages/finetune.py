@@ -70,6 +70,9 @@ def check_finetune_config(ft: DictConfig, labels: np.ndarray) -> None:
         raise SimsearchError(f"finetune.batch_norm must be frozen or train, not '{ft.batch_norm}'")
     if not 0 < ft.layer_decay <= 1:
         raise SimsearchError(f"finetune.layer_decay must be in (0, 1], not {ft.layer_decay}")
+    if ft.crop_scale is not None and not 0 < ft.crop_scale <= 1:
+        raise SimsearchError(f"finetune.crop_scale={ft.crop_scale} must be a share of the image's area in (0, 1]: "
+                             "e.g. 0.6, or 1 for no crop")
     if not 0 <= ft.warmup_epochs <= ft.epochs:
         raise SimsearchError(f"finetune.warmup_epochs must be between 0 and finetune.epochs={ft.epochs}, not {ft.warmup_epochs}")
     if not 0 < ft.val_fraction < 1:
@@ -262,7 +265,8 @@ class MetricLearningModule(L.LightningModule):
             if features.ndim == 3:  # (B, views, D): cached augmented views for NT-Xent
                 features = features[:, view or 0]
             return self.embedder.embed_features(features)
-        pixels = augment(batch["pixels"], strong=LOSSES[self.ft.loss].views > 1) if augmented else batch["pixels"]
+        pixels = (augment(batch["pixels"], strong=LOSSES[self.ft.loss].views > 1, crop_scale=self.ft.crop_scale)
+                  if augmented else batch["pixels"])
         return self.embedder(pixels)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:

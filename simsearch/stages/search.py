@@ -17,7 +17,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from simsearch.drawing import draw_grid
+from simsearch.drawing import draw_grid, metadata_line
 from simsearch.errors import SimsearchError
 from simsearch.files import replace_atomically
 from simsearch.index import open_searcher, search_among
@@ -47,6 +47,7 @@ class SearchResult:
     query: dict[str, Any]  # id/row/label of an item query, or the path of an image file
     neighbours: list[Neighbour]
     precision: float | None  # Precision@K when the query has a label
+    filter: str | None = None  # the filter the neighbours were chosen under (search.filter)
 
 
 @dataclass
@@ -182,7 +183,7 @@ def neighbours_of(store: Store, searcher: Searcher, vector: np.ndarray, k: int, 
         neighbours.append(Neighbour(rank, row, str(item["id"]), item.get("path"), store.label_name(row), score, relevant,
                                     store.metadata[row] if store.metadata_columns else None))
     precision = sum(bool(n.relevant) for n in neighbours) / k if labelled else None
-    return SearchResult({}, neighbours, precision)
+    return SearchResult({}, neighbours, precision, where if allowed is not None else None)
 
 
 def answer(store: Store, searcher: Searcher, query: Query, k: int, encoder: Callable[[], Any],
@@ -236,10 +237,7 @@ def result_table(result: SearchResult, missing: list[str | None] | None = None) 
 
 def metadata_text(metadata: dict[str, Any] | None) -> str:
     """`  category=dress price=45.0`: an item's catalogue values on its line (null ones left out)."""
-    if not metadata:
-        return ""
-    shown = " ".join(f"{name}={value}" for name, value in metadata.items() if value is not None)
-    return "  " + (shown if shown.isprintable() else repr(shown))
+    return "  " + metadata_line(metadata) if metadata else ""
 
 
 def search(cfg: DictConfig) -> SearchResult:
