@@ -47,7 +47,7 @@ ROWS = {
 }
 DEFAULT_ROWS = [row for row in ROWS if row != "resnet50"]
 QUIET = ["logger=none", "trainer.enable_progress_bar=false"]
-E2E_RECIPE = ["finetune.backbone_lr=1e-3", "finetune.lr=3e-3", "finetune.warmup_epochs=1", "finetune.crop_scale=1"]
+E2E_RECIPE = ["finetune.backbone_lr=3e-4", "finetune.lr=3e-3", "finetune.warmup_epochs=1", "finetune.crop_scale=1"]
 NOTES = "<!-- Below: notes written by people; scripts/finetune_results.py keeps them as they are. -->"
 
 
