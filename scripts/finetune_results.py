@@ -42,7 +42,7 @@ ROWS = {
     "lite1": "EfficientNet-Lite1, ImageNet weights, frozen",
     "lite2": "EfficientNet-Lite2, ImageNet weights, frozen",
     "lite0_head": "Lite0 + trained head (frozen backbone, `finetune.unfreeze=0`)",
-    "lite0_e2e": "Lite0 fine-tuned end to end (all stages, augmentation)",
+    "lite0_e2e": "Lite0 fine-tuned end to end (all stages)",
     "resnet50": "ResNet-50, random init (seeded), frozen",
 }
 DEFAULT_ROWS = [row for row in ROWS if row != "resnet50"]
@@ -245,7 +245,9 @@ def main() -> None:
     measured = {p.stem: json.loads(p.read_text()) for p in sorted((args.out / "rows").glob("*.json"))}
     old = args.table.read_text() if args.table.is_file() else ""
     notes = old[old.index(NOTES):] if NOTES in old else f"{NOTES}\n"  # written by people: kept as it is
-    args.table.write_text(render(measured) + "\n\n" + notes)
+    partial = args.table.with_suffix(".md.partial")  # beside, then replace: the notes are never half written
+    partial.write_text(render(measured) + "\n\n" + notes)
+    os.replace(partial, args.table)
     print(f"Wrote {args.table}")
 
 
