@@ -115,30 +115,41 @@ def main() -> None:
                              "p99_ms": round(1000 * float(np.percentile(times, 99)), 2),
                              "recall@10": round(recall(found, truth[name]), 4), "peak_rss_mb": round(peak_mb),
                              "children_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)})
-            if backend == "milvus":
-                searcher = store._searcher_once()
-                searcher.client.close()
+            write_report(args, rows, None, made_s)  # each back end's figures kept as soon as measured
         phase("one catalogue row changed: publishing again")
-        # one catalogue row changed, the same store written again: the rows Milvus is sent
+        # one catalogue row changed, the same store written again: the rows Milvus is sent. The collection's
+        # client stays open: Milvus Lite serves one file to one process, and a client closed and opened again
+        # in the same process after minutes found its embedded server gone (grpc "Too many pings")
         make_store(store_dir, args.items, args.dim, seed=0, changed_row=args.items // 2)
         store = simsearch.open(store_dir, "index.backend=milvus", verify=False)
-        update = MilvusIndex(store.files, store.cfg.index).publish()
+        try:
+            update = MilvusIndex(store.files, store.cfg.index).publish()
+        except Exception as error:  # noqa: BLE001 - the figures above are kept; say what failed
+            update = {"failed": str(error), "upserted": "-", "deleted": "-", "unchanged": "-", "seconds": float("nan")}
+    write_report(args, rows, update, made_s)
+
+
+def write_report(args: argparse.Namespace, rows: list[dict], update: dict | None, made_s: float) -> None:
+    """Print the table and write the JSON of what is measured so far (a late failure loses nothing)."""
     print(f"{args.items} vectors x {args.dim} (store written in {made_s:.1f} s), {args.queries} single queries, k={K}; "
-          f"load average {os.getloadavg()[0]:.2f}")
+          f"load average {os.getloadavg()[0]:.2f}", flush=True)
     print(f"{'backend':<8} {'filter':<6} {'build/publish s':>15} {'p50 ms':>8} {'p99 ms':>8} {'recall@10':>9} {'peak RSS MB':>11}")
     for row in rows:
         print(f"{row['backend']:<8} {row['filter']:<6} {row['publish_or_build_s']:>15} {row['p50_ms']:>8} {row['p99_ms']:>8} "
               f"{row['recall@10']:>9} {row['peak_rss_mb']:>11}")
-    print(f"one catalogue row changed: {update['upserted']} upserted, {update['deleted']} deleted, "
-          f"{update['unchanged']} unchanged in {update['seconds']:.2f} s")
+    if update is not None:
+        print(f"one catalogue row changed: {update['upserted']} upserted, {update['deleted']} deleted, "
+              f"{update['unchanged']} unchanged in {update['seconds']:.2f} s")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {"items": args.items, "dim": args.dim, "queries": args.queries, "k": K, "rows": rows,
               "one_row_changed": update, "store_written_s": round(made_s, 2), "load_average": os.getloadavg(),
               "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
               "versions": library_versions()}
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"Saved: {out}")
+    partial = out.with_suffix(".json.partial")
+    partial.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(partial, out)
+    print(f"Saved: {out}", flush=True)
 
 
 if __name__ == "__main__":
