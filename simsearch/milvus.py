@@ -37,6 +37,9 @@ from simsearch.store import Store
 log = logging.getLogger(__name__)
 UPSERT_BATCH = 2_000  # entities per upsert call (a message of a few MB at d=256)
 QUERY_BATCH = 256  # query vectors per search call
+# entities read back per page when comparing digests: pymilvus's largest, since Milvus Lite scans (and sorts) the
+# whole collection for every page (docs/BENCHMARKS.md: a republish of 10^6 at 5,000 a page ran over 10 minutes)
+DIGEST_PAGE = 16_384
 VARCHAR_MAX = 65_535  # Milvus's longest VARCHAR, in bytes: any item id or string value fits
 PROPERTY_STORE, PROPERTY_FINGERPRINT, PROPERTY_MANIFEST = "simsearch.store", "simsearch.fingerprint", "simsearch.manifest"
 
@@ -189,7 +192,7 @@ class MilvusIndex:
                                       properties=store_owner(self.store), consistency_level="Strong")
 
     def _published_digests(self) -> dict[str, str]:
-        iterator = self.client.query_iterator(self.name, batch_size=5_000, filter="", output_fields=["id", "digest"])
+        iterator = self.client.query_iterator(self.name, batch_size=DIGEST_PAGE, filter="", output_fields=["id", "digest"])
         found: dict[str, str] = {}
         try:
             while batch := iterator.next():
