@@ -69,14 +69,20 @@ def caption_lines(lines: list[str], width_px: float, size: int = CAPTION_FONT_PX
 METADATA_CAPTION_LINES = 2  # a tile shows as many catalogue values as fit on this many lines
 
 
+def metadata_pairs(metadata: dict[str, Any] | None) -> list[str]:
+    """`["price=45.0", "in_stock=True"]`: an item's catalogue values (null ones left out), each printable."""
+    pairs = [f"{name}={value}" for name, value in (metadata or {}).items() if value is not None]
+    return [pair if pair.isprintable() else repr(pair) for pair in pairs]
+
+
 def metadata_line(metadata: dict[str, Any] | None) -> str:
-    """`price=45.0 in_stock=True`: an item's catalogue values (null ones left out), for a caption."""
-    shown = " ".join(f"{name}={value}" for name, value in (metadata or {}).items() if value is not None)
-    return shown if shown.isprintable() else repr(shown)
+    """`price=45.0 in_stock=True`: an item's catalogue values on one line."""
+    return " ".join(metadata_pairs(metadata))
 
 
 def packed_lines(words: list[str], width_px: float, most: int) -> list[str]:
-    """Words packed greedily into at most `most` lines of `width_px`; the last line cut to fit."""
+    """Words packed greedily into at most `most` lines of `width_px`; the rest on the last line, which
+    `caption_lines` cuts to fit."""
     lines: list[str] = []
     for word in words:
         if lines and text_width(f"{lines[-1]} {word}") <= width_px:
@@ -90,9 +96,9 @@ def packed_lines(words: list[str], width_px: float, most: int) -> list[str]:
 
 def result_caption(neighbour: Any, width_px: float) -> str:
     """A result tile's caption: rank and score, label, id (its file name kept), catalogue values if any."""
-    values = metadata_line(getattr(neighbour, "metadata", None)).split(" ")
+    values = metadata_pairs(getattr(neighbour, "metadata", None))  # a value with spaces stays whole
     lines = [f"#{neighbour.rank} {neighbour.score:.3f}", neighbour.label or "", str(neighbour.id),
-             *packed_lines([v for v in values if v], width_px, METADATA_CAPTION_LINES)]
+             *packed_lines(values, width_px, METADATA_CAPTION_LINES)]
     return caption_lines(lines, width_px)
 
 
