@@ -87,7 +87,7 @@ def plain_torchmetrics(vectors: np.ndarray, labels: np.ndarray, ks: list[int], o
 
 
 def bench_eval(sizes: list[int], dim: int, workdir: Path, full_plain_up_to: int) -> list[Row]:
-    from simsearch.stages.evaluate import evaluate_store
+    from simsearch.evaluation import evaluate_store
 
     ks = list(SCHEMA.eval.k)
     rows = []
@@ -176,7 +176,7 @@ def bench_eval_sampled(n: int, queries: int, dim: int, workdir: Path) -> list[Ro
     """`simsearch eval eval.queries=Q` on a store of n vectors (sampled queries, every item in the gallery):
     peak RSS of the whole process against the store's size, beside a plain numpy evaluation that loads
     the store whole (Precision@10 and hit@10 of the same sampled queries)."""
-    from simsearch.stages.evaluate import sample_queries
+    from simsearch.evaluation import sample_queries
 
     store_dir = workdir / f"eval-sampled-{n}"
     classes = max(10, n // 100)  # ~100 items a class, as CUB-200 (~60) and Cars196 (~80)
@@ -259,7 +259,7 @@ def write_cifar_batches(root: Path, images: np.ndarray) -> None:
 
 def simsearch_extract(arguments: list[str]) -> np.ndarray:
     from simsearch.config import load_config
-    from simsearch.stages.extract import extract
+    from simsearch.extraction import extract_store as extract
 
     cfg = load_config(arguments + ["logger=none", "trainer.enable_progress_bar=false"])
     extract(cfg)
@@ -435,7 +435,7 @@ def bench_latency(store_size: int, requests: int, workdir: Path) -> list[Row]:
 
     from simsearch.index import FaissSearcher, build_index
     from simsearch.model.query import QueryEncoder
-    from simsearch.stages.search import Query, answer
+    from simsearch.query import Query, answer
     from simsearch.store import Store
 
     vectors, labels = clustered_unit_vectors(store_size, 2048)
@@ -520,7 +520,7 @@ def bench_serve(store_size: int, requests: dict[str, int], workdir: Path) -> lis
     from PIL import Image
 
     from simsearch.config import load_config
-    from simsearch.stages.serve import create_app
+    from simsearch.server.app import create_app
 
     store, _ = vector_store_with_model(workdir / "serve", store_size)
     buffer = io.BytesIO()
@@ -633,7 +633,7 @@ THUMBNAIL_PROBE = """
 import resource, sys, threading
 from pathlib import Path
 from PIL import Image
-from simsearch.stages.serve import ThumbnailCache, thumbnail_bytes
+from simsearch.server.thumbnails import ThumbnailCache, thumbnail_bytes
 from simsearch.pixels import decode_image
 from simsearch.items import ItemImages
 from simsearch.store import Store

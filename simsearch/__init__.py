@@ -6,8 +6,6 @@ The Python API lives in `simsearch.api`: `simsearch.open(run_dir)` and `simsearc
 
 from __future__ import annotations
 
-import sys
-import types
 from pathlib import Path
 from typing import Any
 
@@ -40,16 +38,3 @@ def __getattr__(name: str) -> Any:
         return SimsearchError
     raise AttributeError(f"module 'simsearch' has no attribute {name!r}")
 
-
-class _Package(types.ModuleType):
-    """Keeps `simsearch.extract` the API function once the stage module `simsearch/extract.py` is imported:
-    Python binds an imported submodule as an attribute of its package, which would hide the function.
-    The module stays what `from simsearch.stages.extract import ...` and `sys.modules` give."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in ("open", "extract") and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

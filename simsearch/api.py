@@ -6,7 +6,7 @@
     results.show()                                     # a matplotlib Figure: the query and its neighbours
     store.evaluate(k=[1, 10])                          # the metrics dict of `simsearch eval`
 
-Everything here is a thin layer over the stages the CLI calls (store, index, search, evaluate, extract),
+Everything here is a thin layer over the library the CLI's commands call (store, index, query, evaluation, extraction),
 configured by the same typed config: `simsearch.open(run_dir, "index.factory=HNSW32")`. Nothing is
 logged to W&B unless asked for (`"logger=wandb"`), and Lightning's banners are silenced.
 """
@@ -29,11 +29,10 @@ from PIL import Image
 from simsearch.config import GROUPS, load_config
 from simsearch.drawing import draw_grid
 from simsearch.errors import SimsearchError
+from simsearch.evaluation import evaluate_store
 from simsearch.index import open_searcher
 from simsearch.items import ItemImages
-from simsearch.runtime import filter_library_warnings
-from simsearch.stages.evaluate import evaluate_store
-from simsearch.stages.search import (
+from simsearch.query import (
     Neighbour,
     SearchResult,
     answer,
@@ -42,6 +41,7 @@ from simsearch.stages.search import (
     result_table,
     single_query_index,
 )
+from simsearch.runtime import filter_library_warnings
 from simsearch.store import Store as StoreFiles
 
 if TYPE_CHECKING:
@@ -268,11 +268,11 @@ def extract(*overrides: str, **keywords: Any) -> Store:
         simsearch.extract("data=fashion_mnist", "data.root=/usr/share/datasets/fashion-mnist", "data.limit=1000")
         simsearch.extract(data={"name": "folder", "root": "photos"}, model={"weights": "random", "image_size": 64})
     """
-    from simsearch.stages.extract import extract as run_extraction  # torch and Lightning: only when extracting
+    from simsearch.extraction import extract_store  # torch and Lightning: only when extracting
 
     cfg = load_config(_overrides(overrides, keywords))
     if keywords.get("run_dir") is not None:
         cfg.run.dir = str(keywords["run_dir"])
     with quiet_libraries():
-        run_extraction(cfg)
+        extract_store(cfg)
     return Store(StoreFiles.open(cfg.run.dir), cfg)

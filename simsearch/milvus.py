@@ -31,7 +31,8 @@ import numpy as np
 from omegaconf import DictConfig
 
 from simsearch.errors import SimsearchError
-from simsearch.filters import parse_filter, to_milvus
+from simsearch.filters import to_milvus
+from simsearch.selection import Selection
 from simsearch.store import Store
 
 log = logging.getLogger(__name__)
@@ -290,13 +291,11 @@ class MilvusIndex:
                                  f"{self.store.dir} has not: run `simsearch index index.backend=milvus` to bring it in step")
         return self._row_of_id[item_id]
 
-    def search_filtered(self, queries: np.ndarray, k: int, where: str, own_row: int | None = None
+    def search_filtered(self, queries: np.ndarray, k: int, selection: Selection, own_row: int | None = None
                         ) -> tuple[np.ndarray, np.ndarray]:
         """The top-k among the items the filter keeps, filtered inside Milvus: the parsed filter is written as
         a Milvus expression (`filters.to_milvus`), never the text as typed; `own_row` is left out."""
-        columns = self.store.filter_columns()
-        tree = parse_filter(where, {name: column.kind for name, column in columns.items()})
-        expression = to_milvus(tree, {name: column.kind for name, column in columns.items()})
+        expression = to_milvus(selection.tree, selection.kinds)
         depth = k + (own_row is not None)
         scores, rows = self.search(queries, depth, expression)
         if own_row is None:

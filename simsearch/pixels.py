@@ -95,6 +95,11 @@ def open_inside(path: Path, real_root: Path) -> BinaryIO:
         raise
 
 
+def prepare_image(image: Image.Image) -> Image.Image:
+    """Any decoded image as simsearch embeds it, stored or queried: EXIF rotation applied, then `to_rgb`."""
+    return to_rgb(ImageOps.exif_transpose(image))
+
+
 def decode_image(source: Any) -> Image.Image:
     """Open a path or file object as RGB, honouring EXIF rotation; raise UnreadableImage on any failure."""
     try:
@@ -102,7 +107,7 @@ def decode_image(source: Any) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with open_image(source) as image:
                 image.load()  # decodes fully: truncated files fail here, not later
-                return to_rgb(ImageOps.exif_transpose(image))
+                return prepare_image(image)
     except Image.DecompressionBombError as error:
         raise UnreadableImage(f"too many pixels (decompression bomb): {error}") from None
     except Image.DecompressionBombWarning as error:

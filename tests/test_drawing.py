@@ -20,7 +20,7 @@ from simsearch.drawing import (
 from simsearch.items import ItemImages
 from simsearch.metrics import METRICS
 from simsearch.stages.map import store_name
-from simsearch.stages.search import Neighbour
+from simsearch.query import Neighbour
 from simsearch.store import Store
 from tests.conftest import TINY, simsearch
 
@@ -128,7 +128,7 @@ def test_comparison_chart_has_one_panel_per_metric_family_with_values(synthetic_
     import matplotlib.pyplot as plt
 
     from simsearch.config import load_config
-    from simsearch.stages.evaluate import evaluate_store
+    from simsearch.evaluation import evaluate_store
 
     cfg = load_config([f"run.dir={synthetic_store.dir}", "logger=none", "eval.k=[1,5]"])
     metrics = evaluate_store(synthetic_store, cfg.eval, cfg.index, 0)
@@ -156,7 +156,7 @@ def test_comparison_chart_of_three_models_has_a_bar_per_model_in_each_group(synt
 
     from simsearch.config import load_config
     from simsearch.stages.compare import comparison_table
-    from simsearch.stages.evaluate import evaluate_store
+    from simsearch.evaluation import evaluate_store
 
     cfg = load_config([f"run.dir={synthetic_store.dir}", "logger=none", "eval.k=[1,5]"])
     metrics = evaluate_store(synthetic_store, cfg.eval, cfg.index, 0)

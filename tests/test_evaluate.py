@@ -23,7 +23,7 @@ from simsearch.errors import SimsearchError
 from simsearch.index import FAISS_GPU_MAX_K, FaissSearcher, build_index
 from simsearch.knn import ExactSearcher, StoredRows
 from simsearch.metrics import per_query_metrics
-from simsearch.stages.evaluate import evaluate_store, sample_queries
+from simsearch.evaluation import evaluate_store, sample_queries
 from simsearch.store import Store, finish_store, manifest_checksum
 from tests.conftest import FASHION_MNIST, TINY, clustered, make_vector_store, read_json, simsearch, simsearch_subprocess
 from tests.wandb_records import offline_summary
@@ -396,7 +396,7 @@ def test_metrics_name_the_search_and_the_exact_embeddings_of_both_stores(tmp_pat
 
 def test_a_block_larger_than_the_store_is_the_store(tmp_path, caplog):
     """eval.block_rows=10^14 must not make the CPU score one query at a time (its tile is 2^24 / block)."""
-    caplog.set_level("INFO", logger="simsearch.stages.evaluate")
+    caplog.set_level("INFO", logger="simsearch.evaluation")
     queries, gallery, reference_inputs = query_gallery_stores(tmp_path, seed=6)
     assert simsearch("eval", f"run.dir={queries.dir}", f"eval.gallery={gallery.dir}", "logger=none", "eval.k=[1,5]",
                      "eval.block_rows=100000000000000", "eval.device=cpu") == 0
@@ -546,7 +546,7 @@ import json, sys
 import numpy as np
 from omegaconf import OmegaConf
 from simsearch.config import Config
-from simsearch.stages.evaluate import evaluate_embeddings, evaluate_store
+from simsearch.evaluation import evaluate_embeddings, evaluate_store
 from simsearch.store import Store
 
 # warm-up on a separate small array: the first matrix product maps BLAS's kernels and thread buffers

@@ -276,7 +276,7 @@ def test_killed_extraction_resumes_to_the_same_store(tmp_path):
 
 
 def test_shards_of_another_config_are_not_merged(tmp_path):
-    from simsearch.stages.extract import complete_shards
+    from simsearch.extraction.shards import complete_shards
 
     common = ["data=synthetic", "data.num_items=16", "data.batch_size=8", *TINY]
     assert simsearch("extract", *common, "run.dir=out") == 0
@@ -299,7 +299,7 @@ def test_fully_resumed_ddp_extraction_is_merged_once(tmp_path):
     from simsearch.config import load_config
     from simsearch.identity import run_fingerprint
     from simsearch.model import resolve_model_config
-    from simsearch.stages.extract import shard_fingerprint
+    from simsearch.extraction.shards import shard_fingerprint
 
     common = ["data=synthetic", "data.num_items=11", "data.batch_size=4", *TINY]
     assert simsearch("extract", *common, "run.dir=one") == 0

@@ -173,7 +173,7 @@ def test_an_index_of_another_store_is_rebuilt(store_dir, tmp_path, caplog):
 
 
 def test_a_flip_with_the_mtime_put_back_is_refused(store_dir, monkeypatch):
-    import simsearch.store as store_module
+    import simsearch.store.verification as store_module
 
     monkeypatch.setattr(store_module, "RACY_NS", 0)  # as if the store were written a while ago
     Store.open(store_dir)  # verified and cached
@@ -189,7 +189,7 @@ def test_a_flip_with_the_mtime_put_back_is_refused(store_dir, monkeypatch):
 
 
 def test_verify_full_hashes_every_file_again(store_dir, monkeypatch):
-    import simsearch.store as store_module
+    import simsearch.store.verification as store_module
 
     monkeypatch.setattr(store_module, "RACY_NS", 0)
     Store.open(store_dir)
@@ -450,22 +450,24 @@ def full_disk_at(where: str, monkeypatch) -> list[str]:
     import faiss
     import PIL.Image
 
-    import simsearch.stages.extract as extract_module
-    import simsearch.store as store_module
+    import simsearch.extraction.assembly as assembly_module
+    import simsearch.extraction.shards as shards_module
+    import simsearch.store.lock as lock_module
+    import simsearch.store.writer as writer_module
 
     extract_cmd = ["extract", "data=folder", "data.root=images", "data.batch_size=4", *PIXELS]
     if where == "lock":
-        monkeypatch.setattr(store_module, "_write_owner", no_space)
+        monkeypatch.setattr(lock_module, "_write_owner", no_space)
     elif where == "shards":
-        monkeypatch.setattr(extract_module, "save_file", lambda tensors, path, metadata: half_written(0)(path))
+        monkeypatch.setattr(shards_module, "save_file", lambda tensors, path, metadata: half_written(0)(path))
     elif where == "staging space":
-        monkeypatch.setattr(extract_module.shutil, "disk_usage", lambda path: type("U", (), {"free": 1000})())
+        monkeypatch.setattr(assembly_module.shutil, "disk_usage", lambda path: type("U", (), {"free": 1000})())
     elif where == "staging":
-        monkeypatch.setattr(extract_module.os, "posix_fallocate", no_space)
+        monkeypatch.setattr(assembly_module.os, "posix_fallocate", no_space)
     elif where == "items":
-        monkeypatch.setattr(store_module, "write_jsonl", half_written(0))
+        monkeypatch.setattr(writer_module, "write_jsonl", half_written(0))
     elif where == "swap":
-        monkeypatch.setattr(store_module, "fsync_path", no_space)
+        monkeypatch.setattr(writer_module, "fsync_path", no_space)
     elif where == "index":
         def write_index(index, path):
             Path(path).write_bytes(b"\0" * 10)
@@ -655,7 +657,7 @@ def test_a_key_given_twice_in_a_store_file_is_refused(store_dir, caplog):
 def test_a_forged_verification_cache_is_never_trusted(store_dir, monkeypatch):
     """A byte of labels.npy flipped, then .verified.json edited to the file's new identity, verified
     'later': without the user's key the entry's MAC fails, so the file is hashed again and refused."""
-    import simsearch.store as store_module
+    import simsearch.store.verification as store_module
 
     monkeypatch.setattr(store_module, "RACY_NS", 0)
     api.open(store_dir)  # verified and cached
@@ -807,7 +809,7 @@ class Served:
         import uvicorn
 
         from simsearch.config import load_config
-        from simsearch.stages.serve import create_app, server_config
+        from simsearch.server.app import create_app, server_config
         from tests.test_serve import free_port
 
         cfg = load_config([f"run.dir={store_dir}", "logger=none", "serve.device=cpu", f"serve.port={free_port()}",

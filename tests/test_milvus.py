@@ -138,7 +138,7 @@ def test_server_answers_the_same_on_milvus_as_on_faiss(shop, tmp_path):  # noqa:
     from fastapi.testclient import TestClient
 
     from simsearch.config import load_config
-    from simsearch.stages.serve import create_app
+    from simsearch.server.app import create_app
 
     root, catalogue, _ = shop
     assert extract_shop(root, catalogue) == 0

@@ -267,7 +267,7 @@ def test_server_filters_both_searches_and_returns_metadata(shop, tmp_path):
     from fastapi.testclient import TestClient
 
     from simsearch.config import load_config
-    from simsearch.stages.serve import create_app
+    from simsearch.server.app import create_app
 
     root, catalogue, _ = shop
     assert extract_shop(root, catalogue) == 0

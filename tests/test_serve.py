@@ -21,7 +21,7 @@ from tests.conftest import FASHION_MNIST, TINY, simsearch
 fastapi = pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from simsearch.stages.serve import create_app  # noqa: E402
+from simsearch.server.app import create_app  # noqa: E402
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -430,7 +430,7 @@ def test_malformed_multipart_gets_the_documented_error_shape(folder_store):
 @pytest.mark.slow
 def test_an_oversized_upload_is_refused_while_it_streams_in(folder_store):
     """Driven through the ASGI interface: the app must stop reading long before the body ends."""
-    from simsearch.stages.serve import create_app
+    from simsearch.server.app import create_app
 
     app = create_app(load_config([f"run.dir={folder_store}", "logger=none", "serve.device=cpu",
                                   "serve.max_upload_mb=0.25"]))
@@ -474,7 +474,7 @@ def test_newline_in_a_file_name_and_moved_files_get_images(folder_store, tmp_pat
 
 @pytest.mark.slow
 def test_large_images_are_thumbnailed_once(folder_store, tmp_path, monkeypatch):
-    import simsearch.stages.serve as serve_module
+    import simsearch.server.thumbnails as serve_module
 
     big = tmp_path / "images" / "red" / "00.png"
     Image.new("RGB", (3000, 2000), (200, 30, 30)).save(big)
@@ -489,7 +489,7 @@ def test_large_images_are_thumbnailed_once(folder_store, tmp_path, monkeypatch):
 def test_concurrent_requests_for_one_large_image_decode_it_once(folder_store, tmp_path, monkeypatch):
     import threading
 
-    import simsearch.stages.serve as serve_module
+    import simsearch.server.thumbnails as serve_module
 
     Image.new("RGB", (2000, 2000), (30, 30, 200)).save(tmp_path / "images" / "blue" / "00.png")
     calls = []

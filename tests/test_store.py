@@ -235,7 +235,7 @@ def test_a_flipped_byte_is_refused_naming_the_file(tmp_path, command, capsys):
 
 
 def test_verification_is_cached_by_file_identity(tmp_path, monkeypatch):
-    import simsearch.store as store_module
+    import simsearch.store.verification as store_module
 
     assert simsearch("extract", "data=synthetic", "data.num_items=4", *TINY, "run.dir=store") == 0
     monkeypatch.setattr(store_module, "RACY_NS", 0)  # a ctime cannot be set back: as if written a while ago
@@ -317,7 +317,7 @@ def test_read_only_run_dir_is_one_sentence_and_serve_still_starts(tmp_path, caps
         from fastapi.testclient import TestClient
 
         from simsearch.config import load_config
-        from simsearch.stages.serve import create_app
+        from simsearch.server.app import create_app
 
         with TestClient(create_app(load_config(["run.dir=store", "logger=none", "serve.device=cpu"])),
                         base_url="http://localhost") as client:

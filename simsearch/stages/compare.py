@@ -9,10 +9,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from simsearch.drawing import compared_models, comparison_chart
 from simsearch.errors import SimsearchError
+from simsearch.evaluation import evaluate_store
+from simsearch.extraction import extract_store
 from simsearch.files import write_json_atomically
 from simsearch.metrics import metric_names
-from simsearch.stages.evaluate import evaluate_store
-from simsearch.stages.extract import extract
 from simsearch.stages.finetune import base_model_config, checkpoint_metadata, extract_or_reuse, project_store
 from simsearch.stages.finetune import finetune as train
 from simsearch.store import Store
@@ -103,7 +103,7 @@ def tuned_model(cfg: DictConfig, checkpoint: Path, name: str, baseline: Store, o
     if meta["unfreeze"] == 0:
         store = project_store(baseline, checkpoint, out / name, tuned_cfg)
     else:
-        extract(tuned_cfg)
+        extract_store(tuned_cfg)
         store = Store.open(out / name)
     groups = f"{meta['unfreeze']} backbone group{'s' if meta['unfreeze'] != 1 else ''} unfrozen"
     return {"name": name, "description": f"{meta['backbone']['name']} + head, {meta['loss']} loss, {groups}",

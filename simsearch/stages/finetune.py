@@ -28,6 +28,8 @@ from simsearch.config import save_config
 from simsearch.data import ImageCollection, Resize, build_collection
 from simsearch.data.loading import augment, collate
 from simsearch.errors import SimsearchError
+from simsearch.evaluation import evaluate_embeddings
+from simsearch.extraction import extract_store as extract
 from simsearch.files import write_json_atomically
 from simsearch.identity import MODEL_SETTINGS, embedder_identity, first_difference, stored_identity
 from simsearch.index import faiss_left_as_it_was
@@ -46,8 +48,6 @@ from simsearch.model import (
     stage_groups,
 )
 from simsearch.runtime import build_trainer, say
-from simsearch.stages.evaluate import evaluate_embeddings
-from simsearch.stages.extract import extract
 from simsearch.store import Store, create_store
 from simsearch.tracking import finish, start_run
 
