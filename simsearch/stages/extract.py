@@ -39,6 +39,7 @@ from simsearch.catalogue import Catalogue, join, read_catalogue, unmatched_recor
 from simsearch.config import save_config
 from simsearch.data import ImageCollection, Resize
 from simsearch.data.loading import ImageDataModule
+from simsearch.data.registry import dataset_kind, refuse_inside_collection
 from simsearch.errors import SimsearchError
 from simsearch.files import replace_atomically
 from simsearch.identity import embedder_identity, run_fingerprint
@@ -308,12 +309,7 @@ def prepare_run_dir(store_dir: Path) -> None:
 def check_outside_collection(cfg: DictConfig, store_dir: Path) -> None:
     """A folder collection must not hold run.dir (its pictures would become items of the next extraction),
     unless run.dir is hidden there (a name starting with `.`: never listed)."""
-    if cfg.data.name not in ("folder", "hf") or not cfg.data.root:  # hf: an imagefolder is a folder too
-        return
-    root, run = Path(cfg.data.root).expanduser().resolve(), store_dir.expanduser().resolve()
-    if run.is_relative_to(root) and not any(part.startswith(".") for part in run.relative_to(root).parts):
-        raise SimsearchError(f"run.dir={cfg.run.dir} is inside data.root={cfg.data.root}: the store's own pictures would "
-                             "become items of the next extraction; choose a run.dir outside it (or a hidden one, .simsearch)")
+    refuse_inside_collection(cfg.data, "run.dir", store_dir, cfg.run.dir)
 
 
 def extract(cfg: DictConfig, augment_seed: int | None = None) -> dict[str, Any]:
@@ -366,7 +362,7 @@ def extract_locked(cfg: DictConfig, store_dir: Path, augment_seed: int | None) -
     collection = datamodule.collection
     precision, path = prepare_inference(embedder, cfg.model.inference, cfg.trainer.precision, cfg.model.channels_last, on_gpu)
     identity = embedder_identity(cfg.model, cfg.run.seed, precision, path)
-    fingerprint = run_fingerprint(cfg, identity, augment_seed)
+    fingerprint = run_fingerprint(cfg, identity, augment_seed, dataset_kind(cfg.data.name))
     plan = Plan.empty([collection.item_record(i)["key"] for i in range(len(collection))])
     # augmented views are seeded by batch: only an unchanged, complete run's views are reused
     previous = reusable_store(store_dir, fingerprint) if augment_seed is None else None
