@@ -41,8 +41,7 @@ def plugin_datasets():
         return ArrayCollection(stripes(int(data.native_size_px)), np.arange(12) % 2, ["even", "odd"])
 
     yield
-    DATASETS.clear()
-    DATASETS.update(before)
+    DATASETS.restore(before)
 
 
 def test_every_dataset_kind_is_complete():
@@ -107,8 +106,7 @@ def test_a_plugin_whose_items_are_files_keeps_run_dir_and_pictures_outside(tmp_p
         assert simsearch("search", f"run.dir={root / '.simsearch'}", "query=a/1.png", "search.k=1",
                          f"search.grid={root / 'grid.png'}", "logger=none") == 2
     finally:
-        DATASETS.clear()
-        DATASETS.update(before)
+        DATASETS.restore(before)
 
 
 def test_no_module_outside_the_data_package_branches_on_a_dataset_name():
