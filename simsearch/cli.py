@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from simsearch.config import config_dir, load_config
 from simsearch.errors import SimsearchError
+from simsearch.registry import Registry
 from simsearch.runtime import filter_library_warnings
 
 
@@ -35,7 +36,8 @@ class Command:
         return getattr(importlib.import_module(module), name)
 
 
-COMMANDS: dict[str, Command] = {
+COMMANDS: Registry[Command] = Registry("command", "command")
+for _name, _command in {
     "extract": Command("embed a collection into a store (run.dir)", "simsearch.stages.extract:extract",
                        "simsearch extract data=folder data.root=~/photos run.dir=outputs/photos"),
     "index": Command("build the FAISS index of a store", "simsearch.stages.index:index",
@@ -59,7 +61,9 @@ COMMANDS: dict[str, Command] = {
                       "simsearch export run.dir=outputs/photos export.format=clip-retrieval export.dir=outputs/photos-emb"),
     "config": Command("print the resolved config (required keys shown as ???)", "simsearch.cli:print_config",
                       "simsearch config data=folder"),
-}
+}.items():
+    COMMANDS.add(_name, _command)
+
 PLUGINS_VARIABLE = "SIMSEARCH_PLUGINS"
 
 
@@ -68,14 +72,14 @@ def register_command(name: str, help: str, example: str = "") -> Callable:  # no
     config, errors and exit codes as every command, and the usage lists it."""
 
     def register(function: Callable[[DictConfig], object]) -> Callable[[DictConfig], object]:
-        COMMANDS[name] = Command(help, function, example)
+        COMMANDS.add(name, Command(help, function, example))
         return function
 
     return register  # modules to import first: they register families, datasets, metrics, losses
 
 
 def print_config(cfg: DictConfig) -> None:
-    from simsearch.data.registry import dataset_kind  # the one table of datasets (imports torch: not for search)
+    from simsearch.data.registry import dataset_kind  # the one table of datasets
 
     dataset_kind(cfg.data.name)  # an unknown data=NAME is refused here, as by any command that reads data
     print(OmegaConf.to_yaml(cfg, resolve=False), end="")
@@ -90,7 +94,7 @@ def usage() -> str:
     lines = ["usage: simsearch COMMAND [-v] [group=choice ...] [key=value ...]",
              "  -v, --verbose: also say what each step is doing (INFO log lines)", "", "commands:"]
     lines += [f"  {name:<{width}}{command.help}" for name, command in COMMANDS.items()]
-    from simsearch.data.registry import DATASETS  # the one table of datasets (imports torch: only for --help)
+    from simsearch.data.registry import DATASETS  # the one table of datasets
 
     lines += ["", "datasets (data=NAME):"] + [f"  {name:<{width}}{kind.help}" for name, kind in DATASETS.items()]
     lines += ["", f"groups: data=NAME (presets: {'|'.join(presets('data'))})",
@@ -124,8 +128,10 @@ def main(argv: list[str] | None = None) -> int:
         print(usage(), end="")
         return 0
     name, rest = arguments[0], arguments[1:]
-    if name not in COMMANDS:
-        print(f"simsearch: unknown command '{name}' (known: {', '.join(COMMANDS)})", file=sys.stderr)
+    try:
+        command = COMMANDS[name]
+    except SimsearchError as error:  # the registry's sentence: the unknown name and the known ones
+        print(f"simsearch: {error}", file=sys.stderr)
         return 2
     # what simsearch is doing (INFO) only when asked; warnings and errors always
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -133,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         load_plugins()
         cfg = load_config(rest, allow_missing=name == "config")
-        COMMANDS[name].function()(cfg)
+        command.function()(cfg)
     except SimsearchError as error:
         print(f"simsearch {name}: error: {error}", file=sys.stderr)
         return 2

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from simsearch.data.registry import DATASETS
 from simsearch.errors import SimsearchError
 from simsearch.identity import check_same_model, stored_identity
 from simsearch.index import FaissSearcher, check_backend, open_index
@@ -143,10 +144,11 @@ def evaluate_store(store: Store, eval_cfg: DictConfig, index_cfg: DictConfig, se
     if not store.has_labels:
         raise SimsearchError(f"the store {store.dir} has no labels: evaluation needs a labelled collection")
     if gallery is None:
-        if store.manifest.get("dataset") == "inshop" and store.manifest.get("split") in ("query", "gallery"):
-            log.warning("%s is In-Shop's %s split, evaluated leave-one-out: the benchmark's protocol (and the papers' "
-                        "numbers) rank the query split against the gallery split: eval.gallery=GALLERY_RUN_DIR",
-                        store.dir, store.manifest["split"])
+        kind = DATASETS.get(store.manifest.get("dataset"))
+        if kind is not None and kind.query_gallery and store.manifest.get("split") in kind.query_gallery:
+            log.warning("%s is the %s split of data=%s, evaluated leave-one-out: the benchmark's protocol (and the papers' "
+                        "numbers) rank the %s split against the %s split: eval.gallery=GALLERY_RUN_DIR",
+                        store.dir, store.manifest["split"], store.manifest["dataset"], *kind.query_gallery)
         searcher = _searcher_for(store, eval_cfg, index_cfg, seed, ranks)
         log.info("evaluating %d items of %s, leave-one-out, with %s", len(store), store.dir, searcher.description)
         metrics = rank_and_score(stored_rows(store), store.labels, store.labels, store.classes,

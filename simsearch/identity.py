@@ -77,18 +77,15 @@ def digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def run_fingerprint(cfg: DictConfig, identity: dict[str, Any], augment_seed: int | None) -> dict[str, str]:
+def run_fingerprint(cfg: DictConfig, identity: dict[str, Any], augment_seed: int | None, kind: Any) -> dict[str, str]:
     """What makes two vectors of the same key interchangeable: the embedder (identity, files, store dtype,
-    augmentation, decoder) and the source the keys are relative to (dataset or folder root)."""
+    augmentation, decoder) and the source the keys are relative to (dataset or folder root). `kind`: the
+    dataset's entry in `simsearch.data.DATASETS`, which says what else decides its items (`kind.source`)
+    and whether its decoder matters (`kind.decode_matters`)."""
     embedder = {**identity, "dtype": cfg.store.dtype, "augment_seed": augment_seed,
                 "weights_file": file_identity(cfg.model.weights), "checkpoint_file": file_identity(cfg.model.checkpoint),
-                "decode": cfg.data.decode if cfg.data.name == "folder" else None}
+                "decode": cfg.data.decode if kind.decode_matters else None}
     data = cfg.data
     root = str(Path(data.root).expanduser().resolve()) if data.root else None
-    source = {"name": data.name, "root": root, "split": data.split}
-    # data=hf: the hub dataset; hf and webdataset: which column is the image (unset: as before). A WebDataset
-    # item's key holds its shard's resolved path, so shards added to data.urls keep the vectors of the others
-    source.update({key: data.get(key) for key in ("hub", "image_column") if data.get(key) is not None})
-    if data.name == "synthetic":  # item i is made from these and its index
-        source.update(root=None, num_classes=data.num_classes, native_size_px=data.native_size_px, seed=cfg.run.seed)
+    source = {"name": data.name, "root": root, "split": data.split, **kind.source(data, int(cfg.run.seed))}
     return {"embedder": digest(embedder), "source": digest(source)}

@@ -1,17 +1,18 @@
 """The pixels of a store's items, read back for pictures and thumbnails: files under the recorded data
-root, or the recorded dataset. Files, Fashion-MNIST and synthetic items are read without torch."""
+root, or the recorded dataset, as its entry in the dataset table says. Files, Fashion-MNIST and synthetic
+items are read without torch (the table imports none)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from PIL import Image
 
+from simsearch.data.registry import DATASETS, refuse_inside_collection
 from simsearch.drawing import placeholder_image
 from simsearch.errors import SimsearchError
-from simsearch.pixels import FASHION_MNIST_FILES, SyntheticImages, UnreadableImage, decode_image, open_inside, read_idx
+from simsearch.pixels import UnreadableImage, decode_image, open_inside
 from simsearch.store import Store
 
 
@@ -57,18 +58,15 @@ class ItemImages:
         return self._dataset.image(int(item["index"]))
 
     def _open_dataset(self) -> Any:
-        data, seed = self.data, int(self.store.manifest.get("model", {}).get("seed", 0))
-        if data.get("name") == "synthetic":
-            return SyntheticImages(int(data["num_items"]), int(data["num_classes"]), int(data["native_size_px"]), seed)
-        if data.get("name") == "fashion_mnist" and self.root is not None:
-            return ArrayImages(read_idx(self.root / FASHION_MNIST_FILES[data["split"]][0]))
-        if data.get("name") == "webdataset":  # by (shard, key): no listing of every shard first
-            from simsearch.data.shards import ShardImages, extensions
-
-            return ShardImages(extensions(data)[0])
-        if data.get("name") in (None, "vectors"):
+        """The reader its dataset's entry names (`DatasetKind.images`): without torch for synthetic,
+        Fashion-MNIST and files; through the dataset's own loader otherwise (a registered dataset's too)."""
+        if not self.records_images:
             raise SimsearchError(f"the store {self.store.dir} records no images, only vectors")
-        return dataset_images(data, self.store.manifest, seed)
+        name = self.data["name"]
+        if name not in DATASETS:
+            raise UnreadableImage(f"the store's dataset '{name}' is not registered here (known: {', '.join(DATASETS)}): "
+                                 "import its plugin (SIMSEARCH_PLUGINS) to show its items")
+        return DATASETS[name].images(self.store.manifest)
 
     def image_or_placeholder(self, row: int) -> tuple[Image.Image, str | None]:
         """The item's image, or a grey tile saying why it cannot be shown (file moved, deleted, unreadable,
@@ -80,39 +78,11 @@ class ItemImages:
             return placeholder_image(reason), reason
 
 
-class ArrayImages:
-    """Images held in one uint8 array, (N, H, W) grey or (N, H, W, 3)."""
-
-    def __init__(self, images: np.ndarray):
-        self.images = images
-
-    def image(self, index: int) -> Image.Image:
-        return Image.fromarray(self.images[index]).convert("RGB")
-
-
-def dataset_images(data: dict[str, Any], manifest: dict[str, Any], seed: int) -> Any:
-    """A dataset that only its reader can open (CIFAR-10, the benchmarks): torch and the data stage are
-    imported here, on first use, so that the pixels of files and idx datasets never pay for them."""
-    from omegaconf import OmegaConf
-
-    from simsearch.data import Resize, build_collection
-
-    model = manifest.get("model", {})
-    resize = Resize(int(model["image_size"]), str(model.get("interpolation") or "bilinear"))
-    return build_collection(OmegaConf.create({**data, "limit": None}), resize, seed)
-
-
 def output_path(store: Store, key: str, name: str) -> Path:
     """Where the output `key` (search.grid, duplicates.output, ...) is written: `name` in run.dir (or where an
     absolute or `..` path leads). Refused with a sentence inside the store's folder collection, as run.dir
     is (`simsearch extract`): the picture would become an item of the next extraction. A hidden folder
     there (a name starting with `.`) is never listed, so allowed."""
     path = store.dir / name
-    data = store.manifest.get("data", {})
-    if data.get("name") != "folder" or not data.get("root"):
-        return path
-    root, resolved = Path(data["root"]).resolve(), path.resolve()
-    if resolved.is_relative_to(root) and not any(part.startswith(".") for part in resolved.relative_to(root).parts):
-        raise SimsearchError(f"{key}={name} is inside data.root={data['root']}: it would become an item of the next "
-                             "extraction; write it outside the collection (or in a hidden folder, .simsearch)")
+    refuse_inside_collection(store.manifest.get("data", {}), key, path, name)
     return path

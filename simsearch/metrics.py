@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from simsearch.registry import Registry
+
 
 @dataclass(frozen=True)
 class Ranking:
@@ -59,7 +61,7 @@ class Metric:
         return [self.name.format(k=k) for k in ks] if self.per_k else [self.name]
 
 
-METRICS: dict[str, Metric] = {}
+METRICS: Registry[Metric] = Registry("metric", "metric")
 
 
 def register_metric(name: str, heading: str | None = None, ranking: bool = False, ks: str = "k") -> Callable:
@@ -67,7 +69,7 @@ def register_metric(name: str, heading: str | None = None, ranking: bool = False
     with `ranking=True`, on `fn(ranking, k)`; `ks="knn_k"` computes it for each K of `eval.knn_k`."""
 
     def register(compute: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
-        METRICS[name] = Metric(name, compute, heading or name.replace("{k}", "K"), ranking, ks)
+        METRICS.add(name, Metric(name, compute, heading or name.replace("{k}", "K"), ranking, ks))
         return compute
 
     return register

@@ -150,3 +150,13 @@ class SyntheticImages:
 
     def image(self, index: int) -> Image.Image:
         return Image.fromarray(self.array(index))
+
+
+class ArrayImages:
+    """Images held in one uint8 array, (N, H, W) grey or (N, H, W, 3): an idx file's items read back."""
+
+    def __init__(self, images: np.ndarray):
+        self.images = images
+
+    def image(self, index: int) -> Image.Image:
+        return Image.fromarray(self.images[index]).convert("RGB")

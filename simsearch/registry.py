@@ -65,5 +65,9 @@ class Registry(Mapping[str, Entry], Generic[Entry]):
     def __contains__(self, name: object) -> bool:
         return name in self._entries
 
+    def restore(self, entries: Mapping[str, Entry]) -> None:
+        """Put back the entries saved with `dict(registry)`: a test or a notebook undoing its registrations."""
+        self._entries = dict(entries)
+
     def __repr__(self) -> str:
         return f"Registry({self.kind!r}: {', '.join(self._entries)})"

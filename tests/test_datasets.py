@@ -173,7 +173,7 @@ def test_inshop_query_and_gallery_stores_evaluate_one_against_the_other(tmp_path
     assert names_of(gallery) == ["id_00000080", "id_00000080", "id_00000091", "id_00000100"]
     assert query.classes == ["id_00000080", "id_00000091"] and gallery.classes[:2] == query.classes
     assert simsearch("eval", "run.dir=query", "logger=none", "eval.k=[1,2]") == 0  # not the benchmark's protocol
-    assert "In-Shop's query split, evaluated leave-one-out" in caplog.text
+    assert "the query split of data=inshop, evaluated leave-one-out" in caplog.text
     assert simsearch("eval", "run.dir=query", "eval.gallery=gallery", "logger=none", "eval.k=[1,2]") == 0
     metrics = read_json(Path("query") / "metrics.json")
     assert metrics["protocol"] == "query-gallery" and metrics["queries"] == 3 and metrics["items"] == 4

@@ -19,8 +19,8 @@ from simsearch.drawing import (
 )
 from simsearch.items import ItemImages
 from simsearch.metrics import METRICS
-from simsearch.stages.map import store_name
 from simsearch.query import Neighbour
+from simsearch.stages.map import store_name
 from simsearch.store import Store
 from tests.conftest import TINY, simsearch
 
@@ -155,8 +155,8 @@ def test_comparison_chart_of_three_models_has_a_bar_per_model_in_each_group(synt
     import matplotlib.pyplot as plt
 
     from simsearch.config import load_config
-    from simsearch.stages.compare import comparison_table
     from simsearch.evaluation import evaluate_store
+    from simsearch.stages.compare import comparison_table
 
     cfg = load_config([f"run.dir={synthetic_store.dir}", "logger=none", "eval.k=[1,5]"])
     metrics = evaluate_store(synthetic_store, cfg.eval, cfg.index, 0)

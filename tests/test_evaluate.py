@@ -20,10 +20,10 @@ from torchmetrics.retrieval import (
 
 from simsearch.config import Config
 from simsearch.errors import SimsearchError
+from simsearch.evaluation import evaluate_store, sample_queries
 from simsearch.index import FAISS_GPU_MAX_K, FaissSearcher, build_index
 from simsearch.knn import ExactSearcher, StoredRows
 from simsearch.metrics import per_query_metrics
-from simsearch.evaluation import evaluate_store, sample_queries
 from simsearch.store import Store, finish_store, manifest_checksum
 from tests.conftest import FASHION_MNIST, TINY, clustered, make_vector_store, read_json, simsearch, simsearch_subprocess
 from tests.wandb_records import offline_summary

@@ -16,6 +16,7 @@ from simsearch.cli import COMMANDS
 from simsearch.data import DATASETS
 from simsearch.metrics import METRICS
 from simsearch.model import FAMILIES
+from simsearch.registry import Registry
 from simsearch.stages.finetune import LOSSES
 from simsearch.store import Store
 from tests.conftest import TINY, clustered, make_vector_store, read_json, simsearch
@@ -41,8 +42,11 @@ def registered():
         exec(compile(block, str(README), "exec"), {})
     yield
     for table, before in saved:
-        table.clear()
-        table.update(before)
+        if isinstance(table, Registry):
+            table.restore(before)
+        else:  # a plain dict
+            table.clear()
+            table.update(before)
 
 
 def test_a_registered_backbone_family_extracts(registered, tmp_path):

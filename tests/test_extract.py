@@ -297,15 +297,17 @@ def test_fully_resumed_ddp_extraction_is_merged_once(tmp_path):
     from safetensors.torch import save_file
 
     from simsearch.config import load_config
+    from simsearch.data import DATASETS
+    from simsearch.extraction.shards import shard_fingerprint
     from simsearch.identity import run_fingerprint
     from simsearch.model import resolve_model_config
-    from simsearch.extraction.shards import shard_fingerprint
 
     common = ["data=synthetic", "data.num_items=11", "data.batch_size=4", *TINY]
     assert simsearch("extract", *common, "run.dir=one") == 0
     one = Store.open(tmp_path / "one")
     cfg = load_config([*common, "run.dir=two"])
     cfg.model = resolve_model_config(cfg.model)
+    fingerprint = run_fingerprint(cfg, one.manifest["embedder"], None, DATASETS["synthetic"])
     shards = tmp_path / "two" / "shards"
     shards.mkdir(parents=True)
     for batch, start in enumerate(range(0, 11, 4)):  # the shards a killed run left, complete
@@ -313,7 +315,7 @@ def test_fully_resumed_ddp_extraction_is_merged_once(tmp_path):
         save_file({"index": rows, "valid": torch.ones(len(rows), dtype=torch.uint8),
                    "embeddings": torch.from_numpy(one.embeddings[rows.numpy()])},
                   str(shards / f"attempt000-rank0000-batch{batch:08d}.safetensors"),
-                  metadata={"fingerprint": shard_fingerprint(run_fingerprint(cfg, one.manifest["embedder"], None)), "reasons": "{}",
+                  metadata={"fingerprint": shard_fingerprint(fingerprint), "reasons": "{}",
                             "keys": json.dumps([one.items[i]["key"] for i in rows.tolist()])})
     ddp = simsearch_subprocess("-v", "extract", *common, "run.dir=two", "trainer.devices=2", "trainer.strategy=ddp",
                                cwd=tmp_path)

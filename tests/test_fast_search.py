@@ -63,8 +63,8 @@ def test_fashion_mnist_grid_pixels_come_without_torch_and_match_the_dataset(tmp_
 
 
 def test_exact_evaluation_on_the_cpu_imports_no_torch_and_equals_the_torch_kernels(tmp_path):
-    from simsearch.knn import ExactSearcher
     from simsearch.evaluation import evaluate_embeddings
+    from simsearch.knn import ExactSearcher
 
     assert simsearch("extract", "data=synthetic", "data.num_items=60", *TINY, "run.dir=out") == 0
     result = subprocess.run([sys.executable, "-c", PROBE, "eval", "run.dir=out", "eval.device=auto", "eval.k=[1,5]",

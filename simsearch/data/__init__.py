@@ -1,15 +1,20 @@
 """The data stage: image collections (folders, datasets, the metric-learning benchmarks) as uint8 pixels
-with labels and keys, one table of datasets (`DATASETS`, `register_dataset`), and the batches they feed."""
+with labels and keys, one table of datasets (`DATASETS`, `register_dataset`), and the batches they feed.
 
-from simsearch.data.collections import (
-    ArrayCollection,
-    FolderCollection,
-    ImageCollection,
-    Resize,
-    resize_pixels,
-    to_pixels,
-)
+The table imports no torch; the collections (torch datasets) are imported on first use of their names,
+so reading the table for a store's thumbnails (`search`, `serve`) stays light."""
+
+from importlib import import_module
+from typing import Any
+
 from simsearch.data.registry import DATASETS, LoadOptions, build_collection, register_dataset
 
-__all__ = ["DATASETS", "ArrayCollection", "FolderCollection", "ImageCollection", "LoadOptions", "Resize",
-           "build_collection", "register_dataset", "resize_pixels", "to_pixels"]
+_COLLECTIONS = ("ArrayCollection", "FolderCollection", "ImageCollection", "Resize", "resize_pixels", "to_pixels")
+
+__all__ = ["DATASETS", "LoadOptions", "build_collection", "register_dataset", *_COLLECTIONS]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _COLLECTIONS:
+        return getattr(import_module("simsearch.data.collections"), name)
+    raise AttributeError(f"module 'simsearch.data' has no attribute '{name}'")

@@ -17,11 +17,14 @@ for the others, a missing file is named with where it belongs.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from simsearch.data.collections import FolderCollection, Resize
 from simsearch.errors import SimsearchError
+
+if TYPE_CHECKING:  # the collection (torch) is imported when a benchmark is read, not for its table of splits
+    from simsearch.data.collections import BenchmarkCollection, Resize
 
 CUB_URL = "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz"
 CUB_MD5 = "97eceeb196236b17998738112f37df78"
@@ -37,30 +40,6 @@ WHERE = {
 }
 
 
-class BenchmarkCollection(FolderCollection):
-    """Image files named by a benchmark's annotation files (not found by walking folders), labelled by class name."""
-
-    def __init__(self, root: Path, relative_paths: list[str], item_classes: list[str], resize: Resize,
-                 decode_on_device: bool = False):
-        self.root, self.resize, self.decode_on_device = root, resize, decode_on_device
-        self.paths = [root / path for path in relative_paths]
-        self.stats = [file_stat(path) for path in self.paths]  # with the path, the item's key (see FolderCollection)
-        self.unlisted: list[dict] = []  # the annotation files name every item: none is left unlisted
-        self.classes = list(dict.fromkeys(item_classes))  # in the order of the annotation file
-        number = {name: i for i, name in enumerate(self.classes)}
-        self.labels = np.array([number[name] for name in item_classes], dtype=np.int64)
-
-
-def file_stat(path: Path) -> tuple[int, int, int]:
-    """(size, mtime_ns, ctime_ns) of a listed image; (-1, 0, 0) for a missing one, which the loader then records
-    as skipped."""
-    try:
-        stat = path.stat()
-    except OSError:
-        return -1, 0, 0
-    return stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
-
-
 def read_benchmark(name: str, root: Path, split: str, resize: Resize, download: bool = False,
                    decode_on_device: bool = False) -> BenchmarkCollection:
     """The `split` of benchmark `name` under `root` (see the module's table)."""
@@ -73,6 +52,8 @@ def read_benchmark(name: str, root: Path, split: str, resize: Resize, download: 
     if not paths:
         raise SimsearchError(f"{name} has no images in its {split} split under {root}")
     from_root = [(base / path).relative_to(root).as_posix() for path in paths]  # items.jsonl paths: under data.root
+    from simsearch.data.collections import BenchmarkCollection
+
     return BenchmarkCollection(root, from_root, classes, resize, decode_on_device)
 
 

@@ -341,6 +341,30 @@ def load_cifar10(root: Path, split: str, download: bool) -> ArrayCollection:
     return ArrayCollection(dataset.data, np.asarray(dataset.targets), list(dataset.classes))
 
 
+class BenchmarkCollection(FolderCollection):
+    """Image files named by a benchmark's annotation files (not found by walking folders), labelled by class name."""
+
+    def __init__(self, root: Path, relative_paths: list[str], item_classes: list[str], resize: Resize,
+                 decode_on_device: bool = False):
+        self.root, self.resize, self.decode_on_device = root, resize, decode_on_device
+        self.paths = [root / path for path in relative_paths]
+        self.stats = [file_stat(path) for path in self.paths]  # with the path, the item's key (see FolderCollection)
+        self.unlisted: list[dict] = []  # the annotation files name every item: none is left unlisted
+        self.classes = list(dict.fromkeys(item_classes))  # in the order of the annotation file
+        number = {name: i for i, name in enumerate(self.classes)}
+        self.labels = np.array([number[name] for name in item_classes], dtype=np.int64)
+
+
+def file_stat(path: Path) -> tuple[int, int, int]:
+    """(size, mtime_ns, ctime_ns) of a listed image; (-1, 0, 0) for a missing one, which the loader then records
+    as skipped."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return -1, 0, 0
+    return stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
+
+
 class SyntheticCollection(SyntheticImages, ImageCollection):
     """Clustered images made on demand (`simsearch.images.SyntheticImages`) as a dataset."""
 

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from simsearch.catalogue import read_catalogue
 from simsearch.data import Resize
 from simsearch.data.loading import ImageDataModule
+from simsearch.data.registry import dataset_kind, refuse_inside_collection
 from simsearch.errors import SimsearchError
 from simsearch.extraction.assembly import Plan, reusable_store, write_store
 from simsearch.extraction.shards import STORE_DTYPES, ShardWriter, complete_shards, next_attempt, shard_fingerprint
@@ -54,12 +55,7 @@ def prepare_run_dir(store_dir: Path) -> None:
 def check_outside_collection(cfg: DictConfig, store_dir: Path) -> None:
     """A folder collection must not hold run.dir (its pictures would become items of the next extraction),
     unless run.dir is hidden there (a name starting with `.`: never listed)."""
-    if cfg.data.name not in ("folder", "hf") or not cfg.data.root:  # hf: an imagefolder is a folder too
-        return
-    root, run = Path(cfg.data.root).expanduser().resolve(), store_dir.expanduser().resolve()
-    if run.is_relative_to(root) and not any(part.startswith(".") for part in run.relative_to(root).parts):
-        raise SimsearchError(f"run.dir={cfg.run.dir} is inside data.root={cfg.data.root}: the store's own pictures would "
-                             "become items of the next extraction; choose a run.dir outside it (or a hidden one, .simsearch)")
+    refuse_inside_collection(cfg.data, "run.dir", store_dir, cfg.run.dir)
 
 
 def extract_store(cfg: DictConfig, augment_seed: int | None = None,
@@ -115,7 +111,7 @@ def extract_locked(cfg: DictConfig, store_dir: Path, augment_seed: int | None,
     collection = datamodule.collection
     precision, path = prepare_inference(embedder, cfg.model.inference, cfg.trainer.precision, cfg.model.channels_last, on_gpu)
     identity = embedder_identity(cfg.model, cfg.run.seed, precision, path)
-    fingerprint = run_fingerprint(cfg, identity, augment_seed)
+    fingerprint = run_fingerprint(cfg, identity, augment_seed, dataset_kind(cfg.data.name))
     plan = Plan.empty([collection.item_record(i)["key"] for i in range(len(collection))])
     # augmented views are seeded by batch: only an unchanged, complete run's views are reused
     previous = reusable_store(store_dir, fingerprint) if augment_seed is None else None

@@ -24,6 +24,7 @@ from torch import nn
 
 from simsearch.errors import SimsearchError
 from simsearch.model.weights import load_state_dict_file, timm_imagenet, torchvision_imagenet, torchvision_weights
+from simsearch.registry import Registry
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # Containers whose children are a network's stages/blocks, tried in order; `finetune.unfreeze=N` trains the last N.
@@ -89,7 +90,7 @@ class Family:
     default_arch: str | None = None  # what the family's name alone means (`model.name=pixels`)
 
 
-FAMILIES: dict[str, Family] = {}
+FAMILIES: Registry[Family] = Registry("backbone family", "model.name family")
 
 
 def register_family(prefix: str) -> Callable[[Callable[[], Family]], Callable[[], Family]]:
@@ -97,7 +98,7 @@ def register_family(prefix: str) -> Callable[[Callable[[], Family]], Callable[[]
     through it (and `model.name=mylib` alone, when the family has a `default_arch`)."""
 
     def register(make: Callable[[], Family]) -> Callable[[], Family]:
-        FAMILIES[prefix] = make()
+        FAMILIES.add(prefix, make())
         return make
 
     return register

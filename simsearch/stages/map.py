@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
+from simsearch.data.registry import DATASETS
 from simsearch.drawing import draw_map
 from simsearch.errors import SimsearchError
 from simsearch.items import ItemImages, output_path
@@ -61,7 +62,7 @@ def project(vectors: np.ndarray, method: str, neighbours: int, seed: int) -> np.
 def store_name(store: Store) -> str:
     """What a user calls the store: a folder's data.root, a dataset's name and split; with its run.dir."""
     manifest, data = store.manifest, store.manifest.get("data", {})
-    if manifest.get("dataset") == "folder" and data.get("root"):
+    if data.get("root") and manifest.get("dataset") in DATASETS and DATASETS[manifest["dataset"]].items_are_files:
         return f"{data['root']} (store {store.dir})"
     collection = " ".join(str(part) for part in (manifest.get("dataset"), manifest.get("split")) if part)
     return f"{collection} (store {store.dir})" if collection else str(store.dir)
