@@ -11,12 +11,13 @@ from simsearch.drawing import compared_models, comparison_chart
 from simsearch.errors import SimsearchError
 from simsearch.files import write_json_atomically
 from simsearch.metrics import metric_names
+from simsearch.model import checkpoint_metadata
 from simsearch.stages.evaluate import evaluate_store
 from simsearch.stages.extract import extract
-from simsearch.stages.finetune import base_model_config, checkpoint_metadata, extract_or_reuse, project_store
-from simsearch.stages.finetune import finetune as train
 from simsearch.store import Store
 from simsearch.tracking import finish, log_metrics, start_run
+from simsearch.training import base_model_config, extract_or_reuse, project_store
+from simsearch.training import fit as train
 
 
 def compare(cfg: DictConfig) -> dict[str, Any]:
