@@ -11,8 +11,8 @@ from omegaconf import OmegaConf
 
 from simsearch.config import Config
 from simsearch.model import Embedder, Preprocess, ProjectionHead
-from simsearch.stages.finetune import MetricLearningModule
 from simsearch.store import Store
+from simsearch.training import MetricLearningModule
 from tests.conftest import TINY, read_json, simsearch, simsearch_subprocess
 
 SCHEMA = OmegaConf.structured(Config)
@@ -166,7 +166,7 @@ def test_end_to_end_starts_from_a_trained_head_and_refuses_another_backbones(tmp
 
 def test_layer_decay_gives_each_lower_stage_group_a_smaller_learning_rate():
     from simsearch.model import backbone_spec, build_backbone, stage_groups
-    from simsearch.stages.finetune import backbone_groups, warmup_cosine
+    from simsearch.training import backbone_groups, warmup_cosine
 
     network = build_backbone(backbone_spec({"name": "resnet18", "weights": "random", "image_size": 32}), 0).network
     groups = backbone_groups(network, 3, 1e-3, 0.5)

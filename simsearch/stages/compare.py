@@ -13,10 +13,11 @@ from simsearch.evaluation import evaluate_store
 from simsearch.extraction import extract_store
 from simsearch.files import write_json_atomically
 from simsearch.metrics import metric_names
-from simsearch.stages.finetune import base_model_config, checkpoint_metadata, extract_or_reuse, project_store
-from simsearch.stages.finetune import finetune as train
+from simsearch.model import checkpoint_metadata
 from simsearch.store import Store
 from simsearch.tracking import finish, log_metrics, start_run
+from simsearch.training import base_model_config, extract_or_reuse, project_store
+from simsearch.training import fit as train
 
 
 def compare(cfg: DictConfig) -> dict[str, Any]:
