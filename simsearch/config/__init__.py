@@ -4,7 +4,7 @@ wins, so the command line always has the last word.
 
 The schema holds every key with its default and the reason for it; the YAML files only choose. They live in one
 folder, `configs/` at the top of a checkout; a wheel carries the same files as `simsearch/configs/`
-(pyproject.toml maps that folder into the package: no second copy). A misspelt key or a value of the wrong type
+(setup.py maps that folder into the package: no second copy). A misspelt key or a value of the wrong type
 is a `SimsearchError` naming the key.
 """
 
@@ -158,9 +158,10 @@ def _choices(config: DictConfig, path: Path) -> dict[str, str]:
     chosen = OmegaConf.to_container(config.pop("defaults", OmegaConf.create({})))
     if not isinstance(chosen, dict):
         raise SimsearchError(f"defaults: in {path} must map each group to a preset, e.g. data: cifar10")
+    known = [group for group in GROUPS if group != EXPERIMENT]  # an experiment chooses no other experiment
     for group in chosen:
-        if group not in GROUPS or group == EXPERIMENT:
-            raise SimsearchError(f"unknown config group '{group}' in {path} (known: {', '.join(GROUPS[:-1])})")
+        if group not in known:
+            raise SimsearchError(f"unknown config group '{group}' in {path} (known: {', '.join(known)})")
     return {str(group): str(choice) for group, choice in chosen.items()}
 
 
