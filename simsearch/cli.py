@@ -17,7 +17,7 @@ from importlib.metadata import entry_points
 
 from omegaconf import DictConfig, OmegaConf
 
-from simsearch.config import config_dir, load_config
+from simsearch.config import config_dir, load_config, presets
 from simsearch.errors import SimsearchError
 from simsearch.registry import Registry
 from simsearch.runtime import filter_library_warnings
@@ -85,10 +85,6 @@ def print_config(cfg: DictConfig) -> None:
     print(OmegaConf.to_yaml(cfg, resolve=False), end="")
 
 
-def presets(group: str) -> list[str]:
-    return sorted(path.stem for path in (config_dir() / group).glob("*.yaml"))
-
-
 def usage() -> str:
     width = max(map(len, COMMANDS)) + 2
     lines = ["usage: simsearch COMMAND [-v] [group=choice ...] [key=value ...]",
@@ -99,7 +95,10 @@ def usage() -> str:
     lines += ["", "datasets (data=NAME):"] + [f"  {name:<{width}}{kind.help}" for name, kind in DATASETS.items()]
     lines += ["", f"groups: data=NAME (presets: {'|'.join(presets('data'))})",
               f"        model={'|'.join(presets('model'))} (or model.name=<torchvision name>, timm/<name>, pixels)",
-              f"        logger={'|'.join(presets('logger'))}", "", "examples:"]
+              f"        logger={'|'.join(presets('logger'))}  trainer={'|'.join(presets('trainer'))}  "
+              f"index={'|'.join(presets('index'))}  finetune={'|'.join(presets('finetune'))}",
+              f"        experiment={'|'.join(presets('experiment'))} (a whole recipe; the command line wins)",
+              f"        (the files: {config_dir()}; docs/configuration.md)", "", "examples:"]
     lines += [f"  {command.example}" for command in COMMANDS.values() if command.example][:4]
     return "\n".join(lines) + "\n"
 

@@ -1,8 +1,11 @@
-"""Typed configuration: the schema (`schema.py`) + `presets/default.yaml` + one preset per chosen group +
-`key=value` overrides.
+"""Typed configuration: the schema (`schema.py`), then `configs/default.yaml`, then one preset per group
+(`data=`, `model=`, `trainer=`, ...), then an `experiment=` recipe, then `key=value` overrides: each later one
+wins, so the command line always has the last word.
 
-The schema holds every key with its default and the reason for it; the presets only choose.
-A misspelt key or a value of the wrong type is a `SimsearchError` naming the key.
+The schema holds every key with its default and the reason for it; the YAML files only choose. They live in one
+folder, `configs/` at the top of a checkout; a wheel carries the same files as `simsearch/configs/`
+(setup.py maps that folder into the package: no second copy). A misspelt key or a value of the wrong type
+is a `SimsearchError` naming the key.
 """
 
 from __future__ import annotations
@@ -26,7 +29,10 @@ from simsearch.config.schema import (  # noqa: F401 - the schema is part of the 
 from simsearch.errors import SimsearchError
 from simsearch.files import write_text_atomically
 
-GROUPS = ("data", "model", "logger")
+# The folders of configs/ whose files hold one section's keys, merged in default.yaml's order; `experiment`
+# chooses a file of configs/experiment/ (any section's keys, and presets of the groups).
+GROUPS = ("run", "data", "model", "trainer", "index", "eval", "search", "finetune", "logger", "experiment")
+EXPERIMENT = "experiment"
 # Short spellings accepted on the command line, e.g. `simsearch search query=42`.
 ALIASES = {"query": "search.query", "filter": "search.filter"}
 # Taken exactly as typed, never parsed as YAML: `query=true` is a file named `true`, `query=-0` is not row 0.
@@ -56,13 +62,23 @@ NAME_MAX_BYTES, PATH_MAX_BYTES = 255, 4096  # Linux's limits (errno 36 past them
 GRID_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
+PACKAGED = Path(__file__).resolve().parent.parent / "configs"  # simsearch/configs/: only inside an installed wheel
+CHECKOUT = Path(__file__).resolve().parent.parent.parent / "configs"  # configs/ beside simsearch/ in a checkout
+
+
 def config_dir() -> Path:
-    """The presets folder: $SIMSEARCH_CONFIGS, else the one shipped inside the package."""
+    """The configs folder: $SIMSEARCH_CONFIGS, else the copy inside an installed wheel, else the checkout's."""
     env = os.environ.get("SIMSEARCH_CONFIGS")
-    path = Path(env) if env else Path(__file__).resolve().parent / "presets"
-    if not (path / "default.yaml").is_file():
-        raise SimsearchError(f"no default.yaml in {path}: set SIMSEARCH_CONFIGS to a folder of presets, or reinstall simsearch")
-    return path
+    for path in [Path(env)] if env else [PACKAGED, CHECKOUT]:
+        if (path / "default.yaml").is_file():
+            return path
+    where = env or f"{PACKAGED} or {CHECKOUT}"
+    raise SimsearchError(f"no default.yaml in {where}: set SIMSEARCH_CONFIGS to a configs folder, or reinstall simsearch")
+
+
+def presets(group: str) -> list[str]:
+    """The names a group can choose: its files in the configs folder."""
+    return sorted(path.stem for path in (config_dir() / group).glob("*.yaml"))
 
 
 def _explain(error: OmegaConfBaseException) -> str:
@@ -137,32 +153,73 @@ def _load_yaml(path: Path) -> DictConfig:
     return loaded
 
 
+def _choices(config: DictConfig, path: Path) -> dict[str, str]:
+    """A file's `defaults:` (group: preset), taken out of it; a group that is not one is refused."""
+    chosen = OmegaConf.to_container(config.pop("defaults", OmegaConf.create({})))
+    if not isinstance(chosen, dict):
+        raise SimsearchError(f"defaults: in {path} must map each group to a preset, e.g. data: cifar10")
+    known = [group for group in GROUPS if group != EXPERIMENT]  # an experiment chooses no other experiment
+    for group in chosen:
+        if group not in known:
+            raise SimsearchError(f"unknown config group '{group}' in {path} (known: {', '.join(known)})")
+    return {str(group): str(choice) for group, choice in chosen.items()}
+
+
+def _preset_file(root: Path, group: str, choice: str) -> Path | None:
+    """configs/<group>/<choice>.yaml; None for a registered dataset with no preset; else refused, naming the known."""
+    path = root / group / f"{choice}.yaml"
+    if path.is_file():
+        return path
+    if group == "data":  # a registered dataset needs no preset
+        return None
+    raise SimsearchError(f"unknown choice {group}={choice} (known: {', '.join(presets(group))})")
+
+
+def _experiment(root: Path, name: str | None) -> tuple[DictConfig, dict[str, str]]:
+    """configs/experiment/<name>.yaml: its keys (any section) and its preset choices."""
+    path = _preset_file(root, EXPERIMENT, name) if name else None
+    experiment = _load_yaml(path) if path else OmegaConf.create({})
+    return experiment, _choices(experiment, path) if path else {}
+
+
+def _keys(node: DictConfig, missing: bool, prefix: str = "") -> set[str]:
+    """The dotted keys a file leaves `???` (missing=True) or sets; read without resolving an interpolation
+    (a group file's `${data.name}` names a key of another section)."""
+    keys: set[str] = set()
+    for key in node:
+        if OmegaConf.is_dict(node._get_node(key)):
+            keys |= _keys(node._get_node(key), missing, f"{prefix}{key}.")
+        elif OmegaConf.is_missing(node, key) == missing:
+            keys.add(f"{prefix}{key}")
+    return keys
+
+
 def load_config(arguments: list[str] | None = None, allow_missing: bool = False) -> DictConfig:
-    """Compose the schema, `default.yaml`, the chosen group files and `key=value` overrides. `allow_missing`:
-    keys that must be given may stay `???` (`simsearch config` shows them so)."""
+    """Compose the schema, `default.yaml`, the chosen group files, the `experiment=` file and `key=value`
+    overrides, each over the one before. A group chosen on the command line beats the experiment's choice,
+    which beats default.yaml's. `allow_missing`: keys that must be given may stay `???` (`simsearch config`
+    shows them so)."""
     root = config_dir()
     choices, overrides, verbatim = _split_arguments(list(arguments or []))
     defaults = _load_yaml(root / "default.yaml")
-    chosen = {**OmegaConf.to_container(defaults.pop("defaults", OmegaConf.create({}))), **choices}
+    experiment, experiment_choices = _experiment(root, choices.pop(EXPERIMENT, None))
+    chosen = {**_choices(defaults, root / "default.yaml"), **experiment_choices, **choices}
     required: list[str] = []
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(Config), defaults)
         for group, choice in chosen.items():
-            if group not in GROUPS:
-                raise SimsearchError(f"unknown config group '{group}' in default.yaml (known: {GROUPS})")
-            group_file = root / group / f"{choice}.yaml"
-            if not group_file.is_file() and group == "data":  # a registered dataset needs no preset
+            group_file = _preset_file(root, group, choice)
+            if group_file is None:
                 cfg = OmegaConf.merge(cfg, {"data": {"name": choice}})
                 continue
-            if not group_file.is_file():
-                known = sorted(p.stem for p in (root / group).glob("*.yaml"))
-                raise SimsearchError(f"unknown choice {group}={choice} (known: {', '.join(known)})")
             group_cfg = _load_yaml(group_file)
             # `???` in a group file: the user must give it (a merge would keep the schema's default)
-            required += [f"{group}.{key}" for key in sorted(OmegaConf.missing_keys(group_cfg))]
+            required += sorted(_keys(group_cfg, missing=True, prefix=f"{group}."))
             cfg = OmegaConf.merge(cfg, {group: group_cfg})
+        required += sorted(_keys(experiment, missing=True))
+        cfg = OmegaConf.merge(cfg, experiment)
         cfg = OmegaConf.merge(cfg, _parse_overrides(_lists_from_scalars(cfg, overrides)), _nested(verbatim))
-        given = {item.partition("=")[0] for item in overrides} | set(verbatim)
+        given = {item.partition("=")[0] for item in overrides} | set(verbatim) | _keys(experiment, missing=False)
         missing = [key for key in required if key not in given] + sorted(OmegaConf.missing_keys(cfg))
         if missing and not allow_missing:
             raise SimsearchError(f"'{missing[0]}' must be given, e.g. {missing[0]}=VALUE")
