@@ -86,12 +86,12 @@ def print_config(cfg: DictConfig) -> None:
 
 
 def usage() -> str:
-    width = max(map(len, COMMANDS)) + 2
-    lines = ["usage: simsearch COMMAND [-v] [group=choice ...] [key=value ...]",
-             "  -v, --verbose: also say what each step is doing (INFO log lines)", "", "commands:"]
-    lines += [f"  {name:<{width}}{command.help}" for name, command in COMMANDS.items()]
     from simsearch.data.registry import DATASETS  # the one table of datasets
 
+    width = max(map(len, [*COMMANDS, *DATASETS])) + 2  # one column for both tables: a long name never runs into its text
+    lines = ["usage: simsearch COMMAND [-v] [group=choice ...] [experiment=NAME] [key=value ...]",
+             "  -v, --verbose: also say what each step is doing (INFO log lines)", "", "commands:"]
+    lines += [f"  {name:<{width}}{command.help}" for name, command in COMMANDS.items()]
     lines += ["", "datasets (data=NAME):"] + [f"  {name:<{width}}{kind.help}" for name, kind in DATASETS.items()]
     lines += ["", f"groups: data=NAME (presets: {'|'.join(presets('data'))})",
               f"        model={'|'.join(presets('model'))} (or model.name=<torchvision name>, timm/<name>, pixels)",
