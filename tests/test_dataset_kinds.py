@@ -58,7 +58,7 @@ def test_a_plugin_dataset_gets_thumbnails_in_serve(plugin_datasets, tmp_path):
     from sklearn.datasets import load_digits
 
     from simsearch.config import load_config
-    from simsearch.stages.serve import create_app
+    from simsearch.server.app import create_app
 
     assert simsearch("extract", "data=digits", "data.split=test", "data.limit=20", "model=pixels", "model.image_size=8",
                      *TINY[2:], "run.dir=digits") == 0

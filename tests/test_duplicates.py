@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from simsearch.stages.duplicates import connected_groups
+from simsearch.duplicates import connected_groups
 from tests.conftest import TINY, read_json, simsearch, simsearch_subprocess
 from tests.test_api import write_photo_folder
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from simsearch.stages.map import sample_rows
+from simsearch.projection import sample_rows
 from tests.conftest import TINY, clustered, make_vector_store, simsearch
 
 

@@ -88,7 +88,7 @@ def test_export_replaces_an_earlier_export_only_when_complete(folder_store, monk
     assert simsearch("export", "run.dir=store", "export.dir=emb") == 0
     before = Path("emb/img_emb/img_emb_0.npy").read_bytes()
 
-    import simsearch.stages.export as export_stage
+    import simsearch.export as export_stage
 
     def fail(*_):
         raise OSError(28, "No space left on device")
