@@ -118,26 +118,22 @@ def bench_eval(sizes: list[int], dim: int, workdir: Path, full_plain_up_to: int)
 
 def write_vector_store_in_chunks(store_dir: Path, n: int, dim: int, classes: int, chunk: int = 50_000) -> None:
     """A labelled store of n clustered unit vectors, written chunk by chunk into a memory-mapped .npy:
-    never whole in RAM, so the store can be larger than the memory the benchmark may use."""
+    the vectors never whole in RAM, so the store can be larger than the memory the benchmark may use."""
     store_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(classes, dim)).astype(np.float32)
     labels = rng.integers(0, classes, n)
-    embeddings = np.lib.format.open_memmap(store_dir / "embeddings.npy", mode="w+", dtype=np.float32, shape=(n, dim))
+    scratch = store_dir.parent / f".{store_dir.name}-vectors.npy"  # streamed to disk, then made a store by create_store
+    embeddings = np.lib.format.open_memmap(scratch, mode="w+", dtype=np.float32, shape=(n, dim))
     for start in range(0, n, chunk):
         part = centres[labels[start : start + chunk]] + rng.normal(size=(min(chunk, n - start), dim)).astype(np.float32) * 4.0
         embeddings[start : start + chunk] = part / np.linalg.norm(part, axis=1, keepdims=True)
     embeddings.flush()
+    items = [{"id": str(i), "index": i} for i in range(n)]
+    create_store(store_dir, embeddings, labels.astype(np.int64), items,
+                 {"data": {"classes": [str(c) for c in range(classes)]}, "model": {}})
     del embeddings
-    with open(store_dir / "items.jsonl", "w") as handle:
-        for start in range(0, n, chunk):
-            handle.write("".join(f'{{"id": "{i}", "index": {i}}}\n' for i in range(start, min(n, start + chunk))))
-    from simsearch.store import write_manifest
-
-    np.save(store_dir / "labels.npy", labels.astype(np.int64))
-    (store_dir / "skipped.jsonl").write_text("")
-    write_manifest(store_dir, {"count": n, "dim": dim, "dtype": "float32", "data": {"classes": [str(c) for c in range(classes)]},
-                               "model": {}})
+    scratch.unlink()
 
 
 PLAIN_SAMPLED_EVAL = """

@@ -24,7 +24,7 @@ from simsearch.evaluation import evaluate_store, sample_queries
 from simsearch.index import FAISS_GPU_MAX_K, FaissSearcher, build_index
 from simsearch.knn import ExactSearcher, StoredRows
 from simsearch.metrics import per_query_metrics
-from simsearch.store import Store, finish_store, manifest_checksum
+from simsearch.store import Store, create_store, manifest_checksum
 from tests.conftest import FASHION_MNIST, TINY, clustered, make_vector_store, read_json, simsearch, simsearch_subprocess
 from tests.wandb_records import offline_summary
 
@@ -575,18 +575,17 @@ PEAK_RSS_OF_CHILD = ("import resource, subprocess, sys; subprocess.run(sys.argv[
 def test_evaluation_memory_is_bounded_by_chunk_and_block_not_by_the_store(tmp_path):
     rows, dim = 60_000, 512  # a 123 MB store; chunk x block = 16 x 2,048 scores (128 kB)
     store_dir = tmp_path / "big"
-    store_dir.mkdir()
-    embeddings = np.lib.format.open_memmap(store_dir / "embeddings.npy", mode="w+", dtype=np.float32, shape=(rows, dim))
+    embeddings = np.lib.format.open_memmap(tmp_path / "vectors.npy", mode="w+", dtype=np.float32, shape=(rows, dim))
     rng = np.random.default_rng(0)
     for start in range(0, rows, 10_000):
         block = rng.normal(size=(10_000, dim)).astype(np.float32)
         embeddings[start : start + 10_000] = block / np.linalg.norm(block, axis=1, keepdims=True)
     embeddings.flush()
-    del embeddings
     labels = rng.integers(0, 1_000, size=rows)
     items = [{"id": str(i), "index": i, "label": str(y)} for i, y in enumerate(labels)]
-    finish_store(store_dir, labels, items, [], {"count": rows, "dim": dim, "dtype": "float32",
-                                                "data": {"classes": [str(c) for c in range(1_000)]}, "model": {}})
+    create_store(store_dir, embeddings, labels, items, {"data": {"classes": [str(c) for c in range(1_000)]}, "model": {}})
+    del embeddings
+    (tmp_path / "vectors.npy").unlink()
     store_mb = (store_dir / "embeddings.npy").stat().st_size / 2**20
     probe = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(store_dir)], capture_output=True, text=True, timeout=600)
     assert probe.returncode == 0, probe.stderr

@@ -18,7 +18,7 @@ from simsearch.catalogue import column_kinds, write_metadata
 from simsearch.errors import SimsearchError
 from simsearch.files import fsync_path, sha256_of, write_jsonl, write_text_atomically
 from simsearch.store.layout import CHECKSUMMED, FORMAT_VERSION, METADATA, METADATA_UNMATCHED, STAGING, manifest_checksum
-from simsearch.store.reader import Store
+from simsearch.store.reader import FINITE_CHUNK_ROWS, Store
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +62,16 @@ def finish_store(store_dir: Path, labels: np.ndarray, items: list[dict[str, Any]
 
 def create_store(store_dir: Path, embeddings: np.ndarray, labels: np.ndarray, items: list[dict[str, Any]],
                  description: dict[str, Any], metadata: list[dict[str, Any] | None] | None = None) -> Store:
-    """A store from arrays in memory (cached features, tests, imports from elsewhere); `metadata`: one dict
-    of column values per row (None: no values), kept as metadata.jsonl."""
-    if not np.isfinite(embeddings).all():
-        raise SimsearchError("the embeddings hold NaN or infinite values: a store holds finite vectors only")
+    """A verified store from vectors and their items (cached features, benchmarks, tests, imports from
+    elsewhere), written beside any store already in `store_dir` and swapped in. `embeddings` may be a
+    memory-mapped .npy of any size (checked and copied a chunk of rows at a time); `metadata`: one dict of
+    column values per row (None: no values), kept as metadata.jsonl."""
+    if embeddings.ndim != 2 or len(embeddings) != len(labels) or len(items) != len(labels):
+        raise SimsearchError(f"a store needs one label and one item per vector: {embeddings.shape} vectors, "
+                             f"{len(labels)} labels, {len(items)} items")
+    for start in range(0, len(embeddings), FINITE_CHUNK_ROWS):
+        if not np.isfinite(embeddings[start : start + FINITE_CHUNK_ROWS]).all():
+            raise SimsearchError("the embeddings hold NaN or infinite values: a store holds finite vectors only")
     store_dir.mkdir(parents=True, exist_ok=True)
     staging = fresh_staging(store_dir)
     if (store_dir / "config.yaml").is_file():  # written by the caller beside the store
