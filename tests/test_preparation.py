@@ -120,10 +120,20 @@ def test_a_pil_image_through_the_api_finds_its_stored_item(store_dir, item_id, m
     assert first.id == item_id and first.score >= 0.9999
 
 
-def test_jpegs_decoded_on_the_device_path_give_the_loaders_vectors(store_dir, folder):
-    """data.decode=device (torchvision's decoder: nvJPEG on a GPU, libjpeg here) against PIL in the loader."""
-    on_device = folder.parent / "device"
-    assert cli("extract", "data=folder", f"data.root={folder}", "data.decode=device", *PIXELS, f"run.dir={on_device}") == 0
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.parametrize("accelerator", ["cpu", pytest.param("gpu", marks=pytest.mark.skipif(
+    not cuda_available(), reason="no GPU: nvJPEG's path is checked where there is one"))])
+def test_jpegs_decoded_on_the_device_path_give_the_loaders_vectors(store_dir, folder, accelerator):
+    """data.decode=device (torchvision's decoder: nvJPEG on a GPU, libjpeg on the CPU), then the same
+    prepared_pixels, against PIL in the loader."""
+    on_device = folder.parent / f"device-{accelerator}"
+    assert cli("extract", "data=folder", f"data.root={folder}", "data.decode=device", *PIXELS,
+               f"trainer.accelerator={accelerator}", f"run.dir={on_device}") == 0
     loader, device = Store.open(store_dir), Store.open(on_device)
     for item_id in ("odd/rgb.jpg", "odd/cmyk.jpg"):
         assert float(stored(loader, item_id) @ stored(device, item_id)) >= 0.9999, item_id
