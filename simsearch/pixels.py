@@ -33,6 +33,7 @@ IMAGE_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", 
                  ".tiff": "TIFF", ".webp": "WEBP", ".ppm": "PPM", ".pgm": "PPM", ".pbm": "PPM"}
 IMAGE_SUFFIXES = set(IMAGE_FORMATS)
 PIL_FORMATS = sorted(set(IMAGE_FORMATS.values()))
+EXIF_ORIENTATION = 0x0112
 
 
 def open_image(source: Any) -> Image.Image:
@@ -71,6 +72,15 @@ def to_rgb(image: Image.Image) -> Image.Image:
         background.paste(image, mask=image.getchannel("A"))
         return background
     return image.convert("RGB")
+
+
+def prepare_image(image: Image.Image) -> Image.Image:
+    """Every image simsearch embeds, stored or queried, before its resize (`simsearch.data.prepared_pixels`):
+    turned upright by its EXIF orientation, then 8-bit RGB by `to_rgb`. An upright RGB image is returned as
+    it is (no copy): preparing twice is preparing once."""
+    if image.mode == "RGB" and "transparency" not in image.info and image.getexif().get(EXIF_ORIENTATION, 1) == 1:
+        return image
+    return to_rgb(ImageOps.exif_transpose(image))
 
 
 def open_inside(path: Path, real_root: Path) -> BinaryIO:

@@ -9,7 +9,8 @@ from typing import Any
 
 from simsearch.data.registry import DATASETS, LoadOptions, build_collection, register_dataset
 
-_COLLECTIONS = ("ArrayCollection", "FolderCollection", "ImageCollection", "Resize", "resize_pixels", "to_pixels")
+_COLLECTIONS = ("ArrayCollection", "FolderCollection", "ImageCollection", "Resize", "prepared_pixels", "resize_pixels",
+                "to_pixels")
 
 __all__ = ["DATASETS", "LoadOptions", "build_collection", "register_dataset", *_COLLECTIONS]
 

@@ -3,7 +3,7 @@
 Every dataset yields `{"pixels", "index", "valid", "reason"}`: uint8 (3, H, W) pixels, the item's
 position in the collection, and whether it could be read. Resizing to the model's input size and
 normalisation happen batched on the model's device (`simsearch.model.Preprocess`); only folders of
-images of mixed sizes are resized in the loader, with the same `resize_pixels`, so that they stack.
+images of mixed sizes are resized in the loader, with the same `prepared_pixels`, so that they stack.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from simsearch.pixels import (
     UnreadableImage,
     decode_image,
     open_inside,
+    prepare_image,
     read_idx,
 )
 
@@ -71,9 +72,18 @@ def resize_pixels(pixels: torch.Tensor, resize: Resize) -> torch.Tensor:
     return batch[0] if pixels.ndim == 3 else batch
 
 
+def prepared_pixels(image: Image.Image | torch.Tensor, resize: Resize) -> torch.Tensor:
+    """The one preparation of every image simsearch embeds, stored or queried, as uint8 (3, S, S) (or a
+    batch): a PIL image (a decoded file, a dataset's image, a query) through `prepare_image` (EXIF rotation,
+    `to_rgb`: transparency over white, 16-bit scaled); a uint8 tensor, already upright RGB (JPEGs decoded on
+    the device with apply_exif_orientation and ImageReadMode.RGB, dataset arrays), as it is; then the one
+    resize rule, `resize_pixels`, with the model's size and interpolation."""
+    return resize_pixels(to_pixels(image) if isinstance(image, Image.Image) else image, resize)
+
+
 def to_pixels(image: Image.Image) -> torch.Tensor:
-    """An RGB PIL image as a uint8 (3, H, W) tensor, at its own size."""
-    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+    """A PIL image, prepared (`prepare_image`: upright, `to_rgb`), as a uint8 (3, H, W) tensor at its own size."""
+    return torch.from_numpy(np.asarray(prepare_image(image), dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
 
 # ---------------------------------------------------------------- datasets
@@ -175,7 +185,7 @@ class FolderCollection(ImageCollection):
             return decode_image(handle)
 
     def pixels(self, index: int) -> torch.Tensor:
-        return resize_pixels(to_pixels(self.image(index)), self.resize)
+        return prepared_pixels(self.image(index), self.resize)
 
     def placeholder(self) -> torch.Tensor:
         return torch.zeros(3, self.resize.size_px, self.resize.size_px, dtype=torch.uint8)

@@ -22,7 +22,7 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image
 
-from simsearch.data.collections import ImageCollection, Resize, resize_pixels, to_pixels
+from simsearch.data.collections import ImageCollection, Resize, prepared_pixels
 from simsearch.errors import SimsearchError
 from simsearch.pixels import UnreadableImage, decode_image
 
@@ -178,7 +178,7 @@ class HFCollection(ImageCollection):
         return decode_image(io.BytesIO(encoded_bytes(value)))
 
     def pixels(self, index: int) -> torch.Tensor:
-        return resize_pixels(to_pixels(self.image(index)), self.resize)
+        return prepared_pixels(self.image(index), self.resize)
 
     def placeholder(self) -> torch.Tensor:
         return torch.zeros(3, self.resize.size_px, self.resize.size_px, dtype=torch.uint8)

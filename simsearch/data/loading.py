@@ -10,7 +10,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
-from simsearch.data.collections import ImageCollection, Resize, resize_pixels
+from simsearch.data.collections import ImageCollection, Resize, prepared_pixels
 from simsearch.data.registry import build_collection
 
 
@@ -30,7 +30,7 @@ def decode_jpegs_on(device: torch.device, batch: dict[str, Any], resize: Resize)
             batch["valid"][position] = False
             batch["reason"][position] = f"JPEG decoding failed: {str(error).splitlines()[0]}"
             continue
-        batch["pixels"][position] = resize_pixels(image, resize).to(batch["pixels"].device)
+        batch["pixels"][position] = prepared_pixels(image, resize).to(batch["pixels"].device)  # as the loader's
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:

@@ -23,7 +23,7 @@ import torch
 from omegaconf import DictConfig, ListConfig
 from PIL import Image
 
-from simsearch.data.collections import ImageCollection, Resize, resize_pixels, to_pixels
+from simsearch.data.collections import ImageCollection, Resize, prepared_pixels
 from simsearch.errors import SimsearchError
 from simsearch.pixels import UnreadableImage, decode_image
 
@@ -159,7 +159,7 @@ class ShardCollection(ImageCollection):
         return decode_image(io.BytesIO(read_member(self.paths[shard], member)))
 
     def pixels(self, index: int) -> torch.Tensor:
-        return resize_pixels(to_pixels(self.image(index)), self.resize)
+        return prepared_pixels(self.image(index), self.resize)
 
     def placeholder(self) -> torch.Tensor:
         return torch.zeros(3, self.resize.size_px, self.resize.size_px, dtype=torch.uint8)

@@ -8,14 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from simsearch.data.collections import Resize, resize_pixels
+from simsearch.data.collections import Resize, prepared_pixels
 from simsearch.model.backbones import Backbone, BackboneSpec, Preprocessing, build_network, check_name, load_weights, remove_classifier
 
 log = logging.getLogger(__name__)
 
 
 class Preprocess(nn.Module):
-    """uint8 (B, 3, H, W) -> float (B, 3, S, S): `resize_pixels` (the one resize rule) and normalise, batched.
+    """uint8 (B, 3, H, W) -> float (B, 3, S, S): `prepared_pixels` (the one resize rule) and normalise, batched.
 
     Runs on whatever device the module is on, so a GPU never waits for per-image CPU transforms.
     """
@@ -33,7 +33,7 @@ class Preprocess(nn.Module):
         return cls(preprocessing.image_size, list(preprocessing.mean), list(preprocessing.std), preprocessing.interpolation)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return (resize_pixels(pixels, self.resize).float() - self.mean) / self.std
+        return (prepared_pixels(pixels, self.resize).float() - self.mean) / self.std
 
 
 class ProjectionHead(nn.Module):

@@ -11,7 +11,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from simsearch.data import resize_pixels, to_pixels
+from simsearch.data.collections import prepared_pixels
 from simsearch.identity import stored_identity
 from simsearch.model.factory import build_embedder
 from simsearch.model.inference import prepare_inference
@@ -48,9 +48,10 @@ class QueryEncoder:
         self.embedder = embedder.to(self.device).requires_grad_(False)
 
     def encode(self, images: list[Image.Image]) -> np.ndarray:
-        """(len(images), D) float32 unit-norm embeddings."""
-        resize = self.embedder.preprocess.resize  # images of any size are stacked at the model's, by the same rule
+        """(len(images), D) float32 unit-norm embeddings. Each image, in whatever mode it comes (RGBA, 16-bit
+        grey, CMYK, an EXIF-rotated photo), is prepared as the store's items were (`prepared_pixels`)."""
+        resize = self.embedder.preprocess.resize
         with torch.inference_mode(), autocast_for(self.precision if self.path == "eager" else "32-true",
                                                    torch.device(self.device).type):
-            pixels = torch.stack([resize_pixels(to_pixels(image), resize) for image in images]).to(self.device)
+            pixels = torch.stack([prepared_pixels(image, resize) for image in images]).to(self.device)
             return self.embedder(pixels).float().cpu().numpy()
