@@ -105,11 +105,6 @@ def open_inside(path: Path, real_root: Path) -> BinaryIO:
         raise
 
 
-def prepare_image(image: Image.Image) -> Image.Image:
-    """Any decoded image as simsearch embeds it, stored or queried: EXIF rotation applied, then `to_rgb`."""
-    return to_rgb(ImageOps.exif_transpose(image))
-
-
 def decode_image(source: Any) -> Image.Image:
     """Open a path or file object as RGB, honouring EXIF rotation; raise UnreadableImage on any failure."""
     try:

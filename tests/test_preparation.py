@@ -111,9 +111,6 @@ def test_a_cmyk_jpeg_opened_by_the_user_finds_its_stored_item(store_dir, folder)
     assert first.id == "odd/cmyk.jpg" and first.score >= 0.9999
 
 
-@pytest.mark.xfail(strict=True, reason="parse_query converts a PIL query with convert('RGB') before the encoder "
-                                       "prepares it (black under transparency, 16 bits clipped to 255); remove "
-                                       "that call and this test passes")
 @pytest.mark.parametrize("item_id, make", [("odd/rgba.png", rgba_image), ("odd/grey16.png", grey16_image)])
 def test_a_pil_image_through_the_api_finds_its_stored_item(store_dir, item_id, make):
     first = simsearch.open(store_dir).search(make(), k=1)[0]
