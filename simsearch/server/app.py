@@ -183,6 +183,10 @@ def add_page_routes(app: FastAPI) -> None:
     def page() -> str:
         return PAGE.read_text(encoding="utf-8")
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon() -> Response:  # the page names no icon (`data:,`); other clients asking get nothing, not a 404
+        return Response(status_code=204)
+
     @app.get("/static/{name}", include_in_schema=False)
     def static(name: str) -> Response:
         if name not in STATIC:

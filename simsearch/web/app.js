@@ -113,7 +113,11 @@ async function searchItem(id, { push = true } = {}) {
     if (push && location.search !== url) history.pushState({ item: found, k }, "", url);
     document.title = `simsearch: ${found}`;
   } catch (error) {
-    if (request === latest) fail(error);
+    if (request !== latest) return;
+    fail(error);
+    // the address names what was asked, refused or not: a bad filter never stands beside an earlier good one
+    const url = permalink(id, k);
+    if (push && location.search !== url) history.pushState({ item: id, k }, "", url);
   } finally {
     if (request === latest) busy(false);
   }
