@@ -25,7 +25,18 @@ from simsearch.knn import ExactSearcher, StoredRows
 from simsearch.metrics import per_query_metrics
 from simsearch.stages.evaluate import evaluate_store, sample_queries
 from simsearch.store import Store, finish_store, manifest_checksum
-from tests.conftest import FASHION_MNIST, TINY, clustered, make_vector_store, read_json, simsearch, simsearch_subprocess
+from tests.helpers import (
+    FASHION_MNIST,
+    TINY,
+    clustered,
+    make_vector_store,
+    mean_of,
+    ranking_metrics,
+    read_json,
+    reference_query_gallery,
+    simsearch,
+    simsearch_subprocess,
+)
 from tests.wandb_records import offline_summary
 
 SCHEMA = OmegaConf.structured(Config)
@@ -34,28 +45,6 @@ SCHEMA = OmegaConf.structured(Config)
 def configs(backend="exact", ks=(1, 5, 10, 20, 100), factory="Flat"):
     eval_cfg = OmegaConf.merge(SCHEMA.eval, {"k": list(ks), "backend": backend, "query_chunk": 7, "device": "cpu"})
     return eval_cfg, OmegaConf.merge(SCHEMA.index, {"factory": factory, "device": "cpu"})
-
-
-def ranking_metrics(relevant: list[bool], ks: list[int]) -> dict[str, float] | None:
-    """Every metric of one query from its ranked list of relevance flags, written as plainly as possible."""
-    R = sum(relevant)
-    if R == 0:
-        return None
-    values = {}
-    for K in ks:
-        hits = sum(relevant[:K])
-        values[f"hit@{K}"] = 1.0 if hits > 0 else 0.0
-        values[f"precision@{K}"] = hits / K
-        values[f"recall@{K}"] = hits / R
-        precisions = [sum(relevant[: i + 1]) / (i + 1) for i in range(K) if relevant[i]]
-        values[f"map@{K}"] = sum(precisions) / len(precisions) if precisions else 0.0
-    values["map@r"] = sum(sum(relevant[: i + 1]) / (i + 1) for i in range(R) if relevant[i]) / R
-    values["r_precision"] = sum(relevant[:R]) / R
-    return values
-
-
-def mean_of(per_query: list[dict[str, float]]) -> dict[str, float]:
-    return {name: float(np.mean([q[name] for q in per_query])) for name in per_query[0]}
 
 
 def reference_per_query(embeddings: np.ndarray, labels: np.ndarray, ks: list[int]) -> dict[int, dict[str, float]]:
@@ -74,20 +63,6 @@ def reference_per_query(embeddings: np.ndarray, labels: np.ndarray, ks: list[int
 def reference_metrics(embeddings: np.ndarray, labels: np.ndarray, ks: list[int]) -> dict[str, float]:
     """The definitions in evaluate.py, averaged over the queries that have a relevant item."""
     return mean_of(list(reference_per_query(embeddings, labels, ks).values()))
-
-
-def reference_query_gallery(queries: np.ndarray, query_names: list, gallery: np.ndarray, gallery_names: list,
-                            ks: list[int]) -> dict[str, float]:
-    """Query/gallery by brute force: every gallery item ranked for every query (ties by gallery row), no
-    exclusion, relevance by class name."""
-    per_query = []
-    for vector, name in zip(queries, query_names):
-        scores = gallery @ vector
-        ranked = sorted(range(len(gallery)), key=lambda j: -scores[j])
-        values = ranking_metrics([gallery_names[j] == name for j in ranked], ks) if name is not None else None
-        if values is not None:
-            per_query.append(values)
-    return mean_of(per_query)
 
 
 def torchmetrics_values(embeddings: np.ndarray, labels: np.ndarray, ks: list[int]) -> dict[str, float]:

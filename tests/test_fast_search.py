@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from simsearch.store import Store
-from tests.conftest import FASHION_MNIST, TINY, simsearch
+from tests.helpers import FASHION_MNIST, TINY, simsearch
 
 PROBE = """
 import sys

@@ -8,8 +8,7 @@ import torch
 from torchvision.transforms import v2
 
 from simsearch.model import Preprocess, backbone_spec, build_backbone
-from tests.conftest import TINY, simsearch
-from tests.test_extract import write_cifar10
+from tests.helpers import TINY, simsearch, write_cifar10
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]

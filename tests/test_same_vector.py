@@ -12,8 +12,8 @@ from PIL import Image
 import simsearch
 from simsearch.pixels import FASHION_MNIST_FILES, read_idx
 from simsearch.store import Store
-from tests.conftest import FASHION_MNIST, TINY, make_vector_store
-from tests.conftest import simsearch as cli
+from tests.helpers import FASHION_MNIST, TINY, make_vector_store
+from tests.helpers import simsearch as cli
 
 needs_fashion_mnist = pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="apt-get install dataset-fashion-mnist")
 QUIET = ["logger=none", "trainer.enable_progress_bar=false", "trainer.accelerator=cpu", "data.num_workers=0"]
