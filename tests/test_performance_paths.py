@@ -55,7 +55,7 @@ def test_jpeg_decoding_on_the_device_matches_the_loader_path(tmp_path):
     Image.fromarray(small).convert("CMYK").save(root / "cmyk.jpg")
     Image.fromarray(small).save(root / "png-in-disguise.jpg", format="PNG")
     (root / "corrupt.jpg").write_bytes((root / "0.jpg").read_bytes()[:400] + b"\x00" * 50)
-    common = ("data=folder", f"data.root={root}", "data.labels=none", *TINY, "model.image_size=64")
+    common = ("data=folder", f"data.root={root}", "data.labels=none", *TINY, "model.name=resnet18", "model.image_size=64")
     assert simsearch("extract", *common, "data.decode=loader", "run.dir=loader") == 0
     assert simsearch("extract", *common, "data.decode=device", "run.dir=device") == 0
     loader, device = Store.open(tmp_path / "loader"), Store.open(tmp_path / "device")

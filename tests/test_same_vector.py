@@ -98,7 +98,7 @@ def test_every_preset_finds_each_item_by_its_own_file_in_folders_and_datasets(tm
 
 
 def test_precision_is_part_of_the_fingerprint(tmp_path, capsys):
-    common = ["extract", "data=synthetic", "data.num_items=8", *TINY, "run.dir=out"]
+    common = ["extract", "data=synthetic", "data.num_items=8", *TINY, "model.name=resnet18", "run.dir=out"]  # a network
     assert cli(*common, "trainer.precision=bf16-mixed") == 0
     bf16 = Store.open(tmp_path / "out")
     assert bf16.manifest["embedder"]["precision"] == "bf16-mixed"

@@ -134,7 +134,8 @@ def test_upload_search_embeds_like_the_store(folder_store, folder_images):
 
 
 def test_dataset_store_serves_pixels_through_the_manifest(tmp_path):
-    assert simsearch("extract", "data=synthetic", "data.num_items=12", *TINY, "run.dir=store") == 0
+    assert simsearch("extract", "data=synthetic", "data.num_items=12", "model=pixels", "model.image_size=32", *TINY[2:],
+                     "run.dir=store") == 0
     with client_for(tmp_path / "store") as client:
         response = client.get("/items/4/image")
         assert response.status_code == 200

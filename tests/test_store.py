@@ -387,7 +387,7 @@ def test_links_and_hidden_files_follow_one_rule(tmp_path):
     write_image(root / ".thumbnails" / "x.png", seed=6)
     write_image(root / "owls" / ".hidden.png", seed=7)
     (root / ".DS_Store").write_bytes(b"\0\1")
-    assert extract_folder(root, "store") == 0
+    assert extract_folder(root, "store", "model.name=resnet18") == 0
     store = Store.open(tmp_path / "store")
     paths = {item["path"] for item in store.items}
     assert "dogs/alias.png" in paths and len(paths) == 7
@@ -402,7 +402,7 @@ def test_links_and_hidden_files_follow_one_rule(tmp_path):
 def test_moved_and_deleted_files_still_print_and_draw(tmp_path, capsys):
     root = tmp_path / "images"
     write_folder(root, per_class=2)
-    assert extract_folder(root, "store") == 0
+    assert extract_folder(root, "store", "model.name=resnet18") == 0
     for path in (root / "dogs").iterdir():
         path.unlink()
     (root / "cats" / "001.png").rename(tmp_path / "gone.png")
