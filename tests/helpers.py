@@ -34,6 +34,9 @@ TINY = [
     "trainer.accelerator=cpu",
     "data.num_workers=0",
 ]
+# Synthetic stores through the default network, each extracted once per session (conftest's `extracted_once`)
+SYNTHETIC_8 = ("data=synthetic", "data.num_items=8", *TINY)
+SYNTHETIC_24 = ("data=synthetic", "data.num_items=24", *TINY)
 
 
 def simsearch(*arguments: str) -> int:

@@ -27,8 +27,10 @@ from simsearch.stages.evaluate import evaluate_store, sample_queries
 from simsearch.store import Store, finish_store, manifest_checksum
 from tests.helpers import (
     FASHION_MNIST,
+    SYNTHETIC_24,
     TINY,
     clustered,
+    copy_store,
     make_vector_store,
     mean_of,
     ranking_metrics,
@@ -169,8 +171,8 @@ def test_faiss_gpu_k_limit_falls_back_instead_of_truncating(tmp_path):
     assert searcher.search(store.vectors(slice(0, 3)), 10)[1].shape == (3, 10)
 
 
-def test_eval_command_writes_metrics_json_and_prints_the_report_line(tmp_path, capsys):
-    assert simsearch("extract", "data=synthetic", "data.num_items=24", *TINY, "run.dir=out") == 0
+def test_eval_command_writes_metrics_json_and_prints_the_report_line(extracted_once, tmp_path, capsys):
+    copy_store(extracted_once(*SYNTHETIC_24), tmp_path / "out")
     assert simsearch("eval", "run.dir=out", "logger=none", "eval.k=[1,5,10]") == 0
     printed = capsys.readouterr().out
     metrics = read_json(tmp_path / "out" / "metrics.json")
@@ -179,8 +181,8 @@ def test_eval_command_writes_metrics_json_and_prints_the_report_line(tmp_path, c
     assert set(metrics["per_class"]) == {"class_0", "class_1", "class_2", "class_3"}
 
 
-def test_eval_logs_to_wandb_offline(tmp_path):
-    assert simsearch("extract", "data=synthetic", "data.num_items=12", *TINY, "run.dir=out") == 0
+def test_eval_logs_to_wandb_offline(extracted_once, tmp_path):
+    copy_store(extracted_once(*SYNTHETIC_24), tmp_path / "out")
     code = simsearch("eval", "run.dir=out", "eval.k=[1,5]", "logger=wandb", f"logger.wandb.dir={tmp_path}")
     assert code == 0
     runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))

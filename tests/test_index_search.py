@@ -12,7 +12,7 @@ from simsearch.index import FaissSearcher, build_index, load_index
 from simsearch.items import ItemImages
 from simsearch.knn import ExactSearcher
 from simsearch.store import Store
-from tests.helpers import TINY, clustered, copy_store, make_vector_store, read_json, simsearch, simsearch_subprocess
+from tests.helpers import SYNTHETIC_24, clustered, copy_store, make_vector_store, read_json, simsearch, simsearch_subprocess
 
 SCHEMA = OmegaConf.structured(Config)
 
@@ -78,7 +78,7 @@ def test_bad_factory_is_one_sentence(tmp_path, capsys):
 @pytest.fixture
 def synthetic_store(extracted_once, tmp_path):
     """tmp_path/out: a copy of 24 synthetic items through the default network, extracted once per session."""
-    copy_store(extracted_once("data=synthetic", "data.num_items=24", *TINY), tmp_path / "out")
+    copy_store(extracted_once(*SYNTHETIC_24), tmp_path / "out")
     return Store.open(tmp_path / "out")
 
 

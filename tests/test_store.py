@@ -16,7 +16,7 @@ from PIL import Image
 
 from simsearch.files import read_jsonl
 from simsearch.store import Store, finish_store, swap_in
-from tests.helpers import TINY, copy_store, make_vector_store, simsearch, simsearch_subprocess
+from tests.helpers import SYNTHETIC_8, TINY, copy_store, make_vector_store, simsearch, simsearch_subprocess
 
 
 def write_image(path: Path, seed: int) -> None:
@@ -36,13 +36,10 @@ def extract_folder(root: Path, run_dir: str, *extra: str) -> int:
                      *extra)
 
 
-SYNTHETIC = ("data=synthetic", "data.num_items=8", *TINY)  # the store the tests of damage copy
-
-
 @pytest.fixture
 def synthetic_store(extracted_once, tmp_path) -> Path:
     """tmp_path/store: a copy of 8 synthetic items through the default network, extracted once per session."""
-    return copy_store(extracted_once(*SYNTHETIC), tmp_path / "store")
+    return copy_store(extracted_once(*SYNTHETIC_8), tmp_path / "store")
 
 
 def assert_same_store(store: Store, fresh: Store) -> None:
@@ -333,7 +330,7 @@ def test_read_only_run_dir_is_one_sentence_and_serve_still_starts(synthetic_stor
     store_dir.chmod(0o555)
     try:
         capsys.readouterr()
-        assert simsearch("extract", *SYNTHETIC, "run.dir=store") == 2
+        assert simsearch("extract", *SYNTHETIC_8, "run.dir=store") == 2
         assert "not writable" in capsys.readouterr().err
         from fastapi.testclient import TestClient
 
