@@ -69,6 +69,15 @@ def own_folder_store(tmp_path) -> Path:
 
 
 @pytest.fixture
+def own_pixel_store(tmp_path) -> Path:
+    """tmp_path/images and their raw-pixel store tmp_path/pixels, for a route test that changes the images."""
+    root = write_shapes(tmp_path / "images")
+    assert simsearch("extract", "data=folder", f"data.root={root}", "model=pixels", "model.image_size=8", *TINY[2:],
+                     "run.dir=pixels") == 0
+    return tmp_path / "pixels"
+
+
+@pytest.fixture
 def pixel_store(folder_images, tmp_path):
     """The same images embedded as raw pixels (no network to build): for tests of the routes alone."""
     assert simsearch("extract", "data=folder", f"data.root={folder_images}", "model=pixels", "model.image_size=8",
@@ -181,17 +190,17 @@ def test_bad_requests(folder_client, path, status, words):
     assert response.status_code == status and words in response.json()["error"]
 
 
-def test_no_file_outside_the_data_root_is_served(folder_store, tmp_path):
-    store = Store.open(folder_store)
+def test_no_file_outside_the_data_root_is_served(pixel_store, tmp_path):
+    store = Store.open(pixel_store)
     items = [dict(item) for item in store.items]
     items[0]["path"] = "../../outside.png"  # a tampered store
     Image.new("RGB", (8, 8)).save(tmp_path / "outside.png")
-    (folder_store / "items.jsonl").write_text("".join(__import__("json").dumps(i) + "\n" for i in items))
-    manifest = __import__("json").loads((folder_store / "manifest.json").read_text())
+    (pixel_store / "items.jsonl").write_text("".join(__import__("json").dumps(i) + "\n" for i in items))
+    manifest = __import__("json").loads((pixel_store / "manifest.json").read_text())
     manifest["sha256"].pop("items.jsonl")
     manifest["manifest_sha256"] = manifest_checksum(manifest)  # tampered by someone who knows the format
-    (folder_store / "manifest.json").write_text(__import__("json").dumps(manifest))
-    with client_for(folder_store) as client:
+    (pixel_store / "manifest.json").write_text(__import__("json").dumps(manifest))
+    with client_for(pixel_store) as client:
         response = client.get(f"/items/{items[0]['id'].replace('/', '%2F')}/image")
         assert response.status_code == 403 and "leaves the data root" in response.json()["error"]
 
@@ -462,7 +471,7 @@ def test_large_images_are_thumbnailed_once(own_folder_store, tmp_path, monkeypat
     assert sizes == {(128, 85)} and len(calls) == 1
 
 
-def test_concurrent_requests_for_one_large_image_decode_it_once(own_folder_store, tmp_path, monkeypatch):
+def test_concurrent_requests_for_one_large_image_decode_it_once(own_pixel_store, tmp_path, monkeypatch):
 
     import simsearch.stages.serve as serve_module
 
@@ -470,7 +479,7 @@ def test_concurrent_requests_for_one_large_image_decode_it_once(own_folder_store
     calls = []
     original = serve_module.file_thumbnail
     monkeypatch.setattr(serve_module, "file_thumbnail", lambda path, px, root: calls.append(path) or original(path, px, root))
-    with client_for(own_folder_store) as client:
+    with client_for(own_pixel_store) as client:
         codes = []
         threads = [threading.Thread(target=lambda: codes.append(client.get("/items/blue%2F00.png/image").status_code))
                    for _ in range(8)]
@@ -479,13 +488,13 @@ def test_concurrent_requests_for_one_large_image_decode_it_once(own_folder_store
     assert codes == [200] * 8 and len(calls) == 1
 
 
-def test_serve_on_a_store_where_the_index_cannot_be_saved(folder_store, monkeypatch):
+def test_serve_on_a_store_where_the_index_cannot_be_saved(pixel_store, monkeypatch):
     import simsearch.index as index_module
 
     def read_only(*args):
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(index_module, "save_index", read_only)
-    with client_for(folder_store) as client:
+    with client_for(pixel_store) as client:
         assert client.get("/search", params={"item": "red/01.png", "k": 3}).status_code == 200
-    assert not (folder_store / "index.faiss").exists()
+    assert not (pixel_store / "index.faiss").exists()
