@@ -3,7 +3,6 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,26 +10,8 @@ from PIL import Image
 
 import simsearch
 from simsearch.errors import SimsearchError
-from tests.conftest import TINY, read_json
-from tests.conftest import simsearch as cli
-
-PHOTOS = {"animals": ("chelsea", "astronaut", "hubble_deep_field"),  # not data.cat(): the same photo as chelsea
-          "things": ("coffee", "rocket", "camera", "coins", "colorwheel")}
-
-
-def write_photo_folder(root: Path, size_px: int = 96) -> dict[str, np.ndarray]:
-    """Real photos from scikit-image, small, in one folder per label; returns their pixels by item id."""
-    import skimage.data
-
-    written = {}
-    for label, names in PHOTOS.items():
-        (root / label).mkdir(parents=True, exist_ok=True)
-        for name in names:
-            image = Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
-            image.thumbnail((size_px, size_px))
-            image.save(root / label / f"{name}.png")
-            written[f"{label}/{name}.png"] = np.asarray(image)
-    return written
+from tests.helpers import TINY, read_json, write_photo_folder
+from tests.helpers import simsearch as cli
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +105,7 @@ def test_import_simsearch_does_not_import_torch():
 
 
 def test_a_store_of_vectors_only_searches_and_says_why_it_cannot_show(tmp_path):
-    from tests.conftest import clustered, make_vector_store
+    from tests.helpers import clustered, make_vector_store
 
     embeddings, labels = clustered(40, 2, dim=16)
     make_vector_store(tmp_path / "vectors", embeddings, labels)

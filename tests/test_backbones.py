@@ -11,7 +11,7 @@ import torch
 from simsearch.config import load_config
 from simsearch.model import backbone_spec, build_backbone, stage_groups
 from simsearch.store import Store
-from tests.conftest import TINY, read_json, simsearch, simsearch_subprocess
+from tests.helpers import TINY, read_json, simsearch, simsearch_subprocess
 
 # (how a user names it, its width as the library itself reports it)
 FAMILIES = [

@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 from simsearch.config import load_config
 from simsearch.errors import SimsearchError
 from simsearch.model import resolve_model_config
-from tests.conftest import simsearch
+from tests.helpers import simsearch
 
 
 def test_defaults_reproduce_the_reference_experiment():

@@ -14,7 +14,7 @@ from PIL import Image
 from simsearch.data import DATASETS, ArrayCollection, register_dataset
 from simsearch.data.registry import DatasetKind
 from simsearch.store import Store
-from tests.conftest import TINY, simsearch
+from tests.helpers import TINY, simsearch
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 SIMSEARCH = Path(__file__).resolve().parent.parent / "simsearch"

@@ -9,10 +9,9 @@ import scipy.io
 from PIL import Image
 
 from simsearch.store import Store
-from tests.conftest import TINY, read_json, simsearch, simsearch_subprocess
-from tests.test_evaluate import reference_query_gallery
+from tests.helpers import TINY, read_json, reference_query_gallery, simsearch, simsearch_subprocess
 
-SMALL = [*TINY, "data.batch_size=8", "data.download=false"]
+SMALL = ["model=pixels", "model.image_size=8", *TINY[2:], "data.batch_size=8", "data.download=false"]  # the layout is the subject
 
 
 def write_image(path: Path, seed: int) -> None:

@@ -22,7 +22,7 @@ from simsearch.metrics import METRICS
 from simsearch.query import Neighbour
 from simsearch.stages.map import store_name
 from simsearch.store import Store
-from tests.conftest import TINY, simsearch
+from tests.helpers import TINY, simsearch
 
 
 @pytest.fixture(scope="module")

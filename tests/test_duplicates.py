@@ -5,8 +5,7 @@ import pytest
 from PIL import Image
 
 from simsearch.duplicates import connected_groups
-from tests.conftest import TINY, read_json, simsearch, simsearch_subprocess
-from tests.test_api import write_photo_folder
+from tests.helpers import TINY, read_json, simsearch, simsearch_subprocess, write_photo_folder
 
 
 def plant(source, target) -> None:

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from simsearch.projection import sample_rows
-from tests.conftest import TINY, clustered, make_vector_store, simsearch
+from tests.helpers import TINY, clustered, make_vector_store, simsearch
 
 
 @pytest.mark.slow

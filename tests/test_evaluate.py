@@ -25,7 +25,20 @@ from simsearch.index import FAISS_GPU_MAX_K, FaissSearcher, build_index
 from simsearch.knn import ExactSearcher, StoredRows
 from simsearch.metrics import per_query_metrics
 from simsearch.store import Store, create_store, manifest_checksum
-from tests.conftest import FASHION_MNIST, TINY, clustered, make_vector_store, read_json, simsearch, simsearch_subprocess
+from tests.helpers import (
+    FASHION_MNIST,
+    SYNTHETIC_24,
+    TINY,
+    clustered,
+    copy_store,
+    make_vector_store,
+    mean_of,
+    ranking_metrics,
+    read_json,
+    reference_query_gallery,
+    simsearch,
+    simsearch_subprocess,
+)
 from tests.wandb_records import offline_summary
 
 SCHEMA = OmegaConf.structured(Config)
@@ -34,28 +47,6 @@ SCHEMA = OmegaConf.structured(Config)
 def configs(backend="exact", ks=(1, 5, 10, 20, 100), factory="Flat"):
     eval_cfg = OmegaConf.merge(SCHEMA.eval, {"k": list(ks), "backend": backend, "query_chunk": 7, "device": "cpu"})
     return eval_cfg, OmegaConf.merge(SCHEMA.index, {"factory": factory, "device": "cpu"})
-
-
-def ranking_metrics(relevant: list[bool], ks: list[int]) -> dict[str, float] | None:
-    """Every metric of one query from its ranked list of relevance flags, written as plainly as possible."""
-    R = sum(relevant)
-    if R == 0:
-        return None
-    values = {}
-    for K in ks:
-        hits = sum(relevant[:K])
-        values[f"hit@{K}"] = 1.0 if hits > 0 else 0.0
-        values[f"precision@{K}"] = hits / K
-        values[f"recall@{K}"] = hits / R
-        precisions = [sum(relevant[: i + 1]) / (i + 1) for i in range(K) if relevant[i]]
-        values[f"map@{K}"] = sum(precisions) / len(precisions) if precisions else 0.0
-    values["map@r"] = sum(sum(relevant[: i + 1]) / (i + 1) for i in range(R) if relevant[i]) / R
-    values["r_precision"] = sum(relevant[:R]) / R
-    return values
-
-
-def mean_of(per_query: list[dict[str, float]]) -> dict[str, float]:
-    return {name: float(np.mean([q[name] for q in per_query])) for name in per_query[0]}
 
 
 def reference_per_query(embeddings: np.ndarray, labels: np.ndarray, ks: list[int]) -> dict[int, dict[str, float]]:
@@ -74,20 +65,6 @@ def reference_per_query(embeddings: np.ndarray, labels: np.ndarray, ks: list[int
 def reference_metrics(embeddings: np.ndarray, labels: np.ndarray, ks: list[int]) -> dict[str, float]:
     """The definitions in evaluate.py, averaged over the queries that have a relevant item."""
     return mean_of(list(reference_per_query(embeddings, labels, ks).values()))
-
-
-def reference_query_gallery(queries: np.ndarray, query_names: list, gallery: np.ndarray, gallery_names: list,
-                            ks: list[int]) -> dict[str, float]:
-    """Query/gallery by brute force: every gallery item ranked for every query (ties by gallery row), no
-    exclusion, relevance by class name."""
-    per_query = []
-    for vector, name in zip(queries, query_names):
-        scores = gallery @ vector
-        ranked = sorted(range(len(gallery)), key=lambda j: -scores[j])
-        values = ranking_metrics([gallery_names[j] == name for j in ranked], ks) if name is not None else None
-        if values is not None:
-            per_query.append(values)
-    return mean_of(per_query)
 
 
 def torchmetrics_values(embeddings: np.ndarray, labels: np.ndarray, ks: list[int]) -> dict[str, float]:
@@ -194,8 +171,8 @@ def test_faiss_gpu_k_limit_falls_back_instead_of_truncating(tmp_path):
     assert searcher.search(store.vectors(slice(0, 3)), 10)[1].shape == (3, 10)
 
 
-def test_eval_command_writes_metrics_json_and_prints_the_report_line(tmp_path, capsys):
-    assert simsearch("extract", "data=synthetic", "data.num_items=24", *TINY, "run.dir=out") == 0
+def test_eval_command_writes_metrics_json_and_prints_the_report_line(extracted_once, tmp_path, capsys):
+    copy_store(extracted_once(*SYNTHETIC_24), tmp_path / "out")
     assert simsearch("eval", "run.dir=out", "logger=none", "eval.k=[1,5,10]") == 0
     printed = capsys.readouterr().out
     metrics = read_json(tmp_path / "out" / "metrics.json")
@@ -204,8 +181,8 @@ def test_eval_command_writes_metrics_json_and_prints_the_report_line(tmp_path, c
     assert set(metrics["per_class"]) == {"class_0", "class_1", "class_2", "class_3"}
 
 
-def test_eval_logs_to_wandb_offline(tmp_path):
-    assert simsearch("extract", "data=synthetic", "data.num_items=12", *TINY, "run.dir=out") == 0
+def test_eval_logs_to_wandb_offline(extracted_once, tmp_path):
+    copy_store(extracted_once(*SYNTHETIC_24), tmp_path / "out")
     code = simsearch("eval", "run.dir=out", "eval.k=[1,5]", "logger=wandb", f"logger.wandb.dir={tmp_path}")
     assert code == 0
     runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))

@@ -19,7 +19,7 @@ from simsearch.model import FAMILIES
 from simsearch.registry import Registry
 from simsearch.stages.finetune import LOSSES
 from simsearch.store import Store
-from tests.conftest import TINY, clustered, make_vector_store, read_json, simsearch
+from tests.helpers import TINY, clustered, make_vector_store, read_json, simsearch
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

@@ -2,7 +2,6 @@
 
 import gzip
 import json
-import pickle
 import struct
 from pathlib import Path
 from urllib.error import URLError
@@ -15,7 +14,7 @@ from torchvision.models import resnet50
 
 from simsearch.files import read_jsonl
 from simsearch.store import Store
-from tests.conftest import FASHION_MNIST, TINY, simsearch, simsearch_subprocess
+from tests.helpers import FASHION_MNIST, TINY, simsearch, simsearch_subprocess, write_cifar10
 
 
 def assert_unit_norm(embeddings: np.ndarray) -> None:
@@ -153,24 +152,6 @@ def test_wrong_state_dict_is_refused(tmp_path, capsys):
     torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "other.pth")
     assert simsearch("extract", "data=synthetic", *TINY, "model.weights=other.pth") == 2
     assert "not a torchvision resnet50 state dict" in capsys.readouterr().err
-
-
-def write_cifar10(root: Path, per_batch: int = 6) -> np.ndarray:
-    """CIFAR-10's on-disk format: pickled dicts (Python 2 str keys, which torchvision reads as str)."""
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    names = ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"]
-    test_images = None
-    for name in names:
-        images = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
-        batch = {"batch_label": name, "labels": list(range(per_batch)), "data": images,
-                 "filenames": [f"{i}.png" for i in range(per_batch)]}
-        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
-        test_images = images if name == "test_batch" else test_images
-    labels = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": labels}, protocol=2))
-    return test_images.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
 
 
 def test_cifar10_reader_on_batches_in_torchvision_format(tmp_path):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from simsearch.store import Store
-from tests.conftest import FASHION_MNIST, TINY, simsearch
+from tests.helpers import FASHION_MNIST, SYNTHETIC_8, SYNTHETIC_24, TINY, copy_store, simsearch
 
 PROBE = """
 import sys
@@ -24,8 +24,8 @@ def search_in_a_fresh_process(*arguments: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", PROBE, "search", *arguments], capture_output=True, text=True, timeout=300)
 
 
-def test_search_by_item_and_by_vector_import_no_torch(tmp_path):
-    assert simsearch("extract", "data=synthetic", "data.num_items=24", *TINY, "run.dir=out") == 0
+def test_search_by_item_and_by_vector_import_no_torch(extracted_once, tmp_path):
+    copy_store(extracted_once(*SYNTHETIC_24), tmp_path / "out")
     store = Store.open(tmp_path / "out")
     np.save(tmp_path / "query.npy", store.vectors(np.array([9]))[0] * 3.0)  # any norm: normalised on the way in
 
@@ -43,8 +43,8 @@ def test_search_by_item_and_by_vector_import_no_torch(tmp_path):
     assert first[3] == "9" and float(first[1]) > 0.9999 and "HEAVY: none" in by_vector.stdout
 
 
-def test_a_query_vector_of_the_wrong_width_is_one_sentence(tmp_path):
-    assert simsearch("extract", "data=synthetic", "data.num_items=8", *TINY, "run.dir=out") == 0
+def test_a_query_vector_of_the_wrong_width_is_one_sentence(extracted_once, tmp_path):
+    copy_store(extracted_once(*SYNTHETIC_8), tmp_path / "out")
     np.save(tmp_path / "bad.npy", np.ones(5, dtype=np.float32))
     result = search_in_a_fresh_process("run.dir=out", f"query={tmp_path / 'bad.npy'}", "logger=none")
     assert result.returncode == 2 and "2048 values" in result.stderr and "Traceback" not in result.stderr
@@ -62,11 +62,11 @@ def test_fashion_mnist_grid_pixels_come_without_torch_and_match_the_dataset(tmp_
     assert np.array_equal(np.asarray(ItemImages(Store.open(tmp_path / "fm")).image(5))[..., 0], expected)
 
 
-def test_exact_evaluation_on_the_cpu_imports_no_torch_and_equals_the_torch_kernels(tmp_path):
+def test_exact_evaluation_on_the_cpu_imports_no_torch_and_equals_the_torch_kernels(extracted_once, tmp_path):
     from simsearch.evaluation import evaluate_embeddings
     from simsearch.knn import ExactSearcher
 
-    assert simsearch("extract", "data=synthetic", "data.num_items=60", *TINY, "run.dir=out") == 0
+    copy_store(extracted_once(*SYNTHETIC_24), tmp_path / "out")
     result = subprocess.run([sys.executable, "-c", PROBE, "eval", "run.dir=out", "eval.device=auto", "eval.k=[1,5]",
                              "eval.block_rows=7", "logger=none"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "HEAVY: none" in result.stdout, result.stdout + result.stderr

@@ -13,7 +13,7 @@ from simsearch.config import Config
 from simsearch.model import Embedder, Preprocess, ProjectionHead
 from simsearch.store import Store
 from simsearch.training import MetricLearningModule
-from tests.conftest import TINY, read_json, simsearch, simsearch_subprocess
+from tests.helpers import TINY, read_json, simsearch, simsearch_subprocess
 
 SCHEMA = OmegaConf.structured(Config)
 SMALL = (*TINY, "data=synthetic", "data.num_items=80", "data.num_classes=4", "finetune.batch_size=16",

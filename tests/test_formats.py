@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import TINY, simsearch, simsearch_subprocess
+from tests.helpers import PIXELS, simsearch, simsearch_subprocess
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -22,7 +22,6 @@ pd = pytest.importorskip("pandas")
 
 # datasets reads these when it is imported: never the hub, never the user's cache
 os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_HOME=tempfile.mkdtemp(prefix="simsearch-hf-"))
-PIXELS = ["model=pixels", "model.image_size=8", *TINY[2:]]
 
 
 def write_images(root: Path, count: int = 6, start: int = 0) -> dict[str, tuple[str, np.ndarray]]:

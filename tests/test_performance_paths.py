@@ -8,8 +8,7 @@ import torch
 from torchvision.transforms import v2
 
 from simsearch.model import Preprocess, backbone_spec, build_backbone
-from tests.conftest import TINY, simsearch
-from tests.test_extract import write_cifar10
+from tests.helpers import TINY, simsearch, write_cifar10
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -56,7 +55,7 @@ def test_jpeg_decoding_on_the_device_matches_the_loader_path(tmp_path):
     Image.fromarray(small).convert("CMYK").save(root / "cmyk.jpg")
     Image.fromarray(small).save(root / "png-in-disguise.jpg", format="PNG")
     (root / "corrupt.jpg").write_bytes((root / "0.jpg").read_bytes()[:400] + b"\x00" * 50)
-    common = ("data=folder", f"data.root={root}", "data.labels=none", *TINY, "model.image_size=64")
+    common = ("data=folder", f"data.root={root}", "data.labels=none", *TINY, "model.name=resnet18", "model.image_size=64")
     assert simsearch("extract", *common, "data.decode=loader", "run.dir=loader") == 0
     assert simsearch("extract", *common, "data.decode=device", "run.dir=device") == 0
     loader, device = Store.open(tmp_path / "loader"), Store.open(tmp_path / "device")

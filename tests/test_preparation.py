@@ -12,7 +12,7 @@ from PIL import Image
 import simsearch
 from simsearch.pixels import prepare_image
 from simsearch.store import Store
-from tests.conftest import simsearch as cli
+from tests.helpers import simsearch as cli
 
 # raw pixels at 16 x 16: the most literal vector, so any difference in preparation shows
 QUIET = ["logger=none", "trainer.enable_progress_bar=false", "trainer.accelerator=cpu", "data.num_workers=0"]

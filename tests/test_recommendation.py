@@ -4,54 +4,27 @@ checked against a brute force over the matching rows, computed here with numpy."
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image, ImageDraw
+from PIL import ImageDraw
 
 import simsearch as api
 from simsearch.errors import SimsearchError
-from simsearch.store import create_store
-from tests.conftest import TINY, clustered, make_vector_store, simsearch
-
-CATEGORIES = ("dress", "shirt", "shoe")
-
-
-@pytest.fixture
-def shop(tmp_path):
-    """Product photos in one folder per category and a catalogue of them (price, stock, brand): one
-    catalogue row names no photo, and one photo has no row."""
-    root = tmp_path / "photos"
-    rng = np.random.default_rng(0)
-    rows = []
-    for c, (category, colour) in enumerate(zip(CATEGORIES, ((200, 30, 30), (30, 200, 30), (30, 30, 200)))):
-        (root / category).mkdir(parents=True)
-        for i in range(6):
-            pixels = np.clip(np.array(colour) + rng.normal(0, 25, (24, 24, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(root / category / f"{i}.png")
-            if (c, i) != (2, 5):
-                rows.append({"path": f"{category}/{i}.png", "category": category, "price": f"{10 + 7 * i + c:.2f}",
-                             "in_stock": "true" if i % 2 == 0 else "false", "brand": "acme" if c else "zeta"})
-    rows.append({"path": "gone/9.png", "category": "dress", "price": "1.00", "in_stock": "true", "brand": "acme"})
-    catalogue = tmp_path / "catalog.csv"
-    write_csv(catalogue, rows)
-    return root, catalogue, rows
-
-
-def write_csv(path, rows):
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def extract_shop(root, catalogue, run_dir="store"):
-    return simsearch("extract", "data=folder", f"data.root={root}", f"data.metadata={catalogue}", "model=pixels",
-                     "model.image_size=8", *TINY[2:], f"run.dir={run_dir}")
+from tests.helpers import (
+    CATEGORIES,
+    FILTERS,
+    TINY,
+    brute_force,
+    extract_shop,
+    make_vector_store,
+    matches,
+    simsearch,
+    write_csv,
+)
 
 
 def test_catalogue_is_kept_in_the_store_and_returned_with_results(shop, tmp_path, caplog, capsys):
@@ -160,52 +133,6 @@ def test_jsonl_and_parquet_catalogues_keyed_by_dataset_index(tmp_path):
 
 # ------------------------------------------------------------------ filtered search: exact, on known vectors
 
-@pytest.fixture(scope="module")
-def products(tmp_path_factory):
-    """300 clustered vectors with labels and a catalogue (price, stock, brand); every tenth item has none."""
-    vectors, labels = clustered(300, 3, dim=16, spread=2.5, seed=3)
-    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
-    rng = np.random.default_rng(1)
-    metadata = [None if i % 10 == 0 else {"price": float(rng.integers(5, 100)), "in_stock": bool(rng.integers(0, 2)),
-                                          "brand": str(rng.choice(["acme", "zeta", "o'hara", 'q"uo\\te']))} for i in range(300)]
-    items = [{"id": f"p{i}", "index": i, "label": CATEGORIES[y]} for i, y in enumerate(labels)]
-    path = tmp_path_factory.mktemp("products") / "store"
-    create_store(path, vectors, labels, items, {"data": {"name": "vectors", "classes": list(CATEGORIES)}, "model": {}},
-                 metadata)
-    return path, vectors, labels, metadata
-
-
-def brute_force(vectors, keep, query, k, own=None):
-    """The top-k rows among `keep` (a boolean mask) by inner product, ties by row: a plain numpy loop."""
-    rows = [r for r in np.flatnonzero(keep) if r != own]
-    scores = vectors[rows] @ query
-    order = sorted(range(len(rows)), key=lambda i: (-scores[i], rows[i]))[:k]
-    return [rows[i] for i in order]
-
-
-def matches(metadata, labels, label=None, below=None, stock=None, brand_in=None):
-    keep = np.ones(len(labels), bool)
-    for row, values in enumerate(metadata):
-        if label is not None and CATEGORIES[labels[row]] != label:
-            keep[row] = False
-        if below is not None and (values is None or not values["price"] < below):
-            keep[row] = False
-        if stock is not None and (values is None or values["in_stock"] != stock):
-            keep[row] = False
-        if brand_in is not None and (values is None or values["brand"] not in brand_in):
-            keep[row] = False
-    return keep
-
-
-FILTERS = [  # the filter, the same condition for the brute force
-    ("label == 'dress' and price < 50", {"label": "dress", "below": 50}),
-    ("price < 12 and in_stock == true", {"below": 12, "stock": True}),  # fewer than k
-    ("price < 0", {"below": 0}),  # none
-    ("label in ['dress', 'shirt', 'shoe']", {}),  # all
-    ("brand in [\"o'hara\", 'zeta'] and not (in_stock == false)", {"brand_in": ("o'hara", "zeta"), "stock": True}),
-]
-
-
 @pytest.mark.parametrize("factory, selector", [("Flat", False), ("Flat", True), ("HNSW16", True)])
 @pytest.mark.parametrize("text, condition", FILTERS)
 def test_filtered_search_equals_brute_force_over_matching_rows(products, text, condition, factory, selector, monkeypatch):
@@ -295,7 +222,7 @@ def test_the_demo_catalogue_is_seeded_and_joins_fashion_mnist_by_index(tmp_path)
     import sys
     from pathlib import Path
 
-    from tests.conftest import FASHION_MNIST
+    from tests.helpers import FASHION_MNIST
 
     if not FASHION_MNIST.is_dir():
         pytest.skip("Debian's dataset-fashion-mnist is not installed")
@@ -327,7 +254,7 @@ def test_the_page_filters_and_shows_each_result_s_metadata(shop, tmp_path):
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from tests.test_serve import LiveServer, chromium_paths
+    from tests.helpers import LiveServer, chromium_paths
 
     if chromium_paths() is None:
         pytest.skip("no chromium and chromedriver (apt-get install chromium chromium-driver)")
@@ -393,7 +320,7 @@ def test_fine_tuning_leaves_faiss_as_it_found_it(tmp_path):
     import subprocess
     import sys
 
-    from tests.conftest import TINY
+    from tests.helpers import TINY
 
     finetune = ["finetune", *TINY, "data=synthetic", "data.num_items=80", "data.num_classes=4", "finetune.batch_size=16",
                 "finetune.m_per_class=4", "finetune.dim=16", "finetune.hidden_dim=32", "finetune.epochs=1",

@@ -11,7 +11,7 @@ from simsearch.errors import SimsearchError
 from simsearch.metrics import METRICS, Ranking, per_query_metrics, register_metric
 from simsearch.model import FAMILIES, Family, Preprocessing, register_family
 from simsearch.registry import DuplicateRegistration, Registry
-from tests.conftest import simsearch
+from tests.helpers import simsearch
 
 
 def _dataset(data, options):

@@ -12,8 +12,8 @@ from PIL import Image
 import simsearch
 from simsearch.pixels import FASHION_MNIST_FILES, read_idx
 from simsearch.store import Store
-from tests.conftest import FASHION_MNIST, TINY, make_vector_store
-from tests.conftest import simsearch as cli
+from tests.helpers import FASHION_MNIST, TINY, make_vector_store
+from tests.helpers import simsearch as cli
 
 needs_fashion_mnist = pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="apt-get install dataset-fashion-mnist")
 QUIET = ["logger=none", "trainer.enable_progress_bar=false", "trainer.accelerator=cpu", "data.num_workers=0"]
@@ -98,7 +98,7 @@ def test_every_preset_finds_each_item_by_its_own_file_in_folders_and_datasets(tm
 
 
 def test_precision_is_part_of_the_fingerprint(tmp_path, capsys):
-    common = ["extract", "data=synthetic", "data.num_items=8", *TINY, "run.dir=out"]
+    common = ["extract", "data=synthetic", "data.num_items=8", *TINY, "model.name=resnet18", "run.dir=out"]  # a network
     assert cli(*common, "trainer.precision=bf16-mixed") == 0
     bf16 = Store.open(tmp_path / "out")
     assert bf16.manifest["embedder"]["precision"] == "bf16-mixed"

@@ -3,8 +3,6 @@
 import asyncio
 import io
 import os
-import shutil
-import socket
 import threading
 import time
 from pathlib import Path
@@ -16,24 +14,15 @@ from PIL import Image
 from simsearch.config import load_config
 from simsearch.items import ItemImages
 from simsearch.store import Store, manifest_checksum
-from tests.conftest import FASHION_MNIST, TINY, simsearch
+from tests.helpers import FASHION_MNIST, TINY, LiveServer, chromium_paths, client_for, copy_store, png_bytes, simsearch
 
 fastapi = pytest.importorskip("fastapi")
-from fastapi.testclient import TestClient  # noqa: E402
 
 from simsearch.server.app import create_app  # noqa: E402
 
 
-def png_bytes(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-@pytest.fixture
-def folder_images(tmp_path):
+def write_shapes(root: Path) -> Path:
     """Two labelled folders of small real-looking images (two classes of shapes)."""
-    root = tmp_path / "images"
     rng = np.random.default_rng(0)
     for label, colour in (("red", (200, 30, 30)), ("blue", (30, 30, 200))):
         (root / label).mkdir(parents=True)
@@ -43,11 +32,49 @@ def folder_images(tmp_path):
     return root
 
 
-@pytest.fixture
-def folder_store(folder_images, tmp_path):
+def extract_shapes(root: Path, run_dir: Path) -> Path:
     """A labelled folder store of those images (ResNet-50, random weights)."""
-    assert simsearch("extract", "data=folder", f"data.root={folder_images}", *TINY, "run.dir=store") == 0
-    return tmp_path / "store"
+    assert simsearch("extract", "data=folder", f"data.root={root}", *TINY, f"run.dir={run_dir}") == 0
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def folder_images(tmp_path_factory) -> Path:
+    """The images, written once for the module: no test changes them (one that does takes `own_folder_store`)."""
+    return write_shapes(tmp_path_factory.mktemp("shapes") / "images")
+
+
+@pytest.fixture(scope="module")
+def folder_store_once(folder_images) -> Path:
+    return extract_shapes(folder_images, folder_images.parent / "store")
+
+
+@pytest.fixture
+def folder_store(folder_store_once, tmp_path) -> Path:
+    """tmp_path/store: the test's own copy of the module's store of the images (its data.root is theirs)."""
+    return copy_store(folder_store_once, tmp_path / "store")
+
+
+@pytest.fixture(scope="module")
+def folder_client(folder_store_once):
+    """One server, built once, of a copy of the module's store: for the tests that only send it requests."""
+    with client_for(copy_store(folder_store_once, folder_store_once.parent / "served")) as client:
+        yield client
+
+
+@pytest.fixture
+def own_folder_store(tmp_path) -> Path:
+    """tmp_path/images and their store tmp_path/store, for a test that changes the images."""
+    return extract_shapes(write_shapes(tmp_path / "images"), tmp_path / "store")
+
+
+@pytest.fixture
+def own_pixel_store(tmp_path) -> Path:
+    """tmp_path/images and their raw-pixel store tmp_path/pixels, for a route test that changes the images."""
+    root = write_shapes(tmp_path / "images")
+    assert simsearch("extract", "data=folder", f"data.root={root}", "model=pixels", "model.image_size=8", *TINY[2:],
+                     "run.dir=pixels") == 0
+    return tmp_path / "pixels"
 
 
 @pytest.fixture
@@ -58,22 +85,16 @@ def pixel_store(folder_images, tmp_path):
     return tmp_path / "pixels"
 
 
-def client_for(store_dir, *overrides):
-    cfg = load_config([f"run.dir={store_dir}", "logger=none", "serve.device=cpu", *overrides])
-    return TestClient(create_app(cfg), base_url="http://localhost")  # a Host the server answers
-
-
-def test_health_item_and_image_endpoints(folder_store):
-    with client_for(folder_store) as client:
-        health = client.get("/health").json()
-        assert health["items"] == 24 and health["dim"] == 2048 and health["weights"] == "random" and health["labelled"]
-        item = client.get("/items/red/03.png").json()
-        assert item["path"] == "red/03.png" and item["label"] == "red"
-        response = client.get("/items/red%2F03.png/image")
-        assert response.status_code == 200 and response.headers["content-type"] == "image/png"
-        Image.open(io.BytesIO(response.content)).verify()
-        assert client.get("/").text.startswith("<!doctype html>")
-        assert "/search" in client.get("/openapi.json").json()["paths"]
+def test_health_item_and_image_endpoints(folder_client):
+    health = folder_client.get("/health").json()
+    assert health["items"] == 24 and health["dim"] == 2048 and health["weights"] == "random" and health["labelled"]
+    item = folder_client.get("/items/red/03.png").json()
+    assert item["path"] == "red/03.png" and item["label"] == "red"
+    response = folder_client.get("/items/red%2F03.png/image")
+    assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+    Image.open(io.BytesIO(response.content)).verify()
+    assert folder_client.get("/").text.startswith("<!doctype html>")
+    assert "/search" in folder_client.get("/openapi.json").json()["paths"]
 
 
 def test_item_ids_are_suggested_and_the_page_loads_its_script_and_style_from_files(pixel_store):
@@ -113,16 +134,17 @@ def test_search_by_item_equals_the_cli(folder_store, capsys):
     assert printed == [r["id"] for r in body["results"]]
 
 
-def test_upload_search_embeds_like_the_store(folder_store, tmp_path):
+def test_upload_search_embeds_like_the_store(folder_store, folder_images):
     with client_for(folder_store) as client:
-        upload = (tmp_path / "images" / "red" / "07.png").read_bytes()
+        upload = (folder_images / "red" / "07.png").read_bytes()
         body = client.post("/search", files={"file": ("07.png", upload, "image/png")}, data={"k": "3"}).json()
     assert body["query"] == {"file": "07.png"}
     assert body["results"][0]["id"] == "red/07.png" and body["results"][0]["score"] > 0.999
 
 
 def test_dataset_store_serves_pixels_through_the_manifest(tmp_path):
-    assert simsearch("extract", "data=synthetic", "data.num_items=12", *TINY, "run.dir=store") == 0
+    assert simsearch("extract", "data=synthetic", "data.num_items=12", "model=pixels", "model.image_size=32", *TINY[2:],
+                     "run.dir=store") == 0
     with client_for(tmp_path / "store") as client:
         response = client.get("/items/4/image")
         assert response.status_code == 200
@@ -163,23 +185,22 @@ def test_bad_uploads_get_a_4xx_json_error_and_serving_goes_on(folder_store, uplo
     ("/search?item=red/01.png&k=ten", 422, "k:"),
     ("/search", 422, "item"),
 ])
-def test_bad_requests(folder_store, path, status, words):
-    with client_for(folder_store) as client:
-        response = client.get(path)
-        assert response.status_code == status and words in response.json()["error"]
+def test_bad_requests(folder_client, path, status, words):
+    response = folder_client.get(path)
+    assert response.status_code == status and words in response.json()["error"]
 
 
-def test_no_file_outside_the_data_root_is_served(folder_store, tmp_path):
-    store = Store.open(folder_store)
+def test_no_file_outside_the_data_root_is_served(pixel_store, tmp_path):
+    store = Store.open(pixel_store)
     items = [dict(item) for item in store.items]
     items[0]["path"] = "../../outside.png"  # a tampered store
     Image.new("RGB", (8, 8)).save(tmp_path / "outside.png")
-    (folder_store / "items.jsonl").write_text("".join(__import__("json").dumps(i) + "\n" for i in items))
-    manifest = __import__("json").loads((folder_store / "manifest.json").read_text())
+    (pixel_store / "items.jsonl").write_text("".join(__import__("json").dumps(i) + "\n" for i in items))
+    manifest = __import__("json").loads((pixel_store / "manifest.json").read_text())
     manifest["sha256"].pop("items.jsonl")
     manifest["manifest_sha256"] = manifest_checksum(manifest)  # tampered by someone who knows the format
-    (folder_store / "manifest.json").write_text(__import__("json").dumps(manifest))
-    with client_for(folder_store) as client:
+    (pixel_store / "manifest.json").write_text(__import__("json").dumps(manifest))
+    with client_for(pixel_store) as client:
         response = client.get(f"/items/{items[0]['id'].replace('/', '%2F')}/image")
         assert response.status_code == 403 and "leaves the data root" in response.json()["error"]
 
@@ -187,38 +208,11 @@ def test_no_file_outside_the_data_root_is_served(folder_store, tmp_path):
 # ---------------------------------------------------------------- a real server on loopback
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-class LiveServer:
-    def __init__(self, store_dir: Path, *overrides: str):
-        import uvicorn
-
-        self.port = free_port()
-        self.app = app = create_app(load_config([f"run.dir={store_dir}", "logger=none", "serve.device=cpu", *overrides]))
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> str:
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started and time.time() < deadline:
-            time.sleep(0.05)
-        return f"http://127.0.0.1:{self.port}"
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-
-
 @pytest.mark.slow
-def test_bounded_load_on_loopback_has_no_failed_request(folder_store, tmp_path):
+def test_bounded_load_on_loopback_has_no_failed_request(folder_store, folder_images):
     import httpx
 
-    upload = (tmp_path / "images" / "blue" / "02.png").read_bytes()
+    upload = (folder_images / "blue" / "02.png").read_bytes()
 
     async def load(url: str, clients: int, requests: int, kind: str) -> tuple[list[float], int]:
         latencies, failures, queue = [], 0, asyncio.Queue()
@@ -250,10 +244,10 @@ def test_bounded_load_on_loopback_has_no_failed_request(folder_store, tmp_path):
 
 
 @pytest.mark.slow
-def test_concurrent_uploads_are_embedded_in_batches(folder_store, tmp_path):
+def test_concurrent_uploads_are_embedded_in_batches(folder_store, folder_images):
     import httpx
 
-    upload = (tmp_path / "images" / "red" / "02.png").read_bytes()
+    upload = (folder_images / "red" / "02.png").read_bytes()
     server = LiveServer(folder_store, "serve.batch_wait_ms=200")
     batcher = server.app.state.batcher
     sizes, encode = [], batcher.encoder.encode
@@ -268,12 +262,6 @@ def test_concurrent_uploads_are_embedded_in_batches(folder_store, tmp_path):
     with server as url:
         assert asyncio.run(burst(url)) == [200] * 8
     assert sum(sizes) == 8 and max(sizes) > 1, sizes
-
-
-def chromium_paths() -> tuple[str, str] | None:
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver")
-    return (browser, driver) if browser and driver else None
 
 
 def screenshot(page) -> np.ndarray:
@@ -414,23 +402,20 @@ def test_browser_walk_as_a_person(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("path", ["/items/%C2%B2", "/items/%C2%B2/image", "/search?item=%C2%B2", "/items/-0",
                                   "/search?item=%EF%BC%91"])
-def test_non_ascii_and_signed_ids_are_404_not_500(folder_store, path):
-    with client_for(folder_store) as client:
-        response = client.get(path)
-        assert response.status_code == 404 and "no item" in response.json()["error"]
+def test_non_ascii_and_signed_ids_are_404_not_500(folder_client, path):
+    response = folder_client.get(path)
+    assert response.status_code == 404 and "no item" in response.json()["error"]
 
 
 @pytest.mark.slow
-def test_malformed_multipart_gets_the_documented_error_shape(folder_store):
-    with client_for(folder_store) as client:
-        response = client.post("/search", content=b"--nope\r\nbroken", headers={"content-type": "multipart/form-data"})
-        assert 400 <= response.status_code < 500 and set(response.json()) == {"error"}
+def test_malformed_multipart_gets_the_documented_error_shape(folder_client):
+    response = folder_client.post("/search", content=b"--nope\r\nbroken", headers={"content-type": "multipart/form-data"})
+    assert 400 <= response.status_code < 500 and set(response.json()) == {"error"}
 
 
 @pytest.mark.slow
 def test_an_oversized_upload_is_refused_while_it_streams_in(folder_store):
     """Driven through the ASGI interface: the app must stop reading long before the body ends."""
-    from simsearch.server.app import create_app
 
     app = create_app(load_config([f"run.dir={folder_store}", "logger=none", "serve.device=cpu",
                                   "serve.max_upload_mb=0.25"]))
@@ -456,14 +441,14 @@ def test_an_oversized_upload_is_refused_while_it_streams_in(folder_store):
 
 
 @pytest.mark.slow
-def test_newline_in_a_file_name_and_moved_files_get_images(folder_store, tmp_path):
+def test_newline_in_a_file_name_and_moved_files_get_images(own_folder_store, tmp_path):
     from urllib.parse import quote
 
     root = tmp_path / "images"
     Image.new("RGB", (30, 30), (9, 200, 9)).save(root / "red" / "line\nbreak.png")
-    assert simsearch("extract", "data=folder", f"data.root={root}", *TINY, f"run.dir={folder_store}") == 0
+    assert simsearch("extract", "data=folder", f"data.root={root}", *TINY, f"run.dir={own_folder_store}") == 0
     (root / "blue" / "04.png").unlink()
-    with client_for(folder_store) as client:
+    with client_for(own_folder_store) as client:
         response = client.get(f"/items/{quote('red/line' + chr(10) + 'break.png', safe='')}/image")
         assert response.status_code == 200 and Image.open(io.BytesIO(response.content)).size == (90, 90)
         assert client.get("/search", params={"item": "red/line\nbreak.png", "k": 3}).status_code == 200
@@ -473,7 +458,7 @@ def test_newline_in_a_file_name_and_moved_files_get_images(folder_store, tmp_pat
 
 
 @pytest.mark.slow
-def test_large_images_are_thumbnailed_once(folder_store, tmp_path, monkeypatch):
+def test_large_images_are_thumbnailed_once(own_folder_store, tmp_path, monkeypatch):
     import simsearch.server.thumbnails as serve_module
 
     big = tmp_path / "images" / "red" / "00.png"
@@ -481,13 +466,12 @@ def test_large_images_are_thumbnailed_once(folder_store, tmp_path, monkeypatch):
     calls = []
     original = serve_module.file_thumbnail
     monkeypatch.setattr(serve_module, "file_thumbnail", lambda path, px, root: calls.append(path) or original(path, px, root))
-    with client_for(folder_store, "serve.thumbnail_px=128") as client:
+    with client_for(own_folder_store, "serve.thumbnail_px=128") as client:
         sizes = {Image.open(io.BytesIO(client.get("/items/red%2F00.png/image").content)).size for _ in range(3)}
     assert sizes == {(128, 85)} and len(calls) == 1
 
 
-def test_concurrent_requests_for_one_large_image_decode_it_once(folder_store, tmp_path, monkeypatch):
-    import threading
+def test_concurrent_requests_for_one_large_image_decode_it_once(own_pixel_store, tmp_path, monkeypatch):
 
     import simsearch.server.thumbnails as serve_module
 
@@ -495,7 +479,7 @@ def test_concurrent_requests_for_one_large_image_decode_it_once(folder_store, tm
     calls = []
     original = serve_module.file_thumbnail
     monkeypatch.setattr(serve_module, "file_thumbnail", lambda path, px, root: calls.append(path) or original(path, px, root))
-    with client_for(folder_store) as client:
+    with client_for(own_pixel_store) as client:
         codes = []
         threads = [threading.Thread(target=lambda: codes.append(client.get("/items/blue%2F00.png/image").status_code))
                    for _ in range(8)]
@@ -504,13 +488,13 @@ def test_concurrent_requests_for_one_large_image_decode_it_once(folder_store, tm
     assert codes == [200] * 8 and len(calls) == 1
 
 
-def test_serve_on_a_store_where_the_index_cannot_be_saved(folder_store, monkeypatch):
+def test_serve_on_a_store_where_the_index_cannot_be_saved(pixel_store, monkeypatch):
     import simsearch.index as index_module
 
     def read_only(*args):
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(index_module, "save_index", read_only)
-    with client_for(folder_store) as client:
+    with client_for(pixel_store) as client:
         assert client.get("/search", params={"item": "red/01.png", "k": 3}).status_code == 200
-    assert not (folder_store / "index.faiss").exists()
+    assert not (pixel_store / "index.faiss").exists()

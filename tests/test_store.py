@@ -16,7 +16,7 @@ from PIL import Image
 
 from simsearch.files import read_jsonl
 from simsearch.store import Store, finish_store, swap_in
-from tests.conftest import TINY, make_vector_store, simsearch, simsearch_subprocess
+from tests.helpers import SYNTHETIC_8, TINY, copy_store, make_vector_store, simsearch, simsearch_subprocess
 
 
 def write_image(path: Path, seed: int) -> None:
@@ -34,6 +34,12 @@ def write_folder(root: Path, per_class: int = 4) -> None:
 def extract_folder(root: Path, run_dir: str, *extra: str) -> int:
     return simsearch("extract", "data=folder", f"data.root={root}", "data.batch_size=4", *TINY, f"run.dir={run_dir}",
                      *extra)
+
+
+@pytest.fixture
+def synthetic_store(extracted_once, tmp_path) -> Path:
+    """tmp_path/store: a copy of 8 synthetic items through the default network, extracted once per session."""
+    return copy_store(extracted_once(*SYNTHETIC_8), tmp_path / "store")
 
 
 def assert_same_store(store: Store, fresh: Store) -> None:
@@ -143,10 +149,26 @@ def test_killed_run_then_a_moved_file_resumes_to_a_fresh_store(tmp_path):
 # ---------------------------------------------------------------- safe runs
 
 
+@pytest.fixture(scope="module")
+def folder_store_once(tmp_path_factory) -> Path:
+    """A store of 6 images in folders, extracted once for the module (its data.root is the module's folder)."""
+    folder = tmp_path_factory.mktemp("good")
+    write_folder(folder / "images", per_class=2)
+    assert extract_folder(folder / "images", str(folder / "store")) == 0
+    return folder / "store"
+
+
 def good_store(tmp_path: Path) -> tuple[Path, bytes]:
     root = tmp_path / "images"
     write_folder(root, per_class=2)
     assert extract_folder(root, "store") == 0
+    return tmp_path / "store", (tmp_path / "store" / "manifest.json").read_bytes()
+
+
+def copied_good_store(tmp_path: Path, folder_store_once: Path) -> tuple[Path, bytes]:
+    """tmp_path/store, a copy of that store, and tmp_path/images, the same 6 images, for a run that fails."""
+    write_folder(tmp_path / "images", per_class=2)
+    copy_store(folder_store_once, tmp_path / "store")
     return tmp_path / "store", (tmp_path / "store" / "manifest.json").read_bytes()
 
 
@@ -155,8 +177,8 @@ def good_store(tmp_path: Path) -> tuple[Path, bytes]:
     ["model.weights=missing.pth"],
     ["data.batch_size=0"],
 ])
-def test_a_failed_run_keeps_the_previous_store(tmp_path, mistake, capsys):
-    store_dir, manifest = good_store(tmp_path)
+def test_a_failed_run_keeps_the_previous_store(folder_store_once, tmp_path, mistake, capsys):
+    store_dir, manifest = copied_good_store(tmp_path, folder_store_once)
     capsys.readouterr()
     assert simsearch("extract", "data=folder", "data.root=images", *TINY, "run.dir=store", *mistake) == 2
     assert capsys.readouterr().err.count("\n") == 1
@@ -222,8 +244,7 @@ def test_two_concurrent_runs_one_refused_and_the_store_intact(tmp_path):
 
 
 @pytest.mark.parametrize("command", [["eval"], ["search", "query=0"], ["index"]])
-def test_a_flipped_byte_is_refused_naming_the_file(tmp_path, command, capsys):
-    assert simsearch("extract", "data=synthetic", "data.num_items=8", *TINY, "run.dir=store") == 0
+def test_a_flipped_byte_is_refused_naming_the_file(synthetic_store, tmp_path, command, capsys):
     path = tmp_path / "store" / "embeddings.npy"
     data = bytearray(path.read_bytes())
     data[-5] ^= 0x40
@@ -234,10 +255,9 @@ def test_a_flipped_byte_is_refused_naming_the_file(tmp_path, command, capsys):
     assert "embeddings.npy does not match its checksum" in error and error.count("\n") == 1
 
 
-def test_verification_is_cached_by_file_identity(tmp_path, monkeypatch):
+def test_verification_is_cached_by_file_identity(synthetic_store, tmp_path, monkeypatch):
     import simsearch.store.verification as store_module
 
-    assert simsearch("extract", "data=synthetic", "data.num_items=4", *TINY, "run.dir=store") == 0
     monkeypatch.setattr(store_module, "RACY_NS", 0)  # a ctime cannot be set back: as if written a while ago
     Store.open(tmp_path / "store")
     hashed = []
@@ -276,8 +296,7 @@ def damage(store_dir: Path, what: str) -> None:
     ("manifest a list", "not a simsearch manifest"),
 ])
 @pytest.mark.parametrize("command", [["eval"], ["search", "query=1"]])
-def test_a_damaged_store_is_one_sentence(tmp_path, what, words, command, capsys):
-    assert simsearch("extract", "data=synthetic", "data.num_items=6", *TINY, "run.dir=store") == 0
+def test_a_damaged_store_is_one_sentence(synthetic_store, tmp_path, what, words, command, capsys):
     damage(tmp_path / "store", what)
     capsys.readouterr()
     assert simsearch(*command, "run.dir=store", "logger=none") == 2
@@ -304,15 +323,14 @@ def test_bad_values_are_one_sentence(tmp_path, arguments, words, capsys):
     assert words in error and error.count("\n") == 1
 
 
-def test_read_only_run_dir_is_one_sentence_and_serve_still_starts(tmp_path, capsys):
+def test_read_only_run_dir_is_one_sentence_and_serve_still_starts(synthetic_store, tmp_path, capsys):
     if os.geteuid() == 0:
         pytest.skip("root ignores file permissions")
-    assert simsearch("extract", "data=synthetic", "data.num_items=6", *TINY, "run.dir=store") == 0
-    store_dir = tmp_path / "store"
+    store_dir = synthetic_store
     store_dir.chmod(0o555)
     try:
         capsys.readouterr()
-        assert simsearch("extract", "data=synthetic", "data.num_items=6", *TINY, "run.dir=store") == 2
+        assert simsearch("extract", *SYNTHETIC_8, "run.dir=store") == 2
         assert "not writable" in capsys.readouterr().err
         from fastapi.testclient import TestClient
 
@@ -328,8 +346,7 @@ def test_read_only_run_dir_is_one_sentence_and_serve_still_starts(tmp_path, caps
 
 
 @pytest.mark.slow
-def test_queries_that_are_not_rows_and_odd_file_names(tmp_path, capsys):
-    assert simsearch("extract", "data=synthetic", "data.num_items=6", *TINY, "run.dir=store") == 0
+def test_queries_that_are_not_rows_and_odd_file_names(synthetic_store, tmp_path, capsys):
     for query in ("²", "-0", "+1", "[a].jpg", "true"):
         capsys.readouterr()
         assert simsearch("search", "run.dir=store", f"query={query}", "logger=none") == 2, query
@@ -344,8 +361,7 @@ def test_queries_that_are_not_rows_and_odd_file_names(tmp_path, capsys):
     assert "precision@5" in json.loads((tmp_path / "store" / "metrics.json").read_text())
 
 
-def test_truncated_index_is_rebuilt(tmp_path, caplog):
-    assert simsearch("extract", "data=synthetic", "data.num_items=8", *TINY, "run.dir=store") == 0
+def test_truncated_index_is_rebuilt(synthetic_store, tmp_path, caplog):
     assert simsearch("index", "run.dir=store") == 0
     index = tmp_path / "store" / "index.faiss"
     index.write_bytes(index.read_bytes()[:100])
@@ -368,7 +384,7 @@ def test_links_and_hidden_files_follow_one_rule(tmp_path):
     write_image(root / ".thumbnails" / "x.png", seed=6)
     write_image(root / "owls" / ".hidden.png", seed=7)
     (root / ".DS_Store").write_bytes(b"\0\1")
-    assert extract_folder(root, "store") == 0
+    assert extract_folder(root, "store", "model.name=resnet18") == 0
     store = Store.open(tmp_path / "store")
     paths = {item["path"] for item in store.items}
     assert "dogs/alias.png" in paths and len(paths) == 7
@@ -383,7 +399,7 @@ def test_links_and_hidden_files_follow_one_rule(tmp_path):
 def test_moved_and_deleted_files_still_print_and_draw(tmp_path, capsys):
     root = tmp_path / "images"
     write_folder(root, per_class=2)
-    assert extract_folder(root, "store") == 0
+    assert extract_folder(root, "store", "model.name=resnet18") == 0
     for path in (root / "dogs").iterdir():
         path.unlink()
     (root / "cats" / "001.png").rename(tmp_path / "gone.png")
