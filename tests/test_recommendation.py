@@ -296,6 +296,7 @@ def test_the_page_filters_and_shows_each_result_s_metadata(shop, tmp_path):
             page.find_element(By.ID, "item-search").click()
             wait.until(lambda p: "error" in p.find_element(By.ID, "status").get_attribute("class"))
             assert "price is a number column" in page.find_element(By.ID, "status").text and tiles() == []
+            assert parse_qs(urlparse(page.current_url).query)["filter"] == ["price < 'cheap'"]  # what was asked
         finally:
             page.quit()
 

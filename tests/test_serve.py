@@ -119,6 +119,8 @@ def test_item_ids_are_suggested_and_the_page_loads_its_script_and_style_from_fil
         response = client.get("/static/index.py")
         assert response.status_code == 404 and "no file 'index.py'" in response.json()["error"]
         assert client.get("/static/..%2Fstages%2Fserve.py").status_code == 404
+        assert '<link rel="icon" href="data:,">' in html  # a browser asks for no favicon.ico
+        assert client.get("/favicon.ico").status_code == 204  # and a client that asks anyway gets no 404
 
 
 def test_search_by_item_equals_the_cli(folder_store, capsys):
