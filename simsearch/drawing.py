@@ -116,17 +116,17 @@ def draw_grid(query_image: Image.Image, query_caption: str, result: Any, images:
     line_px, margin, title_px = CAPTION_FONT_PX + 3, 8, 36
     with_metadata = any(getattr(n, "metadata", None) for n in result.neighbours)
     caption_px = (3 + METADATA_CAPTION_LINES * with_metadata) * line_px + 6
-    rows = max(1, -(-len(images) // columns))
-    width = margin + (tile_px + margin) * (columns + 1) + margin
+    rows, columns = balanced_grid(len(images), columns)
+    labelled = any(getattr(n, "relevant", None) is not None for n in result.neighbours)
+    title_px += 18 * labelled  # a line saying what the frames mean
+    width = margin + (tile_px + margin) * (max(columns, 4) + 1) + margin  # room for the title at any count
     height = title_px + rows * (tile_px + caption_px + margin) + margin
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
-    title = f"Query: {query_caption}   top {len(result.neighbours)}"
-    if result.precision is not None:
-        title += f"   Precision@{len(result.neighbours)}: {result.precision:.2f}"
-    if getattr(result, "filter", None):
-        title += f"   filter: {result.filter}"
-    draw.text((margin, 8), fit_caption(title, width - 2 * margin, 18), fill="black", font=font(18))
+    draw.text((margin, 8), fit_caption(grid_title(query_caption, result), width - 2 * margin, 18), fill="black", font=font(18))
+    if labelled:
+        draw.text((margin, 30), "frames: blue the query, green its label, red another label", fill="dimgray",
+                  font=font(CAPTION_FONT_PX))
 
     def tile(image: Image.Image, x: int, y: int, caption: str, frame: str | None) -> None:
         canvas.paste(image.convert("RGB").resize((tile_px, tile_px), Image.BICUBIC), (x, y))
@@ -141,6 +141,28 @@ def draw_grid(query_image: Image.Image, query_caption: str, result: Any, images:
         frame = None if n.relevant is None else ("green" if n.relevant else "red")
         tile(image, x, y, result_caption(n, tile_px), frame)
     return canvas
+
+
+def balanced_grid(count: int, most_columns: int) -> tuple[int, int]:
+    """(rows, columns) for `count` tiles, at most `most_columns` a row, rows as even as they can be
+    (6 tiles: two rows of 3, not 5 and 1)."""
+    rows = max(1, -(-count // most_columns))
+    return rows, max(1, -(-count // rows))
+
+
+def grid_title(query_caption: str, result: Any) -> str:
+    """`Query: X   top 8   Precision@8: 0.75   filter: ...`; `no item matches the filter` when none does."""
+    title = f"Query: {query_caption}"
+    if not result.neighbours:
+        title += "   no item matches the filter" if getattr(result, "filter", None) else "   no neighbours"
+    else:
+        k = getattr(result, "k", None) or len(result.neighbours)
+        title += f"   top {len(result.neighbours)}" + (f" of the {k} asked for" if len(result.neighbours) < k else "")
+        if result.precision is not None:
+            title += f"   Precision@{k}: {result.precision:.2f}"
+    if getattr(result, "filter", None):
+        title += f"   filter: {result.filter}"
+    return title
 
 
 def groups_sheet_size(groups: list[list[Any]], tile_px: int = 112, per_row: int = 6) -> tuple[int, int]:

@@ -42,8 +42,9 @@ class Neighbour:
 class SearchResult:
     query: dict[str, Any]  # id/row/label of an item query, or the path of an image file
     neighbours: list[Neighbour]
-    precision: float | None  # Precision@K when the query has a label
+    precision: float | None  # Precision@K when the query has a label (K: the k asked for, whatever a filter left)
     filter: str | None = None  # the filter the neighbours were chosen under (search.filter)
+    k: int | None = None  # the number of neighbours asked for
 
 
 @dataclass
@@ -175,7 +176,7 @@ def neighbours_of(store: Store, searcher: Searcher, vector: np.ndarray, k: int, 
         neighbours.append(Neighbour(rank, row, str(item["id"]), item.get("path"), store.label_name(row), score, relevant,
                                     store.metadata[row] if store.metadata_columns else None))
     precision = sum(bool(n.relevant) for n in neighbours) / k if labelled else None
-    return SearchResult({}, neighbours, precision, selection.text if selection is not None else None)
+    return SearchResult({}, neighbours, precision, selection.text if selection is not None else None, k)
 
 
 def filtered_search(store: Store, searcher: Searcher, vector: np.ndarray, k: int, selection: Selection,
@@ -237,6 +238,8 @@ def result_table(result: SearchResult, missing: list[str | None] | None = None) 
         lines.append(f"{n.rank:>4}  {n.score:>7.4f}  {str(n.label):<14}  {shown}{mark}{metadata_text(n.metadata)}{note}")
     if not result.neighbours:
         lines.append("   (no item matches the filter)")
+    if any(n.relevant is not None for n in result.neighbours):
+        lines.append("   (+: the query's label, -: another label)")
     return "\n".join(lines)
 
 

@@ -4,7 +4,7 @@ comparison chart's metric families with their values."""
 
 import numpy as np
 import pytest
-from PIL import ImageDraw
+from PIL import Image, ImageDraw
 
 from simsearch.drawing import (
     ELLIPSIS,
@@ -176,3 +176,46 @@ def test_comparison_chart_of_three_models_has_a_bar_per_model_in_each_group(synt
     assert table[0].split() == ["metric", "baseline", "head", "end-to-end"]
     p1 = next(line for line in table if line.startswith("precision@1 ")).split()[1:]
     assert [float(v) for v in p1] == pytest.approx([row["metrics"]["precision@1"] for row in rows], abs=1e-4)
+
+
+@pytest.fixture
+def drawn_at(monkeypatch):
+    """(x, y, text) of every string drawn on a PIL image while the test runs."""
+    placed = []
+    text, multiline = ImageDraw.ImageDraw.text, ImageDraw.ImageDraw.multiline_text
+    monkeypatch.setattr(ImageDraw.ImageDraw, "text",
+                        lambda self, xy, t, *a, **k: placed.append((*xy, t)) or text(self, xy, t, *a, **k))
+    monkeypatch.setattr(ImageDraw.ImageDraw, "multiline_text",
+                        lambda self, xy, t, *a, **k: placed.append((*xy, t)) or multiline(self, xy, t, *a, **k))
+    return placed
+
+
+def test_six_results_lay_out_as_two_rows_of_three_with_the_frames_explained(synthetic_store, drawn_at, tmp_path):
+    grid = tmp_path / "grid.png"
+    assert simsearch("search", f"run.dir={synthetic_store.dir}", "query=0", "search.k=6", f"search.grid={grid}",
+                     "logger=none") == 0
+    captions = {(x, y) for x, y, t in drawn_at if t.splitlines()[0].startswith("#")}  # (PIL's text() may call multiline_text)
+    assert len(captions) == 6, drawn_at
+    assert len({x for x, _ in captions}) == 3 and len({y for _, y in captions}) == 2
+    texts = [t for _, _, t in drawn_at]
+    assert any(t.startswith("Query: ") and "top 6" in t and "Precision@6" in t for t in texts), texts
+    assert any("green its label" in t and "red another label" in t for t in texts)
+    with Image.open(grid) as image:
+        assert all(0 <= x < image.width and 0 <= y < image.height for x, y, _ in drawn_at)
+
+
+def test_an_empty_filtered_result_is_titled_as_such_and_a_short_one_keeps_the_k_asked_for(synthetic_store, drawn_at,
+                                                                                           tmp_path, capsys):
+    label = synthetic_store.label_name(0)
+    assert simsearch("search", f"run.dir={synthetic_store.dir}", "query=0", "search.k=5", f"search.grid={tmp_path / 'a.png'}",
+                     "search.filter=label == 'no such label'", "logger=none") == 0
+    titles = [t for _, _, t in drawn_at if t.startswith("Query: ")]
+    assert titles and "no item matches the filter" in titles[-1] and "Precision@0" not in titles[-1] and "top 0" not in titles[-1]
+    drawn_at.clear()
+    same = sum(synthetic_store.label_name(row) == label for row in range(len(synthetic_store))) - 1  # the query left out
+    assert 0 < same < 5
+    assert simsearch("search", f"run.dir={synthetic_store.dir}", "query=0", "search.k=5", f"search.grid={tmp_path / 'b.png'}",
+                     f"search.filter=label == '{label}'", "logger=none") == 0
+    title = [t for _, _, t in drawn_at if t.startswith("Query: ")][-1]
+    assert f"top {same} of the 5 asked for" in title and f"Precision@5: {same / 5:.2f}" in title, title
+    assert "+: the query's label" in capsys.readouterr().out
