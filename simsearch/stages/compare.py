@@ -130,10 +130,12 @@ def comparison_record(cfg: DictConfig, models: list[dict[str, Any]], items: int)
 def comparison_table(comparison: dict[str, Any], ks: list[int], knn_ks: list[int] | None = None) -> str:
     """A column per model; with two, the change too."""
     models = compared_models(comparison)
+    names = metric_names(ks, knn_ks or [])
+    first = max(len("metric"), *map(len, names))  # knn_accuracy@10 is longer than the other names
     width = max(11, *(len(name) + 2 for name, _ in models))
-    lines = ["metric".ljust(14) + "".join(name.rjust(width) for name, _ in models) + ("change".rjust(9) if len(models) == 2 else "")]
-    for metric in metric_names(ks, knn_ks or []):
+    lines = ["metric".ljust(first) + "".join(name.rjust(width) for name, _ in models) + ("change".rjust(9) if len(models) == 2 else "")]
+    for metric in names:
         values = [scores[metric] for _, scores in models]
         change = f"{values[1] - values[0]:>+9.4f}" if len(models) == 2 else ""
-        lines.append(metric.ljust(14) + "".join(f"{v:>{width}.4f}" for v in values) + change)
+        lines.append(metric.ljust(first) + "".join(f"{v:>{width}.4f}" for v in values) + change)
     return "\n".join(lines)
