@@ -71,6 +71,13 @@ def log_image(run: Any | None, key: str, path: Path, caption: str = "") -> None:
 
 
 def finish(run: Any | None) -> None:
-    if run is not None:
-        run.finish()
-        log.info("W&B run %s written to %s", run.name, run.dir)
+    """End the run and say where it is: an offline run is a folder nobody would look for otherwise."""
+    if run is None:
+        return
+    offline = run.settings.mode == "offline"
+    folder = Path(run.dir).parent  # wandb/offline-run-<time>-<id>, which `wandb sync` takes
+    run.finish()
+    if offline:
+        print(f"W&B: offline run saved in {folder} (`wandb sync {folder}` uploads it; logger=none writes none)")
+    else:
+        log.info("W&B run %s written to %s", run.name, folder)

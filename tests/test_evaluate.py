@@ -181,12 +181,15 @@ def test_eval_command_writes_metrics_json_and_prints_the_report_line(extracted_o
     assert set(metrics["per_class"]) == {"class_0", "class_1", "class_2", "class_3"}
 
 
-def test_eval_logs_to_wandb_offline(extracted_once, tmp_path):
+def test_eval_logs_to_wandb_offline(extracted_once, tmp_path, capsys):
     copy_store(extracted_once(*SYNTHETIC_24), tmp_path / "out")
+    capsys.readouterr()
     code = simsearch("eval", "run.dir=out", "eval.k=[1,5]", "logger=wandb", f"logger.wandb.dir={tmp_path}")
     assert code == 0
     runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1
+    said = capsys.readouterr().out  # the run is a folder nobody would look for: the command says where it is
+    assert f"W&B: offline run saved in {runs[0].parent}" in said and f"wandb sync {runs[0].parent}" in said, said
     summary = offline_summary(runs[0])
     metrics = read_json(tmp_path / "out" / "metrics.json")
     assert summary["test/precision@5"] == pytest.approx(metrics["precision@5"])

@@ -133,7 +133,8 @@ def comparison_table(comparison: dict[str, Any], ks: list[int], knn_ks: list[int
     names = metric_names(ks, knn_ks or [])
     first = max(len("metric"), *map(len, names))  # knn_accuracy@10 is longer than the other names
     width = max(11, *(len(name) + 2 for name, _ in models))
-    lines = ["metric".ljust(first) + "".join(name.rjust(width) for name, _ in models) + ("change".rjust(9) if len(models) == 2 else "")]
+    change = "change".rjust(9) if len(models) == 2 else ""
+    lines = ["metric".ljust(first) + "".join(name.rjust(width) for name, _ in models) + change]
     for metric in names:
         values = [scores[metric] for _, scores in models]
         change = f"{values[1] - values[0]:>+9.4f}" if len(models) == 2 else ""
