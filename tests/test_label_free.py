@@ -166,3 +166,110 @@ def test_a_label_free_loss_refuses_a_monitor_that_reads_labels(tmp_path, capsys)
     assert simsearch("finetune", *LABEL_FREE_RUN, f"data.root={tmp_path / 'images'}", "finetune.loss=simclr",
                      "finetune.monitor=val/map@r", "run.dir=ft") == 2
     assert "reads labels" in capsys.readouterr().err
+
+
+DDP_STEP = r'''
+import os, sys
+import torch, torch.distributed as dist
+from omegaconf import OmegaConf
+from simsearch.config import Config
+from simsearch.model import Embedder, Preprocess, ProjectionHead
+from simsearch.training import MetricLearningModule
+
+
+def first_step_gradients(loss, rank, world):
+    """The gradients of the method's first step on this rank's share of a fixed batch, averaged over the ranks as
+    DDP averages them. Batch norms in eval mode: per-rank batch statistics are what DDP cannot make equal on CPUs
+    (SyncBatchNorm is GPU-only), everything else of the step is the method's."""
+    torch.manual_seed(0)
+    features = torch.randn(16, 32)
+    views = torch.stack([features + 0.3 * torch.randn_like(features) for _ in range(2)], dim=1)
+    ft = OmegaConf.merge(OmegaConf.structured(Config).finetune, {"loss": loss, "dim": 8, "hidden_dim": 16, "ssl_dim": 8})
+    torch.manual_seed(1)
+    module = MetricLearningModule(Embedder(Preprocess(8, [0.5] * 3, [0.5] * 3), torch.nn.Identity(), ProjectionHead(32, 16, 8)),
+                                  ft, [], {})
+    module.log = lambda *args, **kwargs: None
+    module.eval()
+    share = slice(rank, None, world)
+    value = module.training_step({"features": views[share], "label": torch.full((16,), -1)[share]}, 0)
+    value.backward()
+    grads = [p.grad.clone() for p in module.parameters() if p.grad is not None]
+    if world > 1:
+        for grad in grads:
+            dist.all_reduce(grad)
+            grad /= world
+    return grads
+
+
+rank, world, loss, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+if world > 1:
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+grads = first_step_gradients(loss, rank, world)
+if rank == 0:
+    torch.save(grads, out)
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", LABEL_FREE)
+def test_two_ddp_processes_take_the_first_step_of_one(tmp_path, loss):
+    """SimCLR's negatives come from every rank (lightly's gather): 2 gloo processes with half the batch each take
+    the step that one process takes with all of it; BYOL's loss is per item, so it holds for it too."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "step.py"
+    script.write_text(DDP_STEP)
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29500 + os.getpid() % 1000), "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, str(script), "0", "1", loss, str(tmp_path / "one.pt")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    ranks = [subprocess.Popen([sys.executable, str(script), str(rank), "2", loss, str(tmp_path / "two.pt")], env=env,
+                              stderr=subprocess.PIPE, text=True) for rank in range(2)]
+    for process in ranks:
+        assert process.wait(timeout=300) == 0, process.stderr.read()
+    single, distributed = (torch.load(tmp_path / name, weights_only=True) for name in ("one.pt", "two.pt"))
+    assert len(single) == len(distributed) > 0
+    for a, b in zip(single, distributed):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def unlabelled_hf_dataset(products: Path, root: Path) -> list[str]:
+    """The products as a Hugging Face dataset saved to disk with an image column and nothing else."""
+    datasets = pytest.importorskip("datasets")
+    files = sorted(products.iterdir())
+    dataset = datasets.Dataset.from_dict({"image": [{"bytes": f.read_bytes(), "path": None} for f in files]},
+                                         features=datasets.Features({"image": datasets.Image()}))
+    dataset.save_to_disk(root)
+    return ["data=hf", f"data.root={root}"]
+
+
+def unlabelled_shards(products: Path, root: Path) -> list[str]:
+    """The products as WebDataset shards of `png` samples with no `cls`."""
+    webdataset = pytest.importorskip("webdataset")
+    root.mkdir()
+    files = sorted(products.iterdir())
+    for number, start in enumerate(range(0, len(files), 20)):
+        with webdataset.TarWriter(str(root / f"train-{number:06d}.tar")) as sink:
+            for f in files[start:start + 20]:
+                sink.write({"__key__": f.stem, "png": f.read_bytes()})
+    return ["data=webdataset", f"data.urls={root}/train-{{000000..000001}}.tar"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FASHION.is_file(), reason="Debian's dataset-fashion-mnist is not installed")
+@pytest.mark.parametrize("source", [unlabelled_hf_dataset, unlabelled_shards])
+def test_a_dataset_without_a_label_column_or_cls_is_adapted_end_to_end(tmp_path, source):
+    write_unlabelled_products(tmp_path / "products", 40)
+    data = source(tmp_path / "products", tmp_path / "data")
+    run = (*[a for a in LABEL_FREE_RUN if not a.startswith("data.labels")], *data, "finetune.loss=byol", "finetune.unfreeze=1")
+    run = tuple(a for a in run if a != "data=folder")
+    result = simsearch_subprocess("finetune", *run, "finetune.name=products", "run.dir=ft", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    summary = read_json(tmp_path / "checkpoints" / "products" / "finetune.json")
+    assert summary["monitor"] == "last" and summary["train_rows"] == 32
+    result = simsearch_subprocess("extract", *run, f"model.checkpoint={summary['best_checkpoint']}", "run.dir=tuned",
+                                  cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert len(Store.open(tmp_path / "tuned")) == 40
