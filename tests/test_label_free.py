@@ -273,3 +273,16 @@ def test_a_dataset_without_a_label_column_or_cls_is_adapted_end_to_end(tmp_path,
                                   cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert len(Store.open(tmp_path / "tuned")) == 40
+
+
+@pytest.mark.slow
+def test_compare_puts_a_label_free_head_beside_the_frozen_baseline_and_a_supervised_head(tmp_path):
+    small = (*TINY, "data=synthetic", "data.num_items=80", "data.num_classes=4", "finetune.batch_size=16",
+             "finetune.m_per_class=4", "finetune.dim=16", "finetune.hidden_dim=32", "finetune.ssl_dim=32",
+             "finetune.val_fraction=0.25", "finetune.epochs=1")
+    assert simsearch("compare", *small, "compare.losses=[byol,supcon]", "compare.unfreeze=[0]", "run.dir=cmp") == 0
+    comparison = read_json(tmp_path / "cmp" / "comparison.json")
+    assert [row["name"] for row in comparison["models"]] == ["baseline", "label-free-head", "head"]
+    assert "byol loss" in comparison["models"][1]["description"]
+    label_free = read_json(tmp_path / "checkpoints" / "synthetic-byol-unfreeze0" / "finetune.json")
+    assert label_free["monitor"] == "last"
