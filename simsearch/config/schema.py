@@ -142,7 +142,7 @@ class FinetuneConfig:
     loss: str = "supcon"
     miner: str = "batch_hard"  # triplet only: batch_hard | semi_hard
     margin: float = 0.2  # triplet margin, in cosine similarity
-    temperature: float = 0.1  # supcon and ntxent: pytorch-metric-learning's default; 0.05 measured no better
+    temperature: float = 0.1  # supcon and simclr: pytorch-metric-learning's default for supcon; 0.05 measured no better
     dim: int = 128  # size of the fine-tuned embedding
     hidden_dim: int = 512
     unfreeze: int = 0  # 0: frozen backbone, features cached once (CPU-friendly); N: the backbone's last N stages/blocks train too
