@@ -8,10 +8,10 @@ ARGS    ?=
 
 .PHONY: setup demo test test-all lint extract index eval search finetune compare serve demo-shop bench bench-milvus bench-gpu results clean
 
-setup:  ## create .venv and install simsearch with its test, serve, weights, formats, milvus and catalogue extras
+setup:  ## create .venv and install simsearch with its test, serve, weights, formats, milvus, catalogue and ssl extras
 	python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip
-	$(PYTHON) -m pip install --quiet -e '.[test,serve,weights,formats,milvus,catalogue]'
+	$(PYTHON) -m pip install --quiet -e '.[test,serve,weights,formats,milvus,catalogue,ssl]'
 
 # The recipes are configs/experiment/*.yaml, so `simsearch extract experiment=demo` is what `make demo` runs;
 # ARGS comes last and wins (e.g. ARGS="model.image_size=64").

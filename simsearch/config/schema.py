@@ -136,13 +136,13 @@ class MapConfig:
 
 @dataclass
 class FinetuneConfig:
-    # supcon (labels) | triplet (labels) | ntxent (two augmented views, no labels). supcon: on frozen ImageNet
-    # Lite0 features it gained +0.096 P@10 in `compare` where triplet+batch_hard gained +0.045 and collapsed
-    # (mean pairwise cosine > 0.95); docs/RESULTS.md has the measurements
+    # supcon (labels) | triplet (labels) | simclr, byol (label-free, lightly; ntxent: simclr's other name).
+    # supcon: on frozen ImageNet Lite0 features it gained +0.096 P@10 in `compare` where triplet+batch_hard gained
+    # +0.045 and collapsed (mean pairwise cosine > 0.95); docs/RESULTS.md has the measurements
     loss: str = "supcon"
     miner: str = "batch_hard"  # triplet only: batch_hard | semi_hard
     margin: float = 0.2  # triplet margin, in cosine similarity
-    temperature: float = 0.1  # supcon and ntxent: pytorch-metric-learning's default; 0.05 measured no better
+    temperature: float = 0.1  # supcon and simclr: pytorch-metric-learning's default for supcon; 0.05 measured no better
     dim: int = 128  # size of the fine-tuned embedding
     hidden_dim: int = 512
     unfreeze: int = 0  # 0: frozen backbone, features cached once (CPU-friendly); N: the backbone's last N stages/blocks train too
@@ -157,15 +157,21 @@ class FinetuneConfig:
     # their statistics follow the fine-tuning batches. Frozen stages never update theirs. Measured: docs/RESULTS.md
     batch_norm: str = "frozen"
     # end to end: the random crop keeps at least this share of the image's area (1: no crop, flips only);
-    # None: 0.6 (0.35 for ntxent's two views)
+    # None: 0.6 for a supervised loss, lightly's 0.08 for a label-free method's views
     crop_scale: float | None = None
+    colour: float | None = None  # label-free views: colour jitter's strength (1: lightly's, 0: none, greyscale too); None: 1
+    blur: float | None = None  # label-free views: probability of a Gaussian blur; None: the method's (lightly's)
+    momentum: float = 0.99  # byol: the teacher's EMA momentum at the start, cosine to 1 (lightly's 0.996 is for 100+ epochs)
+    ssl_dim: int = 256  # label-free methods' projection output (BYOL's 256); dropped after training
     init_head: str | None = None  # a head-only checkpoint of the same backbone: end to end starts from its trained head
     weight_decay: float = 1e-4
     batch_size: int = 128
     m_per_class: int = 16  # class-balanced batches for the supervised losses: m images of each of batch/m classes
-    views: int = 2  # ntxent with a frozen backbone: augmented views cached per image
+    views: int = 2  # label-free loss, frozen backbone: augmented views cached per image; each step draws two of them
     val_fraction: float = 0.1  # of the train split, held out for model selection; the test split is never read
-    monitor: str = "val/map@r"  # val/map@r | val/precision@10
+    # what keeps a checkpoint: val/map@r | val/precision@10 (labels) | val/rankme (effective rank) | last;
+    # auto: val/map@r for a supervised loss, last for a label-free one (labels, where any, are then only reported)
+    monitor: str = "auto"
     patience: int = 5  # early stopping, in epochs without improvement
     resume: bool = True  # continue from checkpoints/<name>/last.ckpt when it exists
     checkpoint_dir: str = "checkpoints"
@@ -178,6 +184,8 @@ class CompareConfig:
     checkpoint: str | None = None  # a fine-tuned checkpoint; None (and no checkpoints): fine-tune first with `finetune.*`
     checkpoints: list[str] = field(default_factory=list)  # more fine-tuned checkpoints from the same backbone: a row each
     unfreeze: list[int] = field(default_factory=list)  # no checkpoint given: train one model per value ([0, 3]: head and end to end)
+    # no checkpoint given: train one model per loss (and unfreeze value): [byol, supcon] puts label-free beside supervised
+    losses: list[str] = field(default_factory=list)
     chart: str = "comparison.png"
 
 

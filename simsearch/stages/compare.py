@@ -16,7 +16,7 @@ from simsearch.metrics import metric_names
 from simsearch.model import checkpoint_metadata
 from simsearch.store import Store
 from simsearch.tracking import finish, log_metrics, start_run
-from simsearch.training import base_model_config, extract_or_reuse, project_store
+from simsearch.training import LOSSES, base_model_config, extract_or_reuse, project_store
 from simsearch.training import fit as train
 
 
@@ -52,8 +52,9 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
 
 
 def compared_checkpoints(cfg: DictConfig) -> list[Path]:
-    """The checkpoints given (compare.checkpoints, or the one compare.checkpoint), else one fine-tuning run per
-    value of compare.unfreeze (0: the head only), each with finetune.*: frozen, head and end to end in one command."""
+    """The checkpoints given (compare.checkpoints, or the one compare.checkpoint), else one fine-tuning run per loss
+    of compare.losses (none: finetune.loss) and value of compare.unfreeze (0: the head only), each with finetune.*:
+    frozen, label-free and supervised heads and end to end in one command."""
     given = [*([cfg.compare.checkpoint] if cfg.compare.checkpoint else []), *cfg.compare.checkpoints]
     if given:
         missing = [str(path) for path in given if not Path(path).is_file()]
@@ -62,22 +63,25 @@ def compared_checkpoints(cfg: DictConfig) -> list[Path]:
                                  "that `simsearch finetune` printed, or leave compare.checkpoints empty to train")
         return [Path(path) for path in given]
     checkpoints, values = [], list(cfg.compare.unfreeze or [cfg.finetune.unfreeze])
-    for unfreeze in values:
-        name = training_name(cfg, int(unfreeze), several=len(values) > 1)
-        trained = train(OmegaConf.merge(cfg, {"finetune": {"unfreeze": int(unfreeze), "name": name}})).get("best_checkpoint")
-        if not trained:
-            raise SimsearchError(f"fine-tuning with finetune.unfreeze={unfreeze} kept no checkpoint to compare")
-        checkpoints.append(Path(trained))
+    losses = list(cfg.compare.losses or [cfg.finetune.loss])
+    for loss in losses:
+        for unfreeze in values:
+            name = training_name(cfg, loss, int(unfreeze), several=len(values) > 1, several_losses=len(losses) > 1)
+            run = OmegaConf.merge(cfg, {"finetune": {"loss": loss, "unfreeze": int(unfreeze), "name": name}})
+            trained = train(run).get("best_checkpoint")
+            if not trained:
+                raise SimsearchError(f"fine-tuning with finetune.loss={loss} finetune.unfreeze={unfreeze} kept no checkpoint")
+            checkpoints.append(Path(trained))
     return checkpoints
 
 
-def training_name(cfg: DictConfig, unfreeze: int, several: bool) -> str:
-    """finetune.name for one of compare's training runs: the default name follows unfreeze; a name the user gave
-    gets '-unfreezeN' when compare trains several models, so their checkpoints never share a folder."""
+def training_name(cfg: DictConfig, loss: str, unfreeze: int, several: bool, several_losses: bool = False) -> str:
+    """finetune.name for one of compare's training runs: the default name follows the loss and unfreeze; a name the
+    user gave gets '-<loss>' and '-unfreezeN' when compare trains several, so their checkpoints never share a folder."""
     ft = cfg.finetune
     if ft.name == f"{cfg.data.name}-{ft.loss}-unfreeze{ft.unfreeze}":
-        return f"{cfg.data.name}-{ft.loss}-unfreeze{unfreeze}"
-    return f"{ft.name}-unfreeze{unfreeze}" if several else ft.name
+        return f"{cfg.data.name}-{loss}-unfreeze{unfreeze}"
+    return f"{ft.name}{f'-{loss}' if several_losses else ''}{f'-unfreeze{unfreeze}' if several else ''}"
 
 
 def check_same_start(checkpoints: list[Path]) -> None:
@@ -90,10 +94,17 @@ def check_same_start(checkpoints: list[Path]) -> None:
 
 
 def model_names(checkpoints: list[Path]) -> list[str]:
-    """'head' (unfreeze=0) or 'end-to-end'; the checkpoint's folder is added where two would share a name."""
-    kinds = ["head" if checkpoint_metadata(path)["unfreeze"] == 0 else "end-to-end" for path in checkpoints]
+    """'head' (unfreeze=0) or 'end-to-end', 'label-free-' before either for a label-free loss; the checkpoint's
+    folder is added where two would share a name."""
+    kinds = [model_kind(checkpoint_metadata(path)) for path in checkpoints]
     names = [kind if kinds.count(kind) == 1 else f"{kind}-{path.parent.name}" for kind, path in zip(kinds, checkpoints)]
     return [name if names.count(name) == 1 else f"{name}-{i}" for i, name in enumerate(names, start=1)]
+
+
+def model_kind(meta: dict[str, Any]) -> str:
+    kind = "head" if meta["unfreeze"] == 0 else "end-to-end"
+    loss = LOSSES.get(meta["loss"])  # a loss no longer registered: named as a supervised one
+    return f"label-free-{kind}" if loss is not None and not loss.needs_labels else kind
 
 
 def tuned_model(cfg: DictConfig, checkpoint: Path, name: str, baseline: Store, out: Path) -> dict[str, Any]:

@@ -26,7 +26,7 @@ def split_rows(count: int, val_fraction: float, seed: int) -> tuple[np.ndarray, 
 
 
 class CachedFeatures(Dataset):
-    """Rows of the cached backbone features: (D,) per item, or (views, D) for NT-Xent."""
+    """Rows of the cached backbone features: (D,) per item, or (views, D) for a label-free loss."""
 
     def __init__(self, features: torch.Tensor, labels: np.ndarray, rows: np.ndarray):
         self.features, self.labels, self.rows = features, torch.from_numpy(labels), torch.from_numpy(rows)
@@ -40,17 +40,18 @@ class CachedFeatures(Dataset):
 
 
 class LabelledImages(Dataset):
-    """Items of an image collection (by row) with their labels, for end-to-end training."""
+    """Items of an image collection (by row) with their labels (-1: none), for end-to-end training: the labels are
+    given, so a label-free run never asks the collection for them."""
 
-    def __init__(self, collection: ImageCollection, rows: np.ndarray):
-        self.collection, self.rows = collection, rows
+    def __init__(self, collection: ImageCollection, rows: np.ndarray, labels: np.ndarray):
+        self.collection, self.rows, self.labels = collection, rows, labels
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, position: int) -> dict[str, Any]:
-        sample = self.collection[int(self.rows[position])]
-        return {**sample, "label": int(self.collection.labels[int(self.rows[position])])}
+        row = int(self.rows[position])
+        return {**self.collection[row], "label": int(self.labels[row])}
 
 
 def collate_labelled(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -69,7 +70,8 @@ def loaders(cfg: DictConfig, labels: np.ndarray, train_rows: np.ndarray, val_row
     if features is not None:
         train_set, val_set, gather = CachedFeatures(features, labels, train_rows), CachedFeatures(features, labels, val_rows), None
     else:
-        train_set, val_set, gather = LabelledImages(collection, train_rows), LabelledImages(collection, val_rows), collate_labelled
+        train_set, val_set = LabelledImages(collection, train_rows, labels), LabelledImages(collection, val_rows, labels)
+        gather = collate_labelled
     if LOSSES[ft.loss].needs_labels:
         sampler = MPerClassSampler(labels[train_rows], ft.m_per_class, ft.batch_size, length_before_new_iter=len(train_rows))
         train = DataLoader(train_set, batch_size=ft.batch_size, sampler=sampler, drop_last=True, collate_fn=gather,

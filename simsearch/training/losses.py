@@ -1,5 +1,6 @@
 """The loss registry: one `@register_loss` entry per loss, each saying whether it reads labels and how many
-augmented views of an image it needs per step. The supervised losses come from pytorch-metric-learning."""
+augmented views of an image it needs per step. The supervised losses come from pytorch-metric-learning, the
+label-free ones from lightly (`simsearch.training.label_free`)."""
 
 from __future__ import annotations
 
@@ -49,13 +50,6 @@ def _supcon(ft: DictConfig) -> tuple[Any, None]:
     from pytorch_metric_learning import losses
 
     return losses.SupConLoss(temperature=ft.temperature), None
-
-
-@register_loss("ntxent", needs_labels=False, views=2)
-def _ntxent(ft: DictConfig) -> tuple[Any, None]:
-    from pytorch_metric_learning import losses
-
-    return losses.NTXentLoss(temperature=ft.temperature), None
 
 
 def build_loss(ft: DictConfig) -> tuple[Any, Any | None]:
