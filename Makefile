@@ -32,11 +32,15 @@ demo-shop:  ## recommendation demo offline: Fashion-MNIST as products, a synthet
 	$(RUN) index experiment=demo_shop index=milvus $(ARGS)
 	$(RUN) search experiment=demo_shop query=0 index=milvus $(ARGS)
 
-test:  ## the fast suite, run while working (about 5.5 min on 2 cores)
-	$(PYTHON) -m pytest -q -m "not slow" $(ARGS)
+# The fast suite on two pytest-xdist workers, a test file to a worker (its module fixtures made once): the
+# tests are CPU-bound and one process keeps one core busy. TEST_WORKERS=0 runs it in this process (pdb, -x).
+TEST_WORKERS ?= 2
+test:  ## the fast suite, run while working (about 4 min on 2 idle cores: README)
+	$(PYTHON) -m pytest -q -m "not slow" $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile) $(ARGS)
 
-test-all:  ## every test: the slow ones too (DDP, torchrun, browser, notebook, load, memory, real data)
-	$(PYTHON) -m pytest -q $(ARGS)
+test-all:  ## every test: the fast ones as `make test`, then the slow ones (DDP, torchrun, browser, Milvus, ...) one at a time
+	$(MAKE) --no-print-directory test ARGS="$(ARGS)"
+	$(PYTHON) -m pytest -q -m slow $(ARGS)
 
 lint:
 	$(VENV)/bin/ruff check simsearch tests scripts
