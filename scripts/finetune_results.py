@@ -207,7 +207,20 @@ def shown(command: list[str] | str) -> str:
     return (shlex.join(command) if isinstance(command, list) else command).replace(f"{ROOT}/", "")
 
 
-def render(rows: dict[str, dict[str, Any]]) -> str:
+def previous_lines(old: str, title: str) -> tuple[str | None, list[str]]:
+    """A row's table line and its "How each row was made" section from the table as it was: a row measured
+    on another machine (whose JSON is not here) is kept as written, never turned into "not run"."""
+    lines = old.split(NOTES)[0].splitlines()
+    line = next((text for text in lines if text.startswith(f"| {title} |") and "not run" not in text), None)
+    section: list[str] = []
+    if f"### {title}" in lines:
+        start = lines.index(f"### {title}")
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("#")), len(lines))
+        section = lines[start:end]
+    return line, section
+
+
+def render(rows: dict[str, dict[str, Any]], old: str = "") -> str:
     lines = [
         "# Measured results",
         "",
@@ -225,7 +238,10 @@ def render(rows: dict[str, dict[str, Any]]) -> str:
     for key, title in ROWS.items():
         row = rows.get(key)
         if row is None:
-            if key in DEFAULT_ROWS:
+            kept, _ = previous_lines(old, title)
+            if kept is not None:
+                lines.append(kept)
+            elif key in DEFAULT_ROWS:
                 lines.append(f"| {title} | | | not run | not run | not run | not run | not run | | | |")
             continue
         s = row["scores"]
@@ -238,6 +254,8 @@ def render(rows: dict[str, dict[str, Any]]) -> str:
     for key, title in ROWS.items():
         row = rows.get(key)
         if row is None:
+            _, section = previous_lines(old, title)
+            lines += section
             continue
         lines += [f"### {title}", "", f"- Measured {row['date']} on {row['hardware']}; {row['minutes']:.1f} min "
                   "(commands and evaluation).", *[f"- `{shown(c)}`" for c in row["commands"]], ""]
@@ -279,7 +297,7 @@ def main() -> None:
     old = args.table.read_text() if args.table.is_file() else ""
     notes = old[old.index(NOTES):] if NOTES in old else f"{NOTES}\n"  # written by people: kept as it is
     partial = args.table.with_suffix(".md.partial")  # beside, then replace: the notes are never half written
-    partial.write_text(render(measured) + "\n\n" + notes)
+    partial.write_text(render(measured, old).rstrip() + "\n\n" + notes)
     os.replace(partial, args.table)
     print(f"Wrote {args.table}")
 
