@@ -6,7 +6,7 @@ PYTHON  ?= $(VENV)/bin/python
 RUN     := $(VENV)/bin/simsearch
 ARGS    ?=
 
-.PHONY: setup demo test test-all lint extract index eval search finetune compare serve demo-shop bench bench-milvus bench-gpu results clean
+.PHONY: setup demo demo-products test test-all lint extract index eval search finetune compare serve demo-shop bench bench-milvus bench-gpu results clean
 
 setup:  ## create .venv and install simsearch with its test, serve, weights, formats, milvus, catalogue and ssl extras
 	python3 -m venv $(VENV)
@@ -31,6 +31,19 @@ demo-shop:  ## recommendation demo offline: Fashion-MNIST as products, a synthet
 	$(RUN) search experiment=demo_shop query=0 $(ARGS)
 	$(RUN) index experiment=demo_shop index=milvus $(ARGS)
 	$(RUN) search experiment=demo_shop query=0 index=milvus $(ARGS)
+
+# Label-free adaptation (docs/finetuning.md): unlabelled product images in one flat folder, the same query searched
+# before (frozen Lite0) and after BYOL fine-tuning on those images alone; both grids in outputs/products/.
+PRODUCTS := outputs/products
+KEPT = $$($(PYTHON) -c "import json; print(json.load(open('$(PRODUCTS)/checkpoints/demo-products/finetune.json'))['best_checkpoint'])")
+
+demo-products:  ## label-free demo offline: 10,000 unlabelled products, frozen vs adapted, grids before.png and after.png
+	$(PYTHON) scripts/product_images.py $(PRODUCTS)/images
+	$(RUN) extract experiment=demo_products $(ARGS)
+	$(RUN) search experiment=demo_products query=product-00000.png search.grid=$(abspath $(PRODUCTS))/before.png $(ARGS)
+	$(RUN) finetune experiment=demo_products $(ARGS)
+	$(RUN) extract experiment=demo_products run.dir=$(PRODUCTS)/adapted model.checkpoint=$(KEPT) $(ARGS)
+	$(RUN) search experiment=demo_products run.dir=$(PRODUCTS)/adapted query=product-00000.png search.grid=$(abspath $(PRODUCTS))/after.png $(ARGS)
 
 # The fast suite on two pytest-xdist workers, a test file to a worker (its module fixtures made once): the
 # tests are CPU-bound and one process keeps one core busy. TEST_WORKERS=0 runs it in this process (pdb, -x).

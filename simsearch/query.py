@@ -88,7 +88,9 @@ def parse_query(store: Store, query: Any) -> Query:
 
 
 def item_query(store: Store, row: int) -> Query:
-    return Query("item", f"{store.items[row]['id']} ({store.label_name(row)})", row=row)
+    """An item of the store as the query; its caption `ID (LABEL)`, or the id alone in an unlabelled store."""
+    label = store.label_name(row)
+    return Query("item", str(store.items[row]["id"]) + (f" ({label})" if label is not None else ""), row=row)
 
 
 def file_query(store: Store, path: Path, typed: str) -> Query:
@@ -235,7 +237,8 @@ def result_table(result: SearchResult, missing: list[str | None] | None = None) 
         mark = "" if n.relevant is None else (" +" if n.relevant else " -")
         note = f"  (image unavailable: {reason})" if reason else ""
         shown = n.id if n.id.isprintable() else repr(n.id)  # a newline in a file name stays on its line
-        lines.append(f"{n.rank:>4}  {n.score:>7.4f}  {str(n.label):<14}  {shown}{mark}{metadata_text(n.metadata)}{note}")
+        label = "" if n.label is None else str(n.label)  # an unlabelled store: no "None" in every row
+        lines.append(f"{n.rank:>4}  {n.score:>7.4f}  {label:<14}  {shown}{mark}{metadata_text(n.metadata)}{note}")
     if not result.neighbours:
         lines.append("   (no item matches the filter)")
     if any(n.relevant is not None for n in result.neighbours):

@@ -223,3 +223,20 @@ def test_an_empty_filtered_result_is_titled_as_such_and_a_short_one_keeps_the_k_
     title = [t for _, _, t in drawn_at if t.startswith("Query: ")][-1]
     assert f"top {same} of the 5 asked for" in title and f"Precision@5: {same / 5:.2f}" in title, title
     assert "+: the query's label" in capsys.readouterr().out
+
+
+def test_an_unlabelled_store_shows_no_none_for_labels(tmp_path, drawn_at, capsys):
+    """A flat folder of products (data.labels=none): the query, the table and the tiles name no label at all."""
+    from tests.helpers import PIXELS, write_image
+
+    for number in range(6):
+        write_image(tmp_path / "products" / f"product-{number}.png", seed=number)
+    assert simsearch("extract", "data=folder", f"data.root={tmp_path / 'products'}", "data.labels=none", *PIXELS,
+                     f"run.dir={tmp_path / 'store'}") == 0
+    capsys.readouterr()
+    assert simsearch("search", f"run.dir={tmp_path / 'store'}", "query=product-0.png", "search.k=3",
+                     f"search.grid={tmp_path / 'grid.png'}", "logger=none") == 0
+    printed = capsys.readouterr().out
+    assert "product-0.png" in printed and "None" not in printed, printed
+    drawn = [t for _, _, t in drawn_at]
+    assert any(t.startswith("Query: product-0.png") for t in drawn) and not any("None" in t for t in drawn), drawn

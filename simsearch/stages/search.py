@@ -33,7 +33,8 @@ def search(cfg: DictConfig) -> SearchResult:
     selection = select(store, cfg.search.filter)  # parsed once; a bad filter is said before the index is opened
     searcher = open_searcher(store, single_query_index(cfg.index), cfg.run.seed)
     result = answer(store, searcher, query, cfg.search.k, lambda: query_encoder(store, cfg.serve.device), selection)
-    print({"item": f"Query Image Index: {query.row}  id: {result.query.get('id')}  label: {result.query.get('label')}",
+    label = f"  label: {result.query['label']}" if result.query.get("label") is not None else ""
+    print({"item": f"Query Image Index: {query.row}  id: {result.query.get('id')}{label}",
            "vector": f"Query vector: {cfg.search.query}", "image": f"Query image: {cfg.search.query}"}[query.kind])
     pixels = ItemImages(store)
     tiles = [pixels.image_or_placeholder(n.row) for n in result.neighbours] if pixels.records_images else []
