@@ -181,7 +181,7 @@ def row_lite0_ssl_head(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def row_lite0_ssl_e2e(args: argparse.Namespace) -> dict[str, Any]:
-    model, image_size = experiment("finetune_label_free_e2e")
+    model, image_size = experiment("finetune_label_free_e2e", *given("model.image_size", args.ssl_image_size))
     train = [*given("data.limit", args.ssl_train_limit), *given("finetune.epochs", args.ssl_epochs), *args.ssl_e2e_set]
     return trained_row(args, "results-lite0-ssl-e2e", model, train, image_size)
 
@@ -278,6 +278,7 @@ def main() -> None:
     # the label-free rows (configs/experiment/finetune_label_free_*.yaml)
     parser.add_argument("--ssl-train-limit", type=int, help="train-split items for the label-free rows (default: all)")
     parser.add_argument("--ssl-epochs", type=int, help="epochs of lite0_ssl_e2e")
+    parser.add_argument("--ssl-image-size", type=int, help="pixels per side for lite0_ssl_e2e")
     parser.add_argument("--ssl-head-set", nargs="*", default=[], help="extra key=value for lite0_ssl_head")
     parser.add_argument("--ssl-e2e-set", nargs="*", default=[], help="extra key=value for lite0_ssl_e2e")
     parser.add_argument("--num-workers", type=int, default=0, help="data.num_workers of end-to-end training")
