@@ -748,8 +748,10 @@ def bench_train_step(sizes: list[int], steps: int, batch: int = 128) -> list[Row
     AdamW), beside a plain loop over the same network and head on one fixed tensor (no data, no augmentation)."""
     from simsearch.config import load_config
     from simsearch.data import Resize, build_collection
+    from simsearch.data.loading import augment
     from simsearch.model import Embedder, Preprocess, ProjectionHead, backbone_spec, build_backbone, resolve_model_config
-    from simsearch.stages import finetune as ft_stage
+    from simsearch.training import MetricLearningModule
+    from simsearch.training.data import loaders, split_rows
 
     rows = []
     for px in sizes:
@@ -766,16 +768,16 @@ def bench_train_step(sizes: list[int], steps: int, batch: int = 128) -> list[Row
         backbone = build_backbone(spec, 0)
         embedder = Embedder(Preprocess.from_spec(spec.preprocessing), backbone.network, ProjectionHead(backbone.width, 512, 128))
         embedder.use_channels_last()
-        module = ft_stage.MetricLearningModule(embedder, cfg.finetune, collection.classes, {})
-        train_rows, val_rows = ft_stage.split_rows(len(collection.labels), 0.1, 0)
-        loader, _ = ft_stage.loaders(cfg, collection.labels, train_rows, val_rows, None, collection)
+        module = MetricLearningModule(embedder, cfg.finetune, collection.classes, {})
+        train_rows, val_rows = split_rows(len(collection.labels), 0.1, 0)
+        loader, _ = loaders(cfg, collection.labels, train_rows, val_rows, None, collection)
         module.train()
         optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4)
         batches = iter(loader)
 
         def simsearch_step() -> None:
             data = next(batches)
-            pixels = ft_stage.augment(data["pixels"], strong=False, crop_scale=cfg.finetune.crop_scale)
+            pixels = augment(data["pixels"], strong=False, crop_scale=cfg.finetune.crop_scale)
             loss = module.loss_fn(module.embedder(pixels), data["label"])
             optimizer.zero_grad()
             loss.backward()
